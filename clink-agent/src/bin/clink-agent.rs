@@ -1,0 +1,134 @@
+//! `clink-agent`: the gateway agent of one peer (standalone mode).
+
+use std::{collections::BTreeMap, io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, ValueEnum};
+use clink_agent::{admin, agent::Agent, api, dataplane, store::FileStore, tls::Identity};
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "clink-agent", version, about = "ClusterLink-rs gateway agent")]
+struct Args {
+    /// This peer's name: the DNS name in its certificate.
+    #[arg(long)]
+    name: String,
+    /// Directory with cert.pem, key.pem and ca.pem (made by `clink peer-cert create`).
+    #[arg(long)]
+    certs: PathBuf,
+    /// State directory where objects are kept.
+    #[arg(long)]
+    state: PathBuf,
+    /// Gateway address peers connect to (mTLS).
+    #[arg(long, default_value = "0.0.0.0:443")]
+    listen: SocketAddr,
+    /// Admin socket for the clink CLI.
+    #[arg(long, env = "CLINK_ADMIN", default_value = admin::DEFAULT_SOCKET)]
+    admin: PathBuf,
+    /// This peer's labels, KEY=VALUE (repeatable); peers can match them in policies.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
+    #[arg(long, env = "CLINK_LOG", default_value = "info")]
+    log_level: String,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("--label {pair:?}: expected KEY=VALUE"))?;
+        api::check_label(k, v).map_err(|e| anyhow::anyhow!("--label {pair:?}: {e}"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(labels)
+}
+
+fn init_logging(args: &Args) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Err(e) = init_logging(&args) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let labels = parse_labels(&args.labels)?;
+    let identity = Identity::load(&args.certs, &args.name).context("loading certificates")?;
+    let store = FileStore::open(&args.state)
+        .with_context(|| format!("opening state directory {}", args.state.display()))?;
+    let gateway = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on gateway address {}", args.listen))?;
+    let admin_listener = admin::bind(&args.admin)?;
+
+    let agent = Arc::new(Agent::new(identity, labels, args.listen, Box::new(store)));
+    let accept = dataplane::import_acceptor(&agent);
+    for problem in agent.start(&accept).await.context("loading state")? {
+        warn!("{problem}");
+    }
+    let _gateway = dataplane::serve_gateway(agent.clone(), gateway);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        agent.clone(),
+        accept,
+        "userspace",
+    ));
+    info!(
+        name = %args.name,
+        gateway = %args.listen,
+        admin = %args.admin.display(),
+        datapath = "userspace",
+        "agent ready"
+    );
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
+        _ = term.recv() => info!("terminated; shutting down"),
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&args.admin);
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! ClusterLink-rs agent library: everything the `clink-agent` daemon and the `clink` CLI share.
+//! See ARCHITECTURE.md for how the modules fit together.
+
+pub mod admin;
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod dataplane;
+pub mod ebpf;
+pub mod policy;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,413 @@
+//! End-to-end harness: real `clink-agent` processes in network-namespace clusters, configured
+//! with the real `clink` CLI, and traffic whose content is checked by SHA-256.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clink_testbed::{bin_path, wait_for, ChildGuard, Netns, Topology};
+use sha2::{Digest as _, Sha256};
+
+pub use clink_testbed::require_root;
+
+pub const GATEWAY_PORT: u16 = 443;
+
+/// One agent process in one cluster, with its certificates, state, admin socket and log.
+pub struct Agent {
+    pub name: String,
+    netns: String,
+    dir: PathBuf,
+    child: Option<ChildGuard>,
+    gateway_port: u16,
+}
+
+impl Agent {
+    /// An agent named `name` in `ns`, keeping its files in `dir`, with certificates from
+    /// `certs/<name>/` (not started).
+    pub fn new(
+        name: &str,
+        ns: &Netns,
+        dir: &Path,
+        certs: &Path,
+        gateway_port: u16,
+    ) -> Result<Agent> {
+        fs::create_dir_all(dir)?;
+        std::os::unix::fs::symlink(certs, dir.join("certs"))?;
+        Ok(Agent {
+            name: name.to_owned(),
+            netns: ns.name().to_owned(),
+            dir: dir.to_owned(),
+            child: None,
+            gateway_port,
+        })
+    }
+
+    pub fn admin(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs").join(&self.name)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the agent and waits until its admin API answers.
+    pub fn start(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(bin_path("clink-agent")?)
+            .args(["--name", &self.name])
+            .arg("--certs")
+            .arg(self.certs_dir())
+            .arg("--state")
+            .arg(self.state_dir())
+            .args(["--listen", &format!("0.0.0.0:{}", self.gateway_port)])
+            .arg("--admin")
+            .arg(self.admin())
+            .args(["--log-level", "info,clink_agent=debug"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        let ready = wait_for(
+            &format!("agent {} to answer on its admin socket", self.name),
+            Duration::from_secs(15),
+            || {
+                matches!(child.try_wait(), Ok(Some(_)))
+                    || self.clink(&["status"]).is_ok_and(|o| o.status.success())
+            },
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "agent {} exited with {status} at start:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+        ready?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM (SIGKILL after a grace period).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            child.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `clink --admin <socket> args...`.
+    pub fn clink(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(bin_path("clink")?)
+            .arg("--admin")
+            .arg(self.admin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs clink and fails with its stderr unless it succeeds; returns stdout.
+    pub fn clink_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.clink(args)?;
+        if !out.status.success() {
+            bail!(
+                "clink {args:?} on {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `clink apply -f -` with `yaml` on stdin; returns the whole output.
+    pub fn apply(&self, yaml: &str) -> Result<Output> {
+        let mut child = Command::new(bin_path("clink")?)
+            .arg("--admin")
+            .arg(self.admin())
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(yaml.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Waits until the agent's log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> Result<()> {
+        wait_for(
+            &format!("{needle:?} in the log of {}", self.name),
+            Duration::from_secs(10),
+            || self.log().contains(needle),
+        )
+        .with_context(|| format!("log of {}:\n{}", self.name, self.log()))
+    }
+}
+
+/// Clusters with one agent each, all of one fabric, each knowing the others as Peers.
+pub struct Fabric {
+    pub agents: Vec<Agent>,
+    pub topo: Topology,
+    pub dir: tempfile::TempDir,
+}
+
+pub const FABRIC: &str = "test-fabric";
+
+impl Fabric {
+    /// Two clusters (agents `peer-a` and `peer-b`) joined by a veth pair.
+    pub fn two_clusters() -> Result<Fabric> {
+        Self::on(clink_testbed::two_clusters()?)
+    }
+
+    fn on(topo: Topology) -> Result<Fabric> {
+        let dir = tempfile::Builder::new().prefix("clink-e2e-").tempdir()?;
+        let certs = dir.path().join("certs");
+        fs::create_dir_all(&certs)?;
+        run(Command::new(bin_path("clink")?)
+            .args(["fabric", "create", "--name", FABRIC, "--path"])
+            .arg(&certs))?;
+        let mut agents = Vec::new();
+        for (i, cluster) in topo.clusters().iter().enumerate() {
+            let name = format!("peer-{}", (b'a' + i as u8) as char);
+            run(Command::new(bin_path("clink")?)
+                .args(["peer-cert", "create", "--name", &name, "--fabric", FABRIC])
+                .arg("--path")
+                .arg(&certs))?;
+            agents.push(Agent::new(
+                &name,
+                cluster.netns(),
+                &dir.path().join(&name),
+                &certs,
+                GATEWAY_PORT,
+            )?);
+        }
+        let mut fabric = Fabric { agents, topo, dir };
+        for agent in &mut fabric.agents {
+            agent.start()?;
+        }
+        for (i, agent) in fabric.agents.iter().enumerate() {
+            for (j, other) in fabric.agents.iter().enumerate() {
+                if i != j {
+                    let ip = fabric.topo.clusters()[j].ip().to_string();
+                    agent.clink_ok(&["create", "peer", &other.name, "--host", &ip])?;
+                }
+            }
+        }
+        Ok(fabric)
+    }
+
+    pub fn a(&self) -> &Agent {
+        &self.agents[0]
+    }
+
+    pub fn b(&self) -> &Agent {
+        &self.agents[1]
+    }
+
+    pub fn ns_a(&self) -> &Netns {
+        self.topo.a().netns()
+    }
+
+    pub fn ns_b(&self) -> &Netns {
+        self.topo.b().netns()
+    }
+
+    /// An allow-everything AccessPolicy on every agent.
+    pub fn allow_all(&self) -> Result<()> {
+        for agent in &self.agents {
+            agent.clink_ok(&["create", "policy", "allow-all", "--action", "allow"])?;
+        }
+        Ok(())
+    }
+
+    /// Exports `target` (an address inside cluster b) from b as `name` and imports it into a
+    /// on `port`.
+    pub fn export_import(&self, name: &str, target: SocketAddr, port: u16) -> Result<()> {
+        self.b().clink_ok(&[
+            "create",
+            "export",
+            name,
+            "--host",
+            &target.ip().to_string(),
+            "--port",
+            &target.port().to_string(),
+        ])?;
+        self.a().clink_ok(&[
+            "create",
+            "import",
+            name,
+            "--port",
+            &port.to_string(),
+            "--peer",
+            &self.b().name,
+        ])?;
+        Ok(())
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A listener inside `ns` on loopback, port chosen by the kernel.
+pub fn listen_in(ns: &Netns) -> Result<TcpListener> {
+    Ok(ns.enter(|| TcpListener::bind("127.0.0.1:0"))?)
+}
+
+/// A client connection from inside `ns`.
+pub fn connect_in(ns: &Netns, addr: SocketAddr) -> io::Result<TcpStream> {
+    ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so each side can hash what it sent.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pattern bytes in writes of `chunk` bytes; returns their SHA-256.
+pub fn send_pattern(
+    w: &mut impl Write,
+    seed: u64,
+    len: usize,
+    chunk: usize,
+) -> io::Result<[u8; 32]> {
+    let mut pattern = Pattern::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; chunk];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk);
+        pattern.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        hash.update(&buf[..n]);
+        left -= n;
+    }
+    Ok(hash.finalize().into())
+}
+
+/// Reads to end of stream; returns the byte count and SHA-256.
+pub fn read_hash(r: &mut impl Read) -> io::Result<(usize, [u8; 32])> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hash.finalize().into()));
+        }
+        hash.update(&buf[..n]);
+        total += n;
+    }
+}
+
+/// What one side of a two-way transfer sent and received.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transfer {
+    pub sent: [u8; 32],
+    pub received_len: usize,
+    pub received: [u8; 32],
+}
+
+/// Sends `len` bytes of pattern `seed` on `stream` while reading everything the other side
+/// sends; half-closes after sending.
+pub fn exchange(stream: TcpStream, seed: u64, len: usize, chunk: usize) -> io::Result<Transfer> {
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> io::Result<[u8; 32]> {
+        let digest = send_pattern(&mut writer, seed, len, chunk)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(digest)
+    });
+    let mut reader = stream;
+    let (received_len, received) = read_hash(&mut reader)?;
+    let sent = sender.join().expect("sender thread panicked")?;
+    Ok(Transfer {
+        sent,
+        received_len,
+        received,
+    })
+}
+
+/// The SHA-256 of `len` bytes of pattern `seed`.
+pub fn pattern_digest(seed: u64, len: usize) -> [u8; 32] {
+    send_pattern(&mut io::sink(), seed, len, 64 * 1024).expect("a sink never fails")
+}
+
+/// True when `stream` yields no data and ends (reset or EOF) within a few seconds: how a
+/// refused tunneled connection looks to its client.
+pub fn refused(stream: &mut TcpStream) -> bool {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(15)));
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ),
+    }
+}
+
+/// Reads the files of a directory tree, for "nothing was written" checks.
+pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let data = fs::read(&p).unwrap_or_default();
+                out.push((p, data));
+            }
+        }
+    }
+    out.sort();
+    out
+}

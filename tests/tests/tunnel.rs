@@ -1,0 +1,519 @@
+//! End to end through two agents in two network-namespace clusters: content, half-close,
+//! concurrency, policy, identity and protocol errors, restarts.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use sha2::Digest as _;
+
+use clink_tests::{
+    connect_in, exchange, listen_in, pattern_digest, read_hash, refused, require_root,
+    send_pattern, tree, Agent, Fabric, GATEWAY_PORT,
+};
+
+const IMPORT_PORT: u16 = 7000;
+const MIB: usize = 1024 * 1024;
+
+fn import_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], IMPORT_PORT))
+}
+
+/// A fabric with an allow-all policy on both sides and one tunneled service; the listener is
+/// the service inside cluster b.
+fn allowed_service() -> (Fabric, std::net::TcpListener) {
+    let fabric = Fabric::two_clusters().expect("fabric");
+    let service = listen_in(fabric.ns_b()).expect("service listener");
+    fabric.allow_all().expect("policies");
+    fabric
+        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
+        .expect("export and import");
+    (fabric, service)
+}
+
+#[test]
+fn transfers_256_mib_each_way_intact() {
+    if !require_root("transfers_256_mib_each_way_intact") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let len = 256 * MIB;
+    let server = thread::spawn(move || {
+        let (stream, _) = service.accept().unwrap();
+        exchange(stream, 2, len, 128 * 1024).unwrap()
+    });
+    let client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let at_client = exchange(client, 1, len, 100_000).unwrap();
+    let at_server = server.join().unwrap();
+
+    assert_eq!(at_server.received_len, len);
+    assert_eq!(
+        at_server.received, at_client.sent,
+        "client->service bytes differ"
+    );
+    assert_eq!(at_client.received_len, len);
+    assert_eq!(
+        at_client.received, at_server.sent,
+        "service->client bytes differ"
+    );
+    assert_eq!(at_client.sent, pattern_digest(1, len));
+
+    let status = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    fabric
+        .a()
+        .wait_log("closed")
+        .expect("the connection's close is logged");
+    let status_after = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
+    let status_after: serde_json::Value = serde_json::from_str(&status_after).unwrap();
+    assert_eq!(status["datapath"], "userspace");
+    assert_eq!(status_after["connections"]["bytes_out"], len as u64);
+    assert_eq!(status_after["connections"]["bytes_in"], len as u64);
+}
+
+#[test]
+fn half_close_and_odd_writes_pass_through() {
+    if !require_root("half_close_and_odd_writes_pass_through") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    // The service reads the whole request, and only after the client's FIN answers with a
+    // reply that depends on all of it; the client must still be able to read it.
+    let server = thread::spawn(move || {
+        let (mut stream, _) = service.accept().unwrap();
+        let (n, digest) = read_hash(&mut stream).unwrap();
+        stream.write_all(format!("{n}:").as_bytes()).unwrap();
+        stream.write_all(&digest).unwrap();
+        let reply_digest = send_pattern(&mut stream, 9, 3 * MIB + 7, 4093).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        reply_digest
+    });
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    // 1-byte writes, then odd-sized ones.
+    let mut sent = sha2::Sha256::default();
+    for b in b"hello" {
+        client.write_all(&[*b]).unwrap();
+        sent.update([*b]);
+    }
+    let mut odd = vec![0u8; 65_537];
+    clink_tests::Pattern::new(5).fill(&mut odd);
+    client.write_all(&odd).unwrap();
+    sent.update(&odd);
+    let expected: [u8; 32] = sent.finalize().into();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    let head = format!("{}:", 5 + odd.len());
+    assert!(
+        reply.starts_with(head.as_bytes()),
+        "reply starts {:?}",
+        &reply[..16]
+    );
+    assert_eq!(&reply[head.len()..head.len() + 32], &expected);
+    let tail = &reply[head.len() + 32..];
+    assert_eq!(tail.len(), 3 * MIB + 7);
+    let digest: [u8; 32] = sha2::Sha256::digest(tail).into();
+    assert_eq!(digest, server.join().unwrap());
+}
+
+#[test]
+fn many_concurrent_connections() {
+    if !require_root("many_concurrent_connections") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    const CONNS: usize = 100;
+    const LEN: usize = 512 * 1024;
+    let server = thread::spawn(move || {
+        let mut handlers = Vec::new();
+        for _ in 0..CONNS {
+            let (mut stream, _) = service.accept().unwrap();
+            // Echo: what comes back must be exactly what was sent.
+            handlers.push(thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = stream.read(&mut buf).unwrap();
+                    if n == 0 {
+                        stream.shutdown(Shutdown::Write).unwrap();
+                        return;
+                    }
+                    stream.write_all(&buf[..n]).unwrap();
+                }
+            }));
+        }
+        for h in handlers {
+            h.join().unwrap();
+        }
+    });
+    let clients: Vec<_> = (0..CONNS)
+        .map(|i| {
+            let stream = connect_in(fabric.ns_a(), import_addr()).unwrap();
+            thread::spawn(move || exchange(stream, 1000 + i as u64, LEN, 16 * 1024).unwrap())
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let t = c.join().unwrap();
+        assert_eq!(t.received_len, LEN, "connection {i}");
+        assert_eq!(t.received, t.sent, "connection {i} got back other bytes");
+    }
+    server.join().unwrap();
+}
+
+#[test]
+fn default_deny_on_both_sides() {
+    if !require_root("default_deny_on_both_sides") {
+        return;
+    }
+    let fabric = Fabric::two_clusters().unwrap();
+    let service = listen_in(fabric.ns_b()).unwrap();
+    fabric
+        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
+        .unwrap();
+
+    // No policy anywhere: the importer refuses locally.
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    assert!(refused(&mut client));
+    fabric
+        .a()
+        .wait_log("egress denied by local policy")
+        .unwrap();
+    assert!(fabric
+        .a()
+        .log()
+        .contains("deny by default (no policy matched)"));
+
+    // Egress allowed, ingress still default-deny: the exporter answers 403.
+    fabric
+        .a()
+        .clink_ok(&["create", "policy", "allow-all", "--action", "allow"])
+        .unwrap();
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    assert!(refused(&mut client));
+    fabric.b().wait_log("refused: ingress denied").unwrap();
+    fabric
+        .a()
+        .wait_log("refused by peer with 403: ingress deny by default (no policy matched)")
+        .unwrap();
+
+    // A deny policy beats an allow policy in the same namespace.
+    fabric
+        .b()
+        .clink_ok(&["create", "policy", "allow-all", "--action", "allow"])
+        .unwrap();
+    fabric
+        .b()
+        .clink_ok(&[
+            "create",
+            "policy",
+            "deny-svc",
+            "--action",
+            "deny",
+            "--to",
+            "export.clusterlink.net/name=svc",
+        ])
+        .unwrap();
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    assert!(refused(&mut client));
+    fabric
+        .a()
+        .wait_log("ingress deny by namespaced policy default/deny-svc")
+        .unwrap();
+
+    // Removing the deny lets the next connection through.
+    fabric
+        .b()
+        .clink_ok(&["delete", "accesspolicy", "deny-svc"])
+        .unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        s.write_all(b"welcome").unwrap();
+    });
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "welcome");
+    server.join().unwrap();
+}
+
+#[test]
+fn peer_with_certificate_of_another_fabric_is_rejected() {
+    if !require_root("peer_with_certificate_of_another_fabric_is_rejected") {
+        return;
+    }
+    let (fabric, _service) = allowed_service();
+    // An impostor named peer-a, with a certificate from its own CA, in cluster a.
+    let evil = fabric.dir.path().join("evil");
+    let clink = clink_testbed::bin_path("clink").unwrap();
+    for args in [
+        vec!["fabric", "create", "--name", "evil-fabric"],
+        vec![
+            "peer-cert",
+            "create",
+            "--name",
+            "peer-a",
+            "--fabric",
+            "evil-fabric",
+        ],
+    ] {
+        let out = std::process::Command::new(&clink)
+            .args(args)
+            .arg("--path")
+            .arg(&evil)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut impostor = Agent::new(
+        "peer-a",
+        fabric.ns_a(),
+        &fabric.dir.path().join("impostor"),
+        &evil,
+        GATEWAY_PORT + 1,
+    )
+    .unwrap();
+    impostor.start().unwrap();
+    let b_ip = fabric.topo.b().ip().to_string();
+    impostor
+        .clink_ok(&["create", "peer", "peer-b", "--host", &b_ip])
+        .unwrap();
+    impostor
+        .clink_ok(&["create", "policy", "allow-all", "--action", "allow"])
+        .unwrap();
+    impostor
+        .clink_ok(&[
+            "create", "import", "svc", "--port", "7001", "--peer", "peer-b",
+        ])
+        .unwrap();
+
+    let mut client = connect_in(fabric.ns_a(), ([127, 0, 0, 1], 7001).into()).unwrap();
+    assert!(refused(&mut client));
+    fabric.b().wait_log("TLS handshake failed").unwrap();
+    // It failed for the certificate, on both ends.
+    impostor.wait_log("TLS with").unwrap();
+    assert!(
+        impostor.log().contains("UnknownIssuer")
+            || impostor.log().contains("invalid peer certificate"),
+        "{}",
+        impostor.log()
+    );
+    impostor.stop().unwrap();
+}
+
+#[test]
+fn unknown_export_is_404_and_unreachable_target_is_502() {
+    if !require_root("unknown_export_is_404_and_unreachable_target_is_502") {
+        return;
+    }
+    let fabric = Fabric::two_clusters().unwrap();
+    fabric.allow_all().unwrap();
+    fabric
+        .a()
+        .clink_ok(&[
+            "create", "import", "ghost", "--port", "7002", "--peer", "peer-b",
+        ])
+        .unwrap();
+    let mut client = connect_in(fabric.ns_a(), ([127, 0, 0, 1], 7002).into()).unwrap();
+    assert!(refused(&mut client));
+    fabric
+        .a()
+        .wait_log("refused by peer with 404: no export default/ghost")
+        .unwrap();
+
+    // An export whose target nobody listens on.
+    let closed = listen_in(fabric.ns_b()).unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    fabric.export_import("gone", closed_addr, 7003).unwrap();
+    let mut client = connect_in(fabric.ns_a(), ([127, 0, 0, 1], 7003).into()).unwrap();
+    assert!(refused(&mut client));
+    fabric
+        .a()
+        .wait_log(&format!(
+            "refused by peer with 502: cannot reach 127.0.0.1:{}",
+            closed_addr.port()
+        ))
+        .unwrap();
+    fabric.b().wait_log("refused: target unreachable").unwrap();
+}
+
+/// A fabric member speaking TLS correctly but sending garbage, or an endless head, instead
+/// of a CONNECT gets 400 and the gateway keeps serving.
+#[test]
+fn garbage_instead_of_connect() {
+    if !require_root("garbage_instead_of_connect") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let identity = clink_agent::tls::Identity::load(&fabric.a().certs_dir(), "peer-a").unwrap();
+    let gateway = SocketAddr::from((fabric.topo.b().ip(), GATEWAY_PORT));
+    let talk = |payload: Vec<u8>| -> String {
+        let tcp = connect_in(fabric.ns_a(), gateway).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let conn = rustls::ClientConnection::new(
+            Arc::clone(&identity.client),
+            "peer-b".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        // The server may answer and close before taking all of an oversized head.
+        let _ = tls.write_all(&payload);
+        let _ = tls.flush();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = talk(b"\x00\x01GARBAGE NOT HTTP\r\n\r\n".to_vec());
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("malformed HTTP head"), "{answer:?}");
+    let mut huge = b"CONNECT svc.default:443 HTTP/1.1\r\nx-pad: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    let answer = talk(huge);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains("longer than"), "{answer:?}");
+    let answer = talk(b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer:?}");
+
+    // Plain TCP garbage never gets past the handshake.
+    let mut raw = connect_in(fabric.ns_a(), gateway).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    raw.write_all(b"hello, is this TLS?\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP"),
+        "answered in plain text: {answer:?}"
+    );
+    fabric.b().wait_log("TLS handshake failed").unwrap();
+
+    // Still serving.
+    let server = thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        s.write_all(b"still here").unwrap();
+    });
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "still here");
+    server.join().unwrap();
+}
+
+#[test]
+fn agent_restart_keeps_objects() {
+    if !require_root("agent_restart_keeps_objects") {
+        return;
+    }
+    let (mut fabric, service) = allowed_service();
+    let before_a = fabric
+        .a()
+        .clink_ok(&["get", "import", "svc", "-o", "yaml"])
+        .unwrap();
+    let before_b = fabric
+        .b()
+        .clink_ok(&["get", "export", "svc", "-o", "yaml"])
+        .unwrap();
+    for agent in &mut fabric.agents {
+        agent.stop().unwrap();
+    }
+    assert!(
+        connect_in(fabric.ns_a(), import_addr()).is_err(),
+        "import listener is gone"
+    );
+    for agent in &mut fabric.agents {
+        agent.start().unwrap();
+    }
+    assert_eq!(
+        fabric
+            .a()
+            .clink_ok(&["get", "import", "svc", "-o", "yaml"])
+            .unwrap(),
+        before_a
+    );
+    assert_eq!(
+        fabric
+            .b()
+            .clink_ok(&["get", "export", "svc", "-o", "yaml"])
+            .unwrap(),
+        before_b
+    );
+    assert!(fabric
+        .a()
+        .clink_ok(&["get", "peers"])
+        .unwrap()
+        .contains("peer-b"));
+    let server = thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        s.write_all(b"back again").unwrap();
+    });
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "back again");
+    server.join().unwrap();
+}
+
+#[test]
+fn bad_input_is_rejected_without_side_effects() {
+    if !require_root("bad_input_is_rejected_without_side_effects") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let a = fabric.a();
+    let state_before = tree(&a.state_dir());
+    let cases: [(&str, &str); 6] = [
+        ("kind: Peer\nspec: [\n", "<stdin>: document 1: "),
+        (
+            "apiVersion: clusterlink.net/v1alpha1\nkind: Gateway\nmetadata: {name: x}\nspec: {}\n",
+            "unknown kind \"Gateway\"",
+        ),
+        (
+            "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata: {name: p}\nspec:\n  action: allow\n  from: [{workloadSelector: {matchExpressions: [{key: a, operator: Maybe}]}}]\n  to: [{workloadSelector: {}}]\n",
+            "AccessPolicy p: spec.from[0].workloadSelector.matchExpressions[0].operator: ",
+        ),
+        (
+            "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata: {name: nogw}\nspec: {gateways: []}\n",
+            "Peer default/nogw: spec.gateways: at least one gateway is required",
+        ),
+        // Occupied by the running import.
+        (
+            "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {name: clash}\nspec:\n  port: 7000\n  sources: [{peer: peer-b, exportName: x, exportNamespace: default}]\n",
+            "Import default/clash: spec.port: port 7000 is already used by Import default/svc",
+        ),
+        // Occupied by the gateway itself; the valid object before it must not land either.
+        (
+            "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata: {name: fine}\nspec: {host: 127.0.0.1, port: 9}\n---\napiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata: {name: on-gateway}\nspec:\n  port: 443\n  sources: [{peer: peer-b, exportName: x, exportNamespace: default}]\n",
+            "Import default/on-gateway: spec.port: cannot listen on port 443: ",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let out = a.apply(yaml).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {yaml}");
+        assert!(stderr.contains(expected), "{stderr:?} lacks {expected:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr:?}");
+    }
+    let out = a.clink(&["delete", "import", "never-was"]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Import default/never-was not found"));
+    assert_eq!(
+        tree(&a.state_dir()),
+        state_before,
+        "the state directory changed"
+    );
+    assert!(!a.clink_ok(&["get", "exports"]).unwrap().contains("fine"));
+
+    // The agent kept serving its other objects.
+    let server = thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        s.write_all(b"unharmed").unwrap();
+    });
+    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "unharmed");
+    server.join().unwrap();
+}
