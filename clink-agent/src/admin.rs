@@ -30,7 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::{
-    agent::{AcceptFn, Agent, ChangeError},
+    agent::{Agent, ChangeError},
     api::{Kind, Object, ObjectKey},
 };
 
@@ -87,22 +87,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 
 struct Server {
     agent: Arc<Agent>,
-    accept: AcceptFn,
     started: Instant,
-    datapath: &'static str,
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    agent: Arc<Agent>,
-    accept: AcceptFn,
-    datapath: &'static str,
-) {
+pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
     let server = Arc::new(Server {
         agent,
-        accept,
         started: Instant::now(),
-        datapath,
     });
     loop {
         let stream = match listener.accept().await {
@@ -196,13 +187,27 @@ impl Server {
             .into_iter()
             .map(|(key, port)| json!({ "import": key.to_string(), "port": port }))
             .collect();
+        let mut peers: Vec<_> = snapshot.peers.iter().collect();
+        peers.sort_by_key(|(name, _)| name.as_str());
+        let peers: Vec<Value> = peers
+            .into_iter()
+            .map(|(name, p)| {
+                let reachable = p
+                    .status
+                    .condition(crate::api::PEER_REACHABLE)
+                    .map(|c| c.status.clone())
+                    .unwrap_or_else(|| "Unknown".to_owned());
+                json!({ "name": name, "reachable": reachable, "labels": p.status.labels })
+            })
+            .collect();
         reply(
             StatusCode::OK,
             json!({
                 "name": self.agent.name(),
+                "peers": peers,
                 "version": env!("CARGO_PKG_VERSION"),
                 "gateway": self.agent.gateway.to_string(),
-                "datapath": self.datapath,
+                "datapath": self.agent.datapath.name,
                 "labels": self.agent.labels,
                 "uptimeSeconds": self.started.elapsed().as_secs(),
                 "objects": counts,
@@ -252,7 +257,7 @@ impl Server {
             .map(Object::from_value)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-        match self.agent.apply(objects, &self.accept).await {
+        match self.agent.apply(objects).await {
             Ok(changes) => {
                 let results: Vec<Value> = changes
                     .into_iter()

@@ -115,9 +115,52 @@ pub struct Status {
     pub labels: BTreeMap<String, String>,
 }
 
+pub const PEER_REACHABLE: &str = "PeerReachable";
+pub const EXPORT_VALID: &str = "ExportValid";
+pub const IMPORT_TARGET_PORT_VALID: &str = "ImportTargetPortValid";
+pub const IMPORT_SERVICE_VALID: &str = "ImportServiceValid";
+/// The reason of every failed condition, as ClusterLink reports it.
+pub const REASON_ERROR: &str = "Error";
+
 impl Status {
     pub fn is_empty(&self) -> bool {
         self.conditions.is_empty() && self.labels.is_empty()
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// Sets a condition; `lastTransitionTime` moves only when its status changes.
+    pub fn set_condition(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+        let status = if ok { "True" } else { "False" };
+        let now = || {
+            time::OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default()
+        };
+        match self.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = now();
+                    c.status = status.to_owned();
+                }
+                c.reason = reason.to_owned();
+                c.message = message.to_owned();
+            }
+            None => self.conditions.push(Condition {
+                type_: type_.to_owned(),
+                status: status.to_owned(),
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                last_transition_time: now(),
+            }),
+        }
     }
 }
 
@@ -215,6 +258,15 @@ fn is_zero(v: &u16) -> bool {
 pub enum Action {
     Allow,
     Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +436,15 @@ impl Object {
             Object::Export(o) => &mut o.metadata,
             Object::Import(o) => &mut o.metadata,
             Object::AccessPolicy(o) | Object::PrivilegedAccessPolicy(o) => &mut o.metadata,
+        }
+    }
+
+    pub fn status(&self) -> &Status {
+        match self {
+            Object::Peer(o) => &o.status,
+            Object::Export(o) => &o.status,
+            Object::Import(o) => &o.status,
+            Object::AccessPolicy(o) | Object::PrivilegedAccessPolicy(o) => &o.status,
         }
     }
 

@@ -517,6 +517,21 @@ fn print_status(s: &Value) {
         .collect::<Vec<_>>()
         .join(", ");
     println!("objects:    {objects}");
+    for p in s["peers"].as_array().into_iter().flatten() {
+        let labels = p["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join(",");
+        println!(
+            "peer:       {} reachable={} labels={}",
+            p["name"].as_str().unwrap_or("?"),
+            p["reachable"].as_str().unwrap_or("?"),
+            if labels.is_empty() { "-" } else { &labels }
+        );
+    }
     for i in s["imports"].as_array().into_iter().flatten() {
         println!(
             "import:     {} listening on port {}",

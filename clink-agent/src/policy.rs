@@ -102,10 +102,7 @@ impl Decision {
 
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let action = match self.action {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-        };
+        let action = self.action.as_str();
         match &self.policy {
             Some(policy) => write!(f, "{action} by {} policy {policy}", self.tier.as_str()),
             None => write!(f, "{action} by default (no policy matched)"),

@@ -25,6 +25,8 @@ pub struct Agent {
     dir: PathBuf,
     child: Option<ChildGuard>,
     gateway_port: u16,
+    /// More `clink-agent` flags.
+    pub args: Vec<String>,
 }
 
 impl Agent {
@@ -45,6 +47,7 @@ impl Agent {
             dir: dir.to_owned(),
             child: None,
             gateway_port,
+            args: Vec::new(),
         })
     }
 
@@ -86,6 +89,7 @@ impl Agent {
             .arg("--admin")
             .arg(self.admin())
             .args(["--log-level", "info,clink_agent=debug"])
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -159,6 +163,28 @@ impl Agent {
         Ok(child.wait_with_output()?)
     }
 
+    /// The `PeerReachable` condition status (`True`/`False`) this agent reports for `peer`.
+    pub fn peer_reachable(&self, peer: &str) -> Option<String> {
+        let out = self.clink_ok(&["get", "peer", peer, "-o", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "PeerReachable")
+            .and_then(|c| c["status"].as_str())
+            .map(str::to_owned)
+    }
+
+    /// Waits until this agent reports `peer` as reachable (`true`) or not.
+    pub fn wait_reachable(&self, peer: &str, reachable: bool, within: Duration) -> Result<()> {
+        let want = if reachable { "True" } else { "False" };
+        wait_for(
+            &format!("{} to see {peer} PeerReachable={want}", self.name),
+            within,
+            || self.peer_reachable(peer).as_deref() == Some(want),
+        )
+    }
+
     /// Waits until the agent's log contains `needle`.
     pub fn wait_log(&self, needle: &str) -> Result<()> {
         wait_for(
@@ -185,6 +211,20 @@ impl Fabric {
         Self::on(clink_testbed::two_clusters()?)
     }
 
+    /// Three clusters (`peer-a`, `peer-b`, `peer-c`) on one bridged "wan".
+    pub fn three_clusters() -> Result<Fabric> {
+        Self::on(clink_testbed::three_clusters()?)
+    }
+
+    pub fn c(&self) -> &Agent {
+        &self.agents[2]
+    }
+
+    pub fn ns_c(&self) -> &Netns {
+        self.topo.c().netns()
+    }
+
+    /// Every agent is labelled `cluster=<its letter>`.
     fn on(topo: Topology) -> Result<Fabric> {
         let dir = tempfile::Builder::new().prefix("clink-e2e-").tempdir()?;
         let certs = dir.path().join("certs");
@@ -199,13 +239,15 @@ impl Fabric {
                 .args(["peer-cert", "create", "--name", &name, "--fabric", FABRIC])
                 .arg("--path")
                 .arg(&certs))?;
-            agents.push(Agent::new(
+            let mut agent = Agent::new(
                 &name,
                 cluster.netns(),
                 &dir.path().join(&name),
                 &certs,
                 GATEWAY_PORT,
-            )?);
+            )?;
+            agent.args = vec!["--label".into(), format!("cluster={}", &name[5..])];
+            agents.push(agent);
         }
         let mut fabric = Fabric { agents, topo, dir };
         for agent in &mut fabric.agents {
@@ -280,6 +322,78 @@ fn run(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `GET /metrics` from the agent in `ns` (default metrics address).
+pub fn scrape(ns: &Netns) -> Result<String> {
+    let mut s = connect_in(ns, SocketAddr::from(([127, 0, 0, 1], 9090)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The value of one sample (`name{labels}`) in a scrape, 0 when absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A service answering every connection with its name, until dropped.
+pub struct NamedService {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NamedService {
+    pub fn start(ns: &Netns, name: &str) -> Result<NamedService> {
+        let listener = listen_in(ns)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_owned();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(name.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(NamedService {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NamedService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects through a tunnel and returns what the service said (empty when refused).
+pub fn ask(ns: &Netns, addr: SocketAddr) -> String {
+    let Ok(mut s) = connect_in(ns, addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// A listener inside `ns` on loopback, port chosen by the kernel.

@@ -52,7 +52,16 @@ fn agent_on_an_occupied_gateway_port_fails_clearly() {
     let path = dir.path().to_str().unwrap();
     for args in [
         vec!["fabric", "create", "--name", "f", "--path", path],
-        vec!["peer-cert", "create", "--name", "peer-a", "--fabric", "f", "--path", path],
+        vec![
+            "peer-cert",
+            "create",
+            "--name",
+            "peer-a",
+            "--fabric",
+            "f",
+            "--path",
+            path,
+        ],
     ] {
         assert!(run("clink", &args).0);
     }
@@ -121,7 +130,13 @@ fn cli_rejects_bad_files_before_contacting_the_agent() {
     let sock = dir.path().join("none.sock");
     let (ok, err) = run(
         "clink",
-        &["--admin", sock.to_str().unwrap(), "apply", "-f", file.to_str().unwrap()],
+        &[
+            "--admin",
+            sock.to_str().unwrap(),
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+        ],
     );
     assert!(!ok);
     assert_eq!(err, "error: Export default/db: spec.port: must be 1-65535");
@@ -133,7 +148,16 @@ fn cli_rejects_bad_files_before_contacting_the_agent() {
     assert!(err.contains("unknown kind \"gadgets\""), "{err}");
     let (ok, err) = run(
         "clink",
-        &["peer-cert", "create", "--name", "p", "--fabric", "missing", "--path", dir.path().to_str().unwrap()],
+        &[
+            "peer-cert",
+            "create",
+            "--name",
+            "p",
+            "--fabric",
+            "missing",
+            "--path",
+            dir.path().to_str().unwrap(),
+        ],
     );
     assert!(!ok);
     assert!(err.contains("missing/ca.pem"), "{err}");

@@ -4,7 +4,15 @@ use std::{collections::BTreeMap, io::IsTerminal as _, net::SocketAddr, path::Pat
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
-use clink_agent::{admin, agent::Agent, api, dataplane, store::FileStore, tls::Identity};
+use clink_agent::{
+    admin,
+    agent::{Agent, Datapath},
+    api,
+    clients::ClientMap,
+    dataplane, metrics,
+    store::FileStore,
+    tls::Identity,
+};
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tracing::{info, warn};
 
@@ -29,6 +37,13 @@ struct Args {
     /// This peer's labels, KEY=VALUE (repeatable); peers can match them in policies.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// Prometheus metrics address (serves /metrics).
+    #[arg(long, default_value = metrics::DEFAULT_ADDR)]
+    metrics: SocketAddr,
+    /// YAML list of client address ranges and the namespace, service account and labels
+    /// policies see for clients in them (standalone mode).
+    #[arg(long, value_name = "FILE")]
+    client_attributes: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
     #[arg(long, env = "CLINK_LOG", default_value = "info")]
     log_level: String,
@@ -102,24 +117,46 @@ async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on gateway address {}", args.listen))?;
     let admin_listener = admin::bind(&args.admin)?;
+    let metrics_listener = metrics::bind(args.metrics)
+        .await
+        .with_context(|| format!("cannot listen on metrics address {}", args.metrics))?;
+    let clients = match &args.client_attributes {
+        Some(path) => {
+            ClientMap::load(path).map_err(|e| anyhow::anyhow!("--client-attributes {e}"))?
+        }
+        None => ClientMap::default(),
+    };
 
-    let agent = Arc::new(Agent::new(identity, labels, args.listen, Box::new(store)));
-    let accept = dataplane::import_acceptor(&agent);
-    for problem in agent.start(&accept).await.context("loading state")? {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let agent = Arc::new(Agent::new(
+        identity,
+        labels,
+        args.listen,
+        Box::new(store),
+        clients,
+        metrics.clone(),
+        Datapath::userspace(),
+    ));
+    metrics
+        .datapath
+        .get_or_create(&metrics::DatapathLabels {
+            datapath: agent.datapath.name.to_owned(),
+        })
+        .set(1);
+    for problem in agent.start().await.context("loading state")? {
         warn!("{problem}");
     }
     let _gateway = dataplane::serve_gateway(agent.clone(), gateway);
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        agent.clone(),
-        accept,
-        "userspace",
-    ));
+    let _metrics = tokio::spawn(metrics::serve(metrics_listener, metrics));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, agent.clone()));
     info!(
         name = %args.name,
         gateway = %args.listen,
         admin = %args.admin.display(),
-        datapath = "userspace",
+        metrics = %args.metrics,
+        client_ranges = agent.clients.len(),
+        datapath = agent.datapath.name,
+        labels = %args.labels.join(","),
         "agent ready"
     );
 

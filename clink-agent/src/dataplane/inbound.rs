@@ -8,25 +8,36 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     time::{timeout, Duration},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tracing::{debug, info, info_span, warn, Instrument as _};
+use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{relay, wire};
+use super::{relay, wire, ConnGuard};
 use crate::{
-    agent::{ActiveGuard, Agent},
+    agent::Agent,
+    metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
     policy::{attr, insert_labels, Attributes},
     tls::dns_names,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
 
 pub async fn serve(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
-    let span = info_span!("ingress", peer_addr = %from);
+    let span = info_span!(
+        "ingress",
+        peer_addr = %from,
+        peer = field::Empty,
+        export = field::Empty,
+        import = field::Empty,
+        decision = field::Empty,
+        datapath = agent.datapath.name,
+    );
     handle(agent, acceptor, tcp).instrument(span).await
 }
 
@@ -34,7 +45,10 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            Metrics::observe(&agent.metrics.handshake, INGRESS, started.elapsed());
+            tls
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "TLS handshake failed");
             return;
@@ -55,6 +69,7 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
         warn!("client certificate has no DNS name; closing");
         return;
     };
+    Span::current().record("peer", field::display(&peer));
     let mut buf = BytesMut::with_capacity(4096);
     let request = match timeout(
         HANDSHAKE_TIMEOUT,
@@ -64,38 +79,47 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
     {
         Ok(Ok(request)) => request,
         Ok(Err(e)) => {
-            warn!(%peer, error = %e, "bad request");
+            warn!(error = %e, "bad request");
             refuse(&mut tls, 400, &e.to_string()).await;
             return;
         }
         Err(_) => {
-            warn!(%peer, "no request within {HANDSHAKE_TIMEOUT:?}");
+            warn!("no request within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
     match (request.method.as_str(), request.target.as_str()) {
-        ("GET", "/healthz") => healthz(&agent, &mut tls, &peer).await,
+        ("GET", "/healthz") => healthz(&agent, &mut tls).await,
         ("CONNECT", _) => connect(agent, tls, peer, request, buf, started).await,
         (method, target) => {
-            warn!(%peer, method, target, "unsupported request");
+            warn!(method, target, "unsupported request");
             refuse(&mut tls, 405, "only CONNECT and GET /healthz are served").await;
         }
     }
 }
 
+/// Answers with an error and closes. Input the peer is still sending is drained for a moment
+/// first (a lingering close), so the close does not turn into a reset that destroys the answer
+/// before the peer reads it.
 async fn refuse(tls: &mut TlsStream<TcpStream>, status: u16, reason: &str) {
     let _ = tls.write_all(&wire::response(status, &[], reason)).await;
     let _ = tls.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match tls.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = timeout(LINGER_TIME, drain).await;
 }
 
-async fn healthz(agent: &Agent, tls: &mut TlsStream<TcpStream>, peer: &str) {
-    debug!(%peer, "heartbeat");
-    let labels = agent
-        .labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+async fn healthz(agent: &Agent, tls: &mut TlsStream<TcpStream>) {
+    debug!("heartbeat");
+    let labels = wire::format_labels(&agent.labels);
     let _ = tls
         .write_all(&wire::response(
             200,
@@ -119,14 +143,29 @@ async fn connect(
         .next()
         .unwrap_or("-")
         .to_owned();
+    Span::current().record("import", field::display(&import));
+    let fail = |service: &str, reason: &'static str| {
+        agent
+            .metrics
+            .failed
+            .get_or_create(&FailLabels {
+                direction: INGRESS,
+                service: service.to_owned(),
+                peer: peer.clone(),
+                reason,
+            })
+            .inc();
+    };
     let snapshot = agent.snapshot();
     let Some(peer_object) = snapshot.peers.get(&peer) else {
-        warn!(%peer, %import, "refused: certificate of a fabric member that is not one of our Peers");
+        warn!("refused: certificate of a fabric member that is not one of our Peers");
+        fail("", "unknown-peer");
         refuse(&mut tls, 403, &format!("peer {peer:?} is not known here")).await;
         return;
     };
     let Some((export_name, export_ns)) = wire::parse_authority(&request.target) else {
-        warn!(%peer, target = %request.target, "refused: malformed CONNECT target");
+        warn!(target = %request.target, "refused: malformed CONNECT target");
+        fail("", "protocol");
         refuse(
             &mut tls,
             400,
@@ -136,11 +175,13 @@ async fn connect(
         return;
     };
     let export_id = format!("{export_ns}/{export_name}");
+    Span::current().record("export", field::display(&export_id));
     let Some(export) = snapshot
         .exports
         .get(&(export_ns.to_owned(), export_name.to_owned()))
     else {
-        warn!(%peer, %import, export = %export_id, "refused: no such export");
+        warn!("refused: no such export");
+        fail(&export_id, "no-export");
         refuse(&mut tls, 404, &format!("no export {export_id}")).await;
         return;
     };
@@ -164,12 +205,20 @@ async fn connect(
     dst.insert(attr::PEER_NAME.to_owned(), agent.name().to_owned());
     insert_labels(&mut dst, attr::PEER_LABELS, &agent.labels);
     let decision = snapshot.policies.decide(export_ns, &src, &dst);
+    agent
+        .metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            direction: INGRESS,
+            action: decision.action.as_str(),
+            tier: decision.tier.as_str(),
+        })
+        .inc();
+    Span::current().record("decision", field::display(&decision));
     if !decision.is_allowed() {
-        warn!(%peer, %import, export = %export_id, %decision, "refused: ingress denied");
-        agent
-            .stats
-            .failed
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        warn!("refused: ingress denied");
+        fail(&export_id, "denied");
+        crate::agent::Stats::add(&agent.stats.failed, 1);
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
         return;
     }
@@ -180,19 +229,28 @@ async fn connect(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = format!("cannot reach {host}:{port}: {e}");
-            warn!(%peer, %import, export = %export_id, %reason, "refused: target unreachable");
+            warn!(%reason, "refused: target unreachable");
+            fail(&export_id, "unreachable");
             refuse(&mut tls, 502, &reason).await;
             return;
         }
         Err(_) => {
             let reason = format!("cannot reach {host}:{port}: timed out");
-            warn!(%peer, %import, export = %export_id, %reason, "refused: target unreachable");
+            warn!(%reason, "refused: target unreachable");
+            fail(&export_id, "unreachable");
             refuse(&mut tls, 502, &reason).await;
             return;
         }
     };
     let _ = target.set_nodelay(true);
-    let _active = ActiveGuard::new(&agent.stats);
+    let guard = ConnGuard::open(
+        &agent,
+        ConnLabels {
+            direction: INGRESS,
+            service: export_id,
+            peer,
+        },
+    );
     let mut target = target;
     if tls.write_all(&wire::response(200, &[], "")).await.is_err() {
         return;
@@ -201,22 +259,15 @@ async fn connect(
         relay::arm_reset(tls.get_ref().0);
         return;
     }
-    info!(%peer, %import, export = %export_id, %decision, "tunnel open");
+    Metrics::observe(&agent.metrics.setup, INGRESS, started.elapsed());
+    info!("tunnel open");
     let outcome = relay::relay(tls, target).await;
     let received = outcome.a_to_b + early.len() as u64;
     let sent = outcome.b_to_a;
-    let stats = &agent.stats;
-    stats
-        .bytes_in
-        .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
-    stats
-        .bytes_out
-        .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+    guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     match outcome.error {
-        None => info!(%peer, export = %export_id, received, sent, duration_ms, "closed"),
-        Some(e) => {
-            info!(%peer, export = %export_id, received, sent, duration_ms, error = %e, "reset")
-        }
+        None => info!(received, sent, duration_ms, "closed"),
+        Some(e) => info!(received, sent, duration_ms, error = %e, "reset"),
     }
 }

@@ -1,50 +1,80 @@
-//! Egress: a local client connected to an Import's listener. Each source of the Import is
-//! tried in order: local egress policy first, then one mTLS connection to the source's peer
-//! carrying a CONNECT for the export. The first peer that answers 200 carries the connection;
-//! if none does, the client is reset and the log line says why for every source.
+//! Egress: a local client connected to an Import's listener. The Import's sources are tried
+//! in the order its `lbScheme` and peer health give: local egress policy first, then one mTLS
+//! connection to the source's peer carrying a CONNECT for the export. The first peer that
+//! answers 200 carries the connection; a source that is denied, refuses or cannot be reached
+//! is skipped, and only when none is left is the client reset, with every reason logged.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
-use rustls::pki_types::ServerName;
 use tokio::{
     io::AsyncWriteExt as _,
     net::TcpStream,
     time::{timeout, Duration},
 };
-use tokio_rustls::{client::TlsStream, TlsConnector};
-use tracing::{debug, info, info_span, warn, Instrument as _};
+use tokio_rustls::client::TlsStream;
+use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{relay, wire};
+use super::{relay, wire, ConnGuard};
 use crate::{
-    agent::{ActiveGuard, Agent},
+    agent::{Agent, Stats},
     api::{ImportSource, ObjectKey, Peer},
+    metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
+    peer::{connect_tls, DialError},
     policy::{attr, insert_labels, Attributes},
 };
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why one source could not carry the connection.
 #[derive(Debug, thiserror::Error)]
-enum DialError {
-    #[error("cannot connect to {gateway}: {reason}")]
-    Connect { gateway: String, reason: String },
-    #[error("TLS with {gateway} failed: {reason}")]
-    Tls { gateway: String, reason: String },
+enum SourceError {
+    #[error("no Peer named {0:?}")]
+    UnknownPeer(String),
+    #[error("egress {0}")]
+    Denied(String),
+    #[error(transparent)]
+    Dial(#[from] DialError),
     #[error("refused by peer with {status}: {reason}")]
     Refused { status: u16, reason: String },
     #[error("protocol error from peer: {0}")]
     Wire(#[from] wire::WireError),
+    #[error("no answer to CONNECT within {ANSWER_TIMEOUT:?}")]
+    NoAnswer,
+}
+
+impl SourceError {
+    /// The `reason` label of `clink_connections_failed_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            SourceError::UnknownPeer(_) => "unknown-peer",
+            SourceError::Denied(_) => "denied",
+            SourceError::Dial(DialError::Tls { .. }) => "tls",
+            SourceError::Dial(_) => "unreachable",
+            SourceError::Refused { status: 403, .. } => "refused-403",
+            SourceError::Refused { status: 404, .. } => "refused-404",
+            SourceError::Refused { status: 502, .. } => "refused-502",
+            SourceError::Refused { .. } => "refused",
+            SourceError::Wire(_) | SourceError::NoAnswer => "protocol",
+        }
+    }
 }
 
 pub async fn serve(agent: Arc<Agent>, import: ObjectKey, client: TcpStream, from: SocketAddr) {
-    let span = info_span!("egress", %import, client = %from);
+    let span = info_span!(
+        "egress",
+        import = %format!("{}/{}", import.namespace, import.name),
+        client = %from,
+        source = field::Empty,
+        peer = field::Empty,
+        decision = field::Empty,
+        datapath = agent.datapath.name,
+    );
     handle(agent, import, client, from).instrument(span).await
 }
 
-fn source_attributes(agent: &Agent) -> Attributes {
-    let mut src = Attributes::new();
+fn source_attributes(agent: &Agent, client: SocketAddr) -> Attributes {
+    let mut src = agent.clients.attributes(client.ip());
     src.insert(attr::PEER_NAME.to_owned(), agent.name().to_owned());
     insert_labels(&mut src, attr::PEER_LABELS, &agent.labels);
     src
@@ -62,52 +92,65 @@ fn destination_attributes(source: &ImportSource, peer: &Peer) -> Attributes {
     dst
 }
 
-async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, _from: SocketAddr) {
+async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: SocketAddr) {
     let started = Instant::now();
-    let _active = ActiveGuard::new(&agent.stats);
     let snapshot = agent.snapshot();
     let Some(import) = snapshot.imports.get(&key) else {
         debug!("import was removed; closing");
         return;
     };
     let _ = client.set_nodelay(true);
-    let src = source_attributes(&agent);
+    let service = format!("{}/{}", key.namespace, key.name);
+    let src = source_attributes(&agent, from);
+    let metrics = &agent.metrics;
     let mut failures = Vec::new();
-    for source in &import.spec.sources {
+    for source in agent.source_order(&key, import) {
         let target = format!(
             "{}/{}@{}",
             source.export_namespace, source.export_name, source.peer
         );
-        let Some(peer) = snapshot.peers.get(&source.peer) else {
-            failures.push(format!("{target}: no Peer named {:?}", source.peer));
-            continue;
-        };
-        let dst = destination_attributes(source, peer);
-        let namespace = key.namespace.as_str();
-        let decision = snapshot.policies.decide(namespace, &src, &dst);
-        if !decision.is_allowed() {
-            warn!(%target, %decision, "egress denied by local policy");
-            failures.push(format!("{target}: egress {decision}"));
-            continue;
-        }
-        debug!(%target, %decision, "egress allowed");
-        match dial(&agent, peer, source, &src, &key).await {
-            Ok((tunnel, early)) => {
+        match try_source(&agent, &snapshot.peers, source, &src, &key).await {
+            Ok((tunnel, early, decision)) => {
+                let span = Span::current();
+                span.record("source", field::display(&target));
+                span.record("peer", field::display(&source.peer));
+                span.record("decision", field::display(&decision));
                 let setup = started.elapsed();
-                info!(%target, %decision, setup_ms = setup.as_secs_f64() * 1e3, "tunnel open");
-                carry(&agent, client, tunnel, early, &target, started).await;
+                Metrics::observe(&metrics.setup, EGRESS, setup);
+                info!(setup_ms = setup.as_secs_f64() * 1e3, "tunnel open");
+                let labels = ConnLabels {
+                    direction: EGRESS,
+                    service,
+                    peer: source.peer.clone(),
+                };
+                carry(&agent, client, tunnel, early, labels, started).await;
                 return;
             }
             Err(e) => {
-                warn!(%target, error = %e, "source failed");
+                metrics
+                    .failed
+                    .get_or_create(&FailLabels {
+                        direction: EGRESS,
+                        service: service.clone(),
+                        peer: source.peer.clone(),
+                        reason: e.reason(),
+                    })
+                    .inc();
+                warn!(%target, error = %e, "source skipped");
                 failures.push(format!("{target}: {e}"));
             }
         }
     }
-    agent
-        .stats
+    Stats::add(&agent.stats.failed, 1);
+    metrics
         .failed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        .get_or_create(&FailLabels {
+            direction: EGRESS,
+            service,
+            peer: String::new(),
+            reason: "no-source",
+        })
+        .inc();
     warn!(
         reasons = %failures.join("; "),
         "connection refused: no source could carry it"
@@ -115,93 +158,59 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, _from: Soc
     relay::arm_reset(&client);
 }
 
-async fn dial(
+async fn try_source(
     agent: &Agent,
-    peer: &Peer,
+    peers: &std::collections::HashMap<String, Peer>,
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
-) -> Result<(TlsStream<TcpStream>, BytesMut), DialError> {
-    let server_name = ServerName::try_from(source.peer.clone()).map_err(|e| DialError::Tls {
-        gateway: source.peer.clone(),
-        reason: format!("peer name is not a DNS name: {e}"),
-    })?;
-    let mut last = None;
-    for gw in &peer.spec.gateways {
-        let gateway = format!("{}:{}", gw.host, gw.port);
-        let tcp = match timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((gw.host.as_str(), gw.port)),
-        )
-        .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                last = Some(DialError::Connect {
-                    gateway,
-                    reason: e.to_string(),
-                });
-                continue;
-            }
-            Err(_) => {
-                last = Some(DialError::Connect {
-                    gateway,
-                    reason: format!("timed out after {CONNECT_TIMEOUT:?}"),
-                });
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let connector = TlsConnector::from(agent.identity.client.clone());
-        let tls = timeout(
-            HANDSHAKE_TIMEOUT,
-            connector.connect(server_name.clone(), tcp),
-        )
-        .await;
-        let mut tls = match tls {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                return Err(DialError::Tls {
-                    gateway,
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(DialError::Tls {
-                    gateway,
-                    reason: "handshake timed out".into(),
-                })
-            }
-        };
-        let request = wire::connect_request(
-            &source.export_name,
-            &source.export_namespace,
-            &import.to_string(),
-            src,
-        );
-        let mut buf = BytesMut::with_capacity(4096);
-        let response = timeout(HANDSHAKE_TIMEOUT, async {
-            tls.write_all(&request).await?;
-            tls.flush().await?;
-            wire::read_response(&mut tls, &mut buf).await
+) -> Result<(TlsStream<TcpStream>, BytesMut, String), SourceError> {
+    let peer = peers
+        .get(&source.peer)
+        .ok_or_else(|| SourceError::UnknownPeer(source.peer.clone()))?;
+    let dst = destination_attributes(source, peer);
+    let decision = agent
+        .snapshot()
+        .policies
+        .decide(&import.namespace, src, &dst);
+    agent
+        .metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            direction: EGRESS,
+            action: decision.action.as_str(),
+            tier: decision.tier.as_str(),
         })
-        .await
-        .map_err(|_| DialError::Tls {
-            gateway: gateway.clone(),
-            reason: "no answer to CONNECT".into(),
-        })??;
-        if response.status != 200 {
-            return Err(DialError::Refused {
-                status: response.status,
-                reason: response.body,
-            });
-        }
-        return Ok((tls, buf));
+        .inc();
+    if !decision.is_allowed() {
+        return Err(SourceError::Denied(decision.to_string()));
     }
-    Err(last.unwrap_or(DialError::Connect {
-        gateway: "-".into(),
-        reason: "peer has no gateways".into(),
-    }))
+    debug!(peer = %source.peer, %decision, "egress allowed");
+    let health = agent.peer_health(&source.peer);
+    let (mut tls, handshake) =
+        connect_tls(agent, &source.peer, &peer.spec.gateways, health.as_deref()).await?;
+    Metrics::observe(&agent.metrics.handshake, EGRESS, handshake);
+    let request = wire::connect_request(
+        &source.export_name,
+        &source.export_namespace,
+        &format!("{}/{}", import.namespace, import.name),
+        src,
+    );
+    let mut buf = BytesMut::with_capacity(4096);
+    let response = timeout(ANSWER_TIMEOUT, async {
+        tls.write_all(&request).await?;
+        tls.flush().await?;
+        wire::read_response(&mut tls, &mut buf).await
+    })
+    .await
+    .map_err(|_| SourceError::NoAnswer)??;
+    if response.status != 200 {
+        return Err(SourceError::Refused {
+            status: response.status,
+            reason: response.body,
+        });
+    }
+    Ok((tls, buf, decision.to_string()))
 }
 
 async fn carry(
@@ -209,28 +218,23 @@ async fn carry(
     mut client: TcpStream,
     tunnel: TlsStream<TcpStream>,
     early: BytesMut,
-    target: &str,
+    labels: ConnLabels,
     started: Instant,
 ) {
+    let guard = ConnGuard::open(agent, labels);
     if !early.is_empty() {
         if let Err(e) = client.write_all(&early).await {
-            warn!(%target, error = %e, "client went away");
+            warn!(error = %e, "client went away");
             return;
         }
     }
     let outcome = relay::relay(client, tunnel).await;
     let sent = outcome.a_to_b;
     let received = outcome.b_to_a + early.len() as u64;
-    let stats = &agent.stats;
-    stats
-        .bytes_out
-        .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-    stats
-        .bytes_in
-        .fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+    guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     match outcome.error {
-        None => info!(%target, sent, received, duration_ms, "closed"),
-        Some(e) => info!(%target, sent, received, duration_ms, error = %e, "reset"),
+        None => info!(sent, received, duration_ms, "closed"),
+        Some(e) => info!(sent, received, duration_ms, error = %e, "reset"),
     }
 }

@@ -78,6 +78,26 @@ pub fn connect_request(
     head.into_bytes()
 }
 
+/// `k=v,k=v`, the form of [`LABELS_HEADER`].
+pub fn format_labels(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads [`LABELS_HEADER`]; entries that are not valid labels are dropped.
+pub fn parse_labels(value: &str) -> std::collections::BTreeMap<String, String> {
+    value
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .filter(|(k, v)| crate::api::check_label(k, v).is_ok())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 pub fn healthz_request(peer: &str) -> Vec<u8> {
     format!("GET /healthz HTTP/1.1\r\nHost: {peer}\r\n\r\n").into_bytes()
 }
@@ -240,6 +260,18 @@ mod tests {
             ["client.clusterlink.net/namespace=web"]
         );
         assert!(parse_request(&req[..req.len() - 1]).unwrap().is_none());
+    }
+
+    #[test]
+    fn labels_header_round_trip() {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("env".to_owned(), "prod".to_owned());
+        labels.insert("region".to_owned(), "eu-1".to_owned());
+        assert_eq!(format_labels(&labels), "env=prod,region=eu-1");
+        assert_eq!(
+            parse_labels("env=prod, region=eu-1,bad key=x,noequals"),
+            labels
+        );
     }
 
     #[test]
