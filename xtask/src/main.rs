@@ -1,1 +1,147 @@
-fn main() {}
+//! `cargo xtask`: every project task that is more than one cargo command.
+
+mod demo;
+mod run;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use run::{cargo, step, Workspace};
+
+#[derive(Parser)]
+#[command(about = "ClusterLink-rs project tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need, where it is missing: Debian packages, the
+    /// nightly toolchain's rust-src, bpf-linker built against the nightly's LLVM.
+    Setup,
+    /// Setup, then `cargo build --workspace [ARGS]`.
+    Build {
+        /// Passed on to cargo build.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build the binaries, then `cargo test --workspace [ARGS]` (needs root for the
+    /// network-namespace tests).
+    Test {
+        /// Passed on to cargo test, e.g. `-p clink-tests -- --nocapture`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
+    /// policy removal that denies the next connection. Needs root.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run::prepare_env();
+    let result = match cli.task {
+        Task::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
+        Task::Build { args } => build(&args),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo::demo(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if run::interrupted() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn build(args: &[String]) -> Result<ExitCode> {
+    setup::setup()?;
+    step("cargo build --workspace");
+    let status = cargo().args(["build", "--workspace"]).args(args).status()?;
+    Ok(run::exit_code(status))
+}
+
+fn test(args: &[String]) -> Result<ExitCode> {
+    setup::setup()?;
+    let ws = Workspace::locate()?;
+    if nix::unistd::geteuid().is_root() {
+        for name in clink_testbed::remove_stale_namespaces()? {
+            println!("removed namespace {name} left by a test run that was killed");
+        }
+    }
+    step("cargo build --workspace --bins");
+    let status = cargo().args(["build", "--workspace", "--bins"]).status()?;
+    if !status.success() {
+        return Ok(run::exit_code(status));
+    }
+    let bin_dir = ws.target_dir.join("debug");
+    step(&format!(
+        "CLINK_BIN_DIR={} cargo test {}",
+        bin_dir.display(),
+        test_args(args).join(" ")
+    ));
+    let status = cargo()
+        .arg("test")
+        .args(test_args(args))
+        .env("CLINK_BIN_DIR", &bin_dir)
+        .status()?;
+    Ok(run::exit_code(status))
+}
+
+/// `--workspace` unless the caller chose packages.
+fn test_args(args: &[String]) -> Vec<String> {
+    let cargo_args = args.iter().take_while(|a| *a != "--");
+    let picks_packages = cargo_args
+        .into_iter()
+        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2));
+    let workspace = (!picks_packages).then(|| "--workspace".to_owned());
+    workspace.into_iter().chain(args.iter().cloned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn test_args_default_to_the_workspace() {
+        assert_eq!(test_args(&[]), ["--workspace"]);
+        assert_eq!(
+            test_args(&strings(&["--", "-p"])),
+            ["--workspace", "--", "-p"],
+            "-p after -- is for the test binary"
+        );
+    }
+
+    #[test]
+    fn test_args_keep_a_package_choice() {
+        for args in [
+            &["-p", "clink-tests"][..],
+            &["--package=clink-agent"],
+            &["-pxtask"],
+        ] {
+            assert_eq!(test_args(&strings(args)), strings(args));
+        }
+    }
+
+    #[test]
+    fn cli_passes_extra_args_through() {
+        let cli = Cli::try_parse_from(["xtask", "test", "-p", "x", "--", "--nocapture"]).unwrap();
+        let Task::Test { args } = cli.task else {
+            panic!("not the test task")
+        };
+        assert_eq!(args, ["-p", "x", "--", "--nocapture"]);
+    }
+}

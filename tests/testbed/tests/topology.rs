@@ -6,7 +6,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use clink_testbed::{require_root, three_clusters, two_clusters, wait_for, ChildGuard, Netns};
+use clink_testbed::{
+    remove_stale_namespaces, require_root, three_clusters, two_clusters, wait_for, ChildGuard,
+    Netns,
+};
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
@@ -175,4 +178,28 @@ fn child_guard_in_a_namespace_stops_the_program() {
     .unwrap();
     drop(guard);
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[test]
+fn stale_namespaces_of_dead_processes_are_removed() {
+    if !require_root("stale_namespaces_of_dead_processes_are_removed") {
+        return;
+    }
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    let stale = format!("clk-{}-0-stale", dead.id());
+    let ours = Netns::new("alive").unwrap();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "add", &stale])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let removed = remove_stale_namespaces().unwrap();
+    assert!(removed.contains(&stale), "{removed:?}");
+    assert!(!netns_exists(&stale));
+    assert!(
+        netns_exists(ours.name()),
+        "a live process's namespace must stay"
+    );
 }

@@ -1,0 +1,556 @@
+//! `cargo xtask demo`: iperf3 from cluster A to cluster B through two agents and an mTLS
+//! tunnel, then directly for comparison, then the same connection denied once the policy
+//! that allowed it is gone.
+//!
+//! Everything it starts or makes (namespaces, processes, the working directory with
+//! certificates, state and logs) lives in guards, so it is removed on success, on error and
+//! on Ctrl-C.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use clink_testbed::{two_clusters, ChildGuard, Cluster, Topology};
+use tempfile::TempDir;
+
+use crate::run::{self, cargo, check, check_interrupt, interruptible, show, step, wait_until};
+
+const FABRIC: &str = "demo-fabric";
+const GATEWAY_PORT: &str = "443";
+/// The port of the export (in B, on loopback) and of the import (in A).
+const SERVICE_PORT: &str = "5201";
+/// A second iperf3 server in B, on B's link address, for the direct run.
+const DIRECT_PORT: &str = "5202";
+const IPERF_SECONDS: &str = "5";
+const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn demo() -> Result<ExitCode> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the demo makes network namespaces and starts agents in them: run it as root"
+    );
+    run::catch_interrupts()?;
+    crate::setup::setup()?;
+    step("cargo build --release --bins -p clink-agent");
+    check(cargo().args(["build", "--release", "--bins", "-p", "clink-agent"]))?;
+    check_interrupt()?;
+    let bins = run::Workspace::locate()?.target_dir.join("release");
+    for bin in ["clink-agent", "clink"] {
+        ensure!(
+            bins.join(bin).is_file(),
+            "{} was not built",
+            bins.join(bin).display()
+        );
+    }
+    for name in clink_testbed::remove_stale_namespaces()? {
+        println!("    removed namespace {name}, left by an earlier run that was killed");
+    }
+
+    step("creating clusters A and B: two network namespaces joined by a veth pair");
+    let topo = two_clusters()?;
+    for (label, cluster) in [("A", topo.a()), ("B", topo.b())] {
+        println!(
+            "    cluster {label}: namespace {}, {} on {}",
+            cluster.netns().name(),
+            cluster.ip(),
+            cluster.ifname()
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("clink-demo-")
+        .tempdir()
+        .context("create the demo's working directory")?;
+    println!(
+        "    working directory (certificates, state, logs): {}",
+        dir.path().display()
+    );
+
+    let mut demo = Demo {
+        servers: Vec::new(),
+        agents: Vec::new(),
+        topo,
+        dir,
+        bins,
+    };
+    let result = demo.run();
+    if result.is_err() && !run::interrupted() {
+        demo.print_logs();
+    }
+    step("cleaning up: agents, iperf3 servers, namespaces, working directory");
+    drop(demo);
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Field order is drop order: processes stop before their namespaces go, and the working
+/// directory goes last.
+struct Demo {
+    servers: Vec<ChildGuard>,
+    agents: Vec<Agent>,
+    topo: Topology,
+    dir: TempDir,
+    bins: PathBuf,
+}
+
+struct Agent {
+    label: &'static str,
+    process: ChildGuard,
+    admin: PathBuf,
+    log: PathBuf,
+}
+
+/// Which agent a step talks to.
+#[derive(Clone, Copy)]
+enum Side {
+    A = 0,
+    B = 1,
+}
+
+impl Demo {
+    fn run(&mut self) -> Result<()> {
+        self.make_certificates()?;
+        self.start_agent(Side::A, "peer-a")?;
+        self.start_agent(Side::B, "peer-b")?;
+        self.start_iperf_servers()?;
+
+        let (a_ip, b_ip) = (
+            self.topo.a().ip().to_string(),
+            self.topo.b().ip().to_string(),
+        );
+        step("configuring B: A is a peer; iperf3 (127.0.0.1:5201 in B) is exported; allow all");
+        self.clink(
+            Side::B,
+            &format!("create peer peer-a --host {a_ip} --port {GATEWAY_PORT}"),
+        )?;
+        self.clink(
+            Side::B,
+            &format!("create export iperf3 --host 127.0.0.1 --port {SERVICE_PORT}"),
+        )?;
+        self.clink(Side::B, "create policy allow-all --action allow")?;
+        step("configuring A: B is a peer; B's iperf3 is imported on port 5201; allow all");
+        self.clink(
+            Side::A,
+            &format!("create peer peer-b --host {b_ip} --port {GATEWAY_PORT}"),
+        )?;
+        self.clink(
+            Side::A,
+            &format!(
+                "create import iperf3 --port {SERVICE_PORT} --peer peer-b \
+                 --export-name iperf3 --export-namespace default"
+            ),
+        )?;
+        self.clink(Side::A, "create policy allow-all --action allow")?;
+        self.wait_for_tunnel()?;
+
+        step(&format!(
+            "iperf3 in A -> 127.0.0.1:{SERVICE_PORT} (the import) -> mTLS tunnel -> B"
+        ));
+        let tunnel = self.iperf_client("127.0.0.1", SERVICE_PORT)?;
+        println!("    through the tunnel: {:.2} Gbit/s", tunnel / 1e9);
+        step(&format!(
+            "iperf3 in A -> {b_ip}:{DIRECT_PORT} directly over the veth link"
+        ));
+        let direct = self.iperf_client(&b_ip, DIRECT_PORT)?;
+        println!("    direct:             {:.2} Gbit/s", direct / 1e9);
+        println!("    tunnel / direct:    {:.1} %", 100.0 * tunnel / direct);
+
+        self.show_denial()
+    }
+
+    fn cluster(&self, side: Side) -> &Cluster {
+        &self.topo.clusters()[side as usize]
+    }
+
+    fn agent(&mut self, side: Side) -> &mut Agent {
+        &mut self.agents[side as usize]
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn make_certificates(&self) -> Result<()> {
+        let dir = self
+            .dir
+            .path()
+            .to_str()
+            .context("working directory is not UTF-8")?;
+        ensure!(
+            !dir.contains(char::is_whitespace),
+            "working directory {dir:?} contains whitespace: set TMPDIR to another directory"
+        );
+        let clink = self.bins.join("clink");
+        let commands = [
+            format!("fabric create --name {FABRIC} --path {dir}"),
+            format!("peer-cert create --name peer-a --fabric {FABRIC} --path {dir}"),
+            format!("peer-cert create --name peer-b --fabric {FABRIC} --path {dir}"),
+        ];
+        for line in commands {
+            let mut cmd = Command::new(&clink);
+            cmd.args(line.split_whitespace());
+            step(&format!("clink {line}"));
+            let out = interruptible(&mut cmd, CLI_TIMEOUT)?;
+            ensure!(
+                out.status.success(),
+                "{} failed: {}",
+                show(&cmd),
+                stderr(&out)
+            );
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, side: Side, peer: &str) -> Result<()> {
+        let label = ["A", "B"][side as usize];
+        let admin = self.path(&format!("{peer}.sock"));
+        let state = self.path(&format!("{peer}-state"));
+        fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+        let log = self.path(&format!("{peer}.log"));
+        let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = self
+            .cluster(side)
+            .netns()
+            .command(self.bins.join("clink-agent"));
+        cmd.args(["--name", peer, "--certs"])
+            .arg(self.path(peer))
+            .arg("--state")
+            .arg(&state)
+            .args(["--listen", &format!("0.0.0.0:{GATEWAY_PORT}"), "--admin"])
+            .arg(&admin)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            // Ctrl-C reaches only xtask, which then stops the agent in order.
+            .process_group(0);
+        step(&format!(
+            "starting {peer} in cluster {label}: {}",
+            show(&cmd)
+        ));
+        println!("    log: {}", log.display());
+        let process = ChildGuard::spawn(&mut cmd)?;
+        self.agents.push(Agent {
+            label,
+            process,
+            admin,
+            log,
+        });
+
+        let clink = self.bins.join("clink");
+        let agent = self.agent(side);
+        let mut exited = None;
+        wait_until(
+            &format!("{peer}'s admin API"),
+            Duration::from_secs(30),
+            || {
+                match agent.process.try_wait() {
+                    Ok(Some(status)) => {
+                        exited = Some(status);
+                        return true;
+                    }
+                    Ok(None) => {}
+                    Err(_) => return true,
+                }
+                let mut status = agent.cli(&clink, &["status"]);
+                interruptible(&mut status, CLI_TIMEOUT).is_ok_and(|out| out.status.success())
+            },
+        )?;
+        if let Some(status) = exited {
+            bail!("{peer} exited during start-up ({status})");
+        }
+        let mut status = agent.cli(&clink, &["status"]);
+        let out = interruptible(&mut status, CLI_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "clink status failed: {}",
+            stderr(&out)
+        );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("    {line}");
+        }
+        Ok(())
+    }
+
+    fn start_iperf_servers(&mut self) -> Result<()> {
+        let b_ip = self.topo.b().ip().to_string();
+        for (addr, port) in [("127.0.0.1", SERVICE_PORT), (b_ip.as_str(), DIRECT_PORT)] {
+            let log = self.path(&format!("iperf3-server-{port}.log"));
+            let log_file = File::create(&log)?;
+            let mut cmd = self.topo.b().netns().command("iperf3");
+            cmd.args(["-s", "-B", addr, "-p", port])
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .process_group(0);
+            step(&format!(
+                "starting iperf3 server in cluster B on {addr}:{port}"
+            ));
+            self.servers.push(ChildGuard::spawn(&mut cmd)?);
+        }
+        for port in [SERVICE_PORT, DIRECT_PORT] {
+            let netns = self.topo.b().netns();
+            wait_until(
+                &format!("iperf3 to listen on port {port} in B"),
+                Duration::from_secs(10),
+                || listening(netns.command("ss"), port),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The import listens in A and B's heartbeats say it is reachable.
+    fn wait_for_tunnel(&mut self) -> Result<()> {
+        let netns = self.topo.a().netns();
+        wait_until(
+            &format!("A's agent to listen on import port {SERVICE_PORT}"),
+            Duration::from_secs(15),
+            || listening(netns.command("ss"), SERVICE_PORT),
+        )?;
+        step("waiting for A's heartbeats to report peer-b reachable");
+        let clink = self.bins.join("clink");
+        let agent = self.agent(Side::A);
+        let reachable = wait_until("peer-b reachable", Duration::from_secs(10), || {
+            let mut get = agent.cli(&clink, &["get", "peer", "peer-b", "-o", "json"]);
+            interruptible(&mut get, CLI_TIMEOUT).is_ok_and(|out| {
+                out.status.success()
+                    && serde_json::from_slice(&out.stdout)
+                        .is_ok_and(|v| has_true_condition(&v, "PeerReachable"))
+            })
+        });
+        match reachable {
+            Ok(()) => println!("    peer-b: PeerReachable=True"),
+            Err(e) if run::interrupted() => return Err(e),
+            Err(e) => println!("    warning: {e:#}; trying anyway"),
+        }
+        Ok(())
+    }
+
+    /// Runs an iperf3 client in A and returns the receiver's bits per second.
+    fn iperf_client(&self, host: &str, port: &str) -> Result<f64> {
+        let mut cmd = self.topo.a().netns().command("iperf3");
+        cmd.args(["-c", host, "-p", port, "-t", IPERF_SECONDS, "--json"]);
+        let out = interruptible(&mut cmd, Duration::from_secs(60))?;
+        match iperf_report(&out.stdout) {
+            Ok(bps) if out.status.success() => Ok(bps),
+            Ok(_) => bail!("{} failed: {}", show(&cmd), stderr(&out)),
+            Err(e) => Err(e.context(show(&cmd))),
+        }
+    }
+
+    fn show_denial(&mut self) -> Result<()> {
+        step("deleting A's policy: from now on A's egress is denied by default");
+        self.clink(Side::A, "delete accesspolicy allow-all")?;
+        let log = self.agents[Side::A as usize].log.clone();
+        let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+
+        step(&format!("iperf3 in A -> 127.0.0.1:{SERVICE_PORT} again"));
+        let mut cmd = self.topo.a().netns().command("iperf3");
+        cmd.args(["-c", "127.0.0.1", "-p", SERVICE_PORT, "-t", "2", "--json"])
+            .args(["--connect-timeout", "5000"]);
+        let out = interruptible(&mut cmd, Duration::from_secs(30))?;
+        // iperf3 3.12 exits 0 even when it fails in --json mode: its report tells.
+        let reason = match iperf_report(&out.stdout) {
+            Ok(_) if out.status.success() => {
+                bail!("the connection still went through after the policy was deleted")
+            }
+            Ok(_) => stderr(&out),
+            Err(e) => format!("{e:#}"),
+        };
+        println!("    iperf3 failed as expected: {reason}");
+
+        step("A's agent log explains the decision:");
+        let mut lines = Vec::new();
+        // The log line may trail the client's failure by a moment.
+        let _ = wait_until("a decision in A's log", Duration::from_secs(5), || {
+            lines = decision_lines(&read_from(&log, seen));
+            !lines.is_empty()
+        });
+        check_interrupt()?;
+        if lines.is_empty() {
+            println!("    (no line mentions \"denied\" or \"deny\"; the log's last lines follow)");
+            lines = last_lines(&read_from(&log, 0), 10);
+        }
+        for line in lines {
+            println!("    {line}");
+        }
+        Ok(())
+    }
+
+    /// `clink --admin <A's or B's socket> <command line>`, printed, failing with the CLI's
+    /// message. The command line is split on whitespace.
+    fn clink(&mut self, side: Side, line: &str) -> Result<()> {
+        let clink = self.bins.join("clink");
+        let agent = self.agent(side);
+        let args: Vec<&str> = line.split_whitespace().collect();
+        step(&format!("[{}] clink {}", agent.label, args.join(" ")));
+        let mut cmd = agent.cli(&clink, &args);
+        let out = interruptible(&mut cmd, CLI_TIMEOUT)?;
+        ensure!(
+            out.status.success(),
+            "{} failed: {}",
+            show(&cmd),
+            stderr(&out)
+        );
+        Ok(())
+    }
+
+    fn print_logs(&self) {
+        for agent in &self.agents {
+            eprintln!("--- last lines of cluster {}'s agent log ---", agent.label);
+            for line in last_lines(&read_from(&agent.log, 0), 20) {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn cli(&self, clink: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new(clink);
+        cmd.arg("--admin").arg(&self.admin).args(args);
+        cmd
+    }
+}
+
+/// Whether `ss` run in a namespace shows a TCP listener on `port`.
+fn listening(mut ss: Command, port: &str) -> bool {
+    ss.args(["-Hltn", &format!("sport = :{port}")]);
+    run::output(&mut ss).is_ok_and(|out| !out.trim().is_empty())
+}
+
+/// The receiver's rate from `iperf3 --json`, or iperf3's own error message.
+fn iperf_report(stdout: &[u8]) -> Result<f64> {
+    let report: serde_json::Value =
+        serde_json::from_slice(stdout).context("iperf3 printed no JSON report")?;
+    if let Some(error) = report.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {error}");
+    }
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3's report has no end.sum_received.bits_per_second")
+}
+
+/// Whether any object in `value` has a condition `kind` with status "True".
+fn has_true_condition(value: &serde_json::Value, kind: &str) -> bool {
+    match value {
+        serde_json::Value::Object(map) => {
+            (map.get("type").and_then(|t| t.as_str()) == Some(kind)
+                && map.get("status").and_then(|s| s.as_str()) == Some("True"))
+                || map.values().any(|v| has_true_condition(v, kind))
+        }
+        serde_json::Value::Array(items) => items.iter().any(|v| has_true_condition(v, kind)),
+        _ => false,
+    }
+}
+
+/// The log lines that record a denial.
+fn decision_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .map(strip_ansi)
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("denied") || l.contains("deny")
+        })
+        .collect()
+}
+
+fn last_lines(log: &str, n: usize) -> Vec<String> {
+    let lines: Vec<_> = log.lines().map(strip_ansi).collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Drops terminal colour sequences, in case the agent writes them to its log file.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters... final letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iperf_report_reads_the_receiver_rate() {
+        let json = br#"{"start":{},"end":{"sum_sent":{"bits_per_second":2.0e9},
+            "sum_received":{"bits_per_second":1.5e9}}}"#;
+        assert_eq!(iperf_report(json).unwrap(), 1.5e9);
+    }
+
+    #[test]
+    fn iperf_report_surfaces_iperf_errors() {
+        let json = br#"{"start":{},"end":{},"error":"control socket has closed unexpectedly"}"#;
+        let err = iperf_report(json).unwrap_err().to_string();
+        assert!(
+            err.contains("control socket has closed unexpectedly"),
+            "{err}"
+        );
+        assert!(iperf_report(b"").is_err());
+    }
+
+    #[test]
+    fn finds_true_conditions_anywhere() {
+        let peer = serde_json::json!({
+            "kind": "Peer",
+            "status": {"conditions": [
+                {"type": "Other", "status": "True"},
+                {"type": "PeerReachable", "status": "True", "reason": "Heartbeat"}
+            ]}
+        });
+        assert!(has_true_condition(&peer, "PeerReachable"));
+        assert!(has_true_condition(
+            &serde_json::json!([peer]),
+            "PeerReachable"
+        ));
+        let down = serde_json::json!({"status": {"conditions": [
+            {"type": "PeerReachable", "status": "False"}
+        ]}});
+        assert!(!has_true_condition(&down, "PeerReachable"));
+    }
+
+    #[test]
+    fn decision_lines_pick_denials_without_colour() {
+        let log = "INFO applied object=default/allow-all\n\
+                   \u{1b}[33mWARN\u{1b}[0m connection denied import=default/iperf3\n\
+                   INFO decision=deny by default (no policy matched)\n";
+        assert_eq!(
+            decision_lines(log),
+            [
+                "WARN connection denied import=default/iperf3",
+                "INFO decision=deny by default (no policy matched)"
+            ]
+        );
+    }
+
+    #[test]
+    fn last_lines_keeps_the_tail() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), ["b", "c"]);
+        assert_eq!(last_lines("a\n", 5), ["a"]);
+    }
+}

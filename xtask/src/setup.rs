@@ -1,0 +1,287 @@
+//! `cargo xtask setup`: install, idempotently, what building and testing need.
+//!
+//! Every check says what it found; only what is missing gets installed.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::run::{check, home, output, show, step};
+
+/// Debian packages and why the project needs them.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    (
+        "iproute2",
+        "ip and ss: network-namespace clusters in tests and the demo",
+    ),
+    ("iperf3", "the demo's traffic"),
+    (
+        "bpftool",
+        "the tests check the agent's eBPF programs and maps with it",
+    ),
+];
+
+/// bpf-linker releases that work with the pinned aya (DESIGN.md §9).
+const BPF_LINKER_SERIES: &str = "0.13";
+
+pub fn setup() -> Result<()> {
+    step("setup: checking what the build and the tests need");
+    debian_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    step("setup: done");
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for (package, why) in DEBIAN_PACKAGES {
+        if dpkg_installed(package)? {
+            println!("    {package}: installed");
+        } else {
+            println!("    {package}: missing ({why})");
+            missing.push(*package);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step("apt-get update");
+    check(apt_get().args(["update", "-q"]))?;
+    step(&format!("apt-get install {}", missing.join(" ")));
+    check(
+        apt_get()
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn dpkg_installed(package: &str) -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", package])
+        .output()
+        .context(
+            "run dpkg-query: setup installs Debian packages and needs a Debian-based system",
+        )?;
+    // "ii " = wanted and installed; dpkg-query fails for packages it has never seen.
+    Ok(out.status.success() && out.stdout.starts_with(b"ii"))
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if toolchains.lines().any(|l| l.starts_with("nightly-")) {
+        println!("    nightly toolchain: installed");
+    } else {
+        println!("    nightly toolchain: missing (builds the eBPF programs)");
+        step("rustup toolchain install nightly --profile minimal --component rust-src");
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if components
+        .lines()
+        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-"))
+    {
+        println!("    nightly rust-src: installed");
+        return Ok(());
+    }
+    println!("    nightly rust-src: missing (-Z build-std=core for bpfel-unknown-none)");
+    step("rustup component add rust-src --toolchain nightly");
+    check(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker must use the LLVM of the nightly that emits the eBPF bitcode, so it is built
+/// against that toolchain's own libLLVM through a prefix of symlinks. The prefix must stay:
+/// the installed binary finds libLLVM through it (RUNPATH).
+fn bpf_linker() -> Result<()> {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let llvm_lib = nightly_libllvm(&Path::new(sysroot.trim()).join("lib"))?;
+    let prefix = cache_dir().join("clink-llvm");
+    llvm_prefix(&prefix, &llvm_lib)?;
+
+    if let Some(version) = bpf_linker_version() {
+        if version_in_series(&version, BPF_LINKER_SERIES) {
+            println!("    bpf-linker {version}: installed");
+            return Ok(());
+        }
+        println!("    bpf-linker {version}: wrong version, want {BPF_LINKER_SERIES}");
+    } else {
+        println!("    bpf-linker: missing (links the eBPF programs)");
+    }
+    let file_name = llvm_lib.file_name().unwrap_or_default().to_string_lossy();
+    let major = llvm_major(&file_name)
+        .with_context(|| format!("no LLVM major version in {}", llvm_lib.display()))?;
+    let mut install = crate::run::cargo();
+    install
+        .args(["install", "bpf-linker", "--force", "--no-default-features"])
+        .args(["--version", &format!("^{BPF_LINKER_SERIES}")])
+        .args(["--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix);
+    step(&format!(
+        "LLVM_PREFIX={} {} (about a minute)",
+        prefix.display(),
+        show(&install)
+    ));
+    check(&mut install)?;
+    match bpf_linker_version() {
+        Some(version) if version_in_series(&version, BPF_LINKER_SERIES) => Ok(()),
+        other => bail!("bpf-linker still not usable after installing it (version: {other:?})"),
+    }
+}
+
+/// The real `libLLVM.so.<version>` file in the nightly's lib directory (next to it sits a
+/// linker script, `libLLVM-<major>-rust-....so`, which cannot be linked through a symlink).
+fn nightly_libllvm(lib_dir: &Path) -> Result<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(lib_dir).with_context(|| format!("read {}", lib_dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("libLLVM.so.") && entry.file_type()?.is_file() {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+            lib_dir.display()
+        ),
+        many => bail!("several libLLVM.so.* in {}: {many:?}", lib_dir.display()),
+    }
+}
+
+/// `<prefix>/lib/libLLVM.so` and `<prefix>/lib/<real name>`, both pointing at `llvm_lib`.
+fn llvm_prefix(prefix: &Path, llvm_lib: &Path) -> Result<()> {
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("create {}", lib.display()))?;
+    let real_name = llvm_lib
+        .file_name()
+        .context("libLLVM path has no file name")?;
+    let mut changed = false;
+    for name in [Path::new("libLLVM.so"), Path::new(real_name)] {
+        let link = lib.join(name);
+        match fs::read_link(&link) {
+            Ok(target) if target == llvm_lib => continue,
+            Ok(_) => fs::remove_file(&link)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("{} is not a symlink", link.display()))
+            }
+        }
+        symlink(llvm_lib, &link).with_context(|| format!("symlink {}", link.display()))?;
+        changed = true;
+    }
+    if changed {
+        println!(
+            "    LLVM prefix {}: linked to {}",
+            prefix.display(),
+            llvm_lib.display()
+        );
+    } else {
+        println!("    LLVM prefix {}: in place", prefix.display());
+    }
+    Ok(())
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"))
+}
+
+/// The version `bpf-linker --version` prints, if it runs at all.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn version_in_series(version: &str, series: &str) -> bool {
+    version
+        .strip_prefix(series)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// 22 from `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn llvm_major(file_name: &str) -> Option<u32> {
+    let version = file_name.strip_prefix("libLLVM.so.")?;
+    version.split(['.', '-']).next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_series_matches_whole_components() {
+        assert!(version_in_series("0.13.0", "0.13"));
+        assert!(version_in_series("0.13", "0.13"));
+        assert!(!version_in_series("0.130.0", "0.13"));
+        assert!(!version_in_series("0.12.9", "0.13"));
+    }
+
+    #[test]
+    fn llvm_major_from_library_name() {
+        assert_eq!(llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
+        assert_eq!(llvm_major("libLLVM.so.19"), Some(19));
+        assert_eq!(llvm_major("libLLVM-22-rust-1.97.0-nightly.so"), None);
+    }
+
+    #[test]
+    fn finds_the_real_libllvm_and_links_a_prefix_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib_dir = dir.path().join("sysroot/lib");
+        fs::create_dir_all(&lib_dir).unwrap();
+        fs::write(
+            lib_dir.join("libLLVM-22-rust-1.97.0-nightly.so"),
+            "INPUT(x)",
+        )
+        .unwrap();
+        fs::write(lib_dir.join("libLLVM.so.22.1-rust-1.97.0-nightly"), "elf").unwrap();
+        fs::write(lib_dir.join("librustc_driver-0.so"), "elf").unwrap();
+        let real = nightly_libllvm(&lib_dir).unwrap();
+        assert_eq!(real, lib_dir.join("libLLVM.so.22.1-rust-1.97.0-nightly"));
+
+        let prefix = dir.path().join("prefix");
+        for _ in 0..2 {
+            llvm_prefix(&prefix, &real).unwrap();
+            for name in ["libLLVM.so", "libLLVM.so.22.1-rust-1.97.0-nightly"] {
+                assert_eq!(fs::read_link(prefix.join("lib").join(name)).unwrap(), real);
+            }
+        }
+        // A link to an older toolchain is replaced.
+        let stale = prefix.join("lib/libLLVM.so");
+        fs::remove_file(&stale).unwrap();
+        symlink("/nonexistent", &stale).unwrap();
+        llvm_prefix(&prefix, &real).unwrap();
+        assert_eq!(fs::read_link(&stale).unwrap(), real);
+    }
+}
