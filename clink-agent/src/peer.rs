@@ -23,7 +23,10 @@ use tracing::{debug, info, warn};
 use crate::{
     agent::Agent,
     api::{Endpoint, ObjectKey, PeerSpec},
-    dataplane::wire,
+    dataplane::{
+        relay::{self, PeerIo},
+        wire,
+    },
 };
 
 pub const REACHABLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -80,7 +83,7 @@ pub async fn connect_tls(
     peer: &str,
     gateways: &[Endpoint],
     health: Option<&PeerHealth>,
-) -> Result<(TlsStream<TcpStream>, Duration), DialError> {
+) -> Result<(TlsStream<PeerIo>, Duration), DialError> {
     let server_name = ServerName::try_from(peer.to_owned()).map_err(|e| DialError::Tls {
         gateway: peer.to_owned(),
         reason: format!("peer name is not a DNS name: {e}"),
@@ -118,7 +121,12 @@ pub async fn connect_tls(
         let _ = tcp.set_nodelay(true);
         let started = std::time::Instant::now();
         let connector = TlsConnector::from(agent.identity.client.clone());
-        match timeout(CONNECT_TIMEOUT, connector.connect(server_name.clone(), tcp)).await {
+        match timeout(
+            CONNECT_TIMEOUT,
+            connector.connect(server_name.clone(), relay::peer_io(tcp)),
+        )
+        .await
+        {
             Ok(Ok(tls)) => {
                 if let Some(h) = health {
                     h.prefer(index);

@@ -15,7 +15,10 @@ use tokio::{
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{relay, wire, ConnGuard};
+use super::{
+    relay::{self, PeerIo},
+    wire, ConnGuard,
+};
 use crate::{
     agent::Agent,
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
@@ -44,7 +47,7 @@ pub async fn serve(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream, fro
 async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(relay::peer_io(tcp))).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&agent.metrics.handshake, INGRESS, started.elapsed());
             tls
@@ -101,7 +104,7 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
 /// Answers with an error and closes. Input the peer is still sending is drained for a moment
 /// first (a lingering close), so the close does not turn into a reset that destroys the answer
 /// before the peer reads it.
-async fn refuse(tls: &mut TlsStream<TcpStream>, status: u16, reason: &str) {
+async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = tls.write_all(&wire::response(status, &[], reason)).await;
     let _ = tls.shutdown().await;
     let drain = async {
@@ -117,7 +120,7 @@ async fn refuse(tls: &mut TlsStream<TcpStream>, status: u16, reason: &str) {
     let _ = timeout(LINGER_TIME, drain).await;
 }
 
-async fn healthz(agent: &Agent, tls: &mut TlsStream<TcpStream>) {
+async fn healthz(agent: &Agent, tls: &mut TlsStream<PeerIo>) {
     debug!("heartbeat");
     let labels = wire::format_labels(&agent.labels);
     let _ = tls
@@ -132,7 +135,7 @@ async fn healthz(agent: &Agent, tls: &mut TlsStream<TcpStream>) {
 
 async fn connect(
     agent: Arc<Agent>,
-    mut tls: TlsStream<TcpStream>,
+    mut tls: TlsStream<PeerIo>,
     peer: String,
     request: wire::Request,
     early: BytesMut,
@@ -256,7 +259,7 @@ async fn connect(
         return;
     }
     if !early.is_empty() && target.write_all(&early).await.is_err() {
-        relay::arm_reset(tls.get_ref().0);
+        relay::arm_reset(tls.get_ref().0.get_ref());
         return;
     }
     Metrics::observe(&agent.metrics.setup, INGRESS, started.elapsed());

@@ -15,7 +15,10 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{relay, wire, ConnGuard};
+use super::{
+    relay::{self, PeerIo},
+    wire, ConnGuard,
+};
 use crate::{
     agent::{Agent, Stats},
     api::{ImportSource, ObjectKey, Peer},
@@ -164,7 +167,7 @@ async fn try_source(
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
-) -> Result<(TlsStream<TcpStream>, BytesMut, String), SourceError> {
+) -> Result<(TlsStream<PeerIo>, BytesMut, String), SourceError> {
     let peer = peers
         .get(&source.peer)
         .ok_or_else(|| SourceError::UnknownPeer(source.peer.clone()))?;
@@ -216,7 +219,7 @@ async fn try_source(
 async fn carry(
     agent: &Agent,
     mut client: TcpStream,
-    tunnel: TlsStream<TcpStream>,
+    tunnel: TlsStream<PeerIo>,
     early: BytesMut,
     labels: ConnLabels,
     started: Instant,

@@ -20,6 +20,19 @@ use tokio::{
 
 pub const BUFFER_SIZE: usize = 64 * 1024;
 
+/// rustls pulls ciphertext from its transport at most 4 KiB at a time; reading the TCP socket
+/// through a 64 KiB buffer instead turns ~16 `recvmsg` calls into one, for one extra copy of
+/// data that is in cache anyway. Writes pass straight through (rustls already hands the
+/// socket whole records with `writev`).
+pub const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The transport under every peer TLS connection.
+pub type PeerIo = tokio::io::BufReader<TcpStream>;
+
+pub fn peer_io(tcp: TcpStream) -> PeerIo {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// A stream that runs over one TCP connection, so it can be reset.
 pub trait OverTcp: AsyncRead + AsyncWrite + Unpin {
     fn tcp(&self) -> &TcpStream;
@@ -31,15 +44,15 @@ impl OverTcp for TcpStream {
     }
 }
 
-impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+impl OverTcp for tokio_rustls::client::TlsStream<PeerIo> {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref().0.get_ref()
     }
 }
 
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+impl OverTcp for tokio_rustls::server::TlsStream<PeerIo> {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref().0.get_ref()
     }
 }
 
