@@ -6,12 +6,12 @@
 //! gateways.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Weak,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -36,12 +36,89 @@ pub const FAILURES_TO_UNREACHABLE: u32 = 5;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Idle pre-handshaked connections kept per peer once it carries traffic.
+pub const POOL_SIZE: usize = 4;
+/// A pooled connection older than this is dropped rather than used: the exporter closes
+/// connections that have not sent a request within [`POOL_SERVER_IDLE`].
+pub const POOL_MAX_IDLE: Duration = Duration::from_secs(20);
+/// How long an exporter waits for the request on an accepted connection.
+pub const POOL_SERVER_IDLE: Duration = Duration::from_secs(30);
+
+/// Connections to one peer that have finished their TLS handshake and wait for a CONNECT, so
+/// that a new client connection costs one round trip, not three. Filled in the background
+/// after each use, so idle peers hold none.
+#[derive(Default)]
+pub struct Pool {
+    idle: std::sync::Mutex<VecDeque<(Instant, TlsStream<PeerIo>)>>,
+    filling: AtomicBool,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("idle", &self.len()).finish()
+    }
+}
+
+impl Pool {
+    /// The freshest idle connection still young enough to use.
+    pub fn take(&self) -> Option<TlsStream<PeerIo>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((since, conn)) = idle.pop_back() {
+            if since.elapsed() < POOL_MAX_IDLE {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    pub fn len(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn put(&self, conn: TlsStream<PeerIo>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(since, _)| since.elapsed() < POOL_MAX_IDLE);
+        idle.push_back((Instant::now(), conn));
+    }
+}
+
 /// What the data path needs to know about a peer, shared lock-free with the heartbeat task.
 #[derive(Debug, Default)]
 pub struct PeerHealth {
     reachable: AtomicBool,
     /// The gateway that answered last; tried first.
     preferred: AtomicUsize,
+    pub pool: Pool,
+}
+
+/// Tops up `health`'s pool to [`POOL_SIZE`] in the background, unless that is under way.
+pub fn refill(agent: &Arc<Agent>, peer: &str, gateways: &[Endpoint], health: &Arc<PeerHealth>) {
+    if health.pool.len() >= POOL_SIZE || health.pool.filling.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (agent, peer, gateways, health) = (
+        Arc::downgrade(agent),
+        peer.to_owned(),
+        gateways.to_vec(),
+        health.clone(),
+    );
+    tokio::spawn(async move {
+        while health.pool.len() < POOL_SIZE {
+            let Some(agent) = agent.upgrade() else { break };
+            match connect_tls(&agent, &peer, &gateways, Some(&health)).await {
+                Ok((conn, _)) => health.pool.put(conn),
+                Err(e) => {
+                    debug!(%peer, error = %e, "could not refill the connection pool");
+                    break;
+                }
+            }
+        }
+        health.pool.filling.store(false, Ordering::Release);
+    });
 }
 
 impl PeerHealth {

@@ -102,8 +102,12 @@ impl Store for FileStore {
         Ok((objects, problems))
     }
 
+    /// Writes the object without its status: status is what the agent observes, derived
+    /// again after a restart.
     fn put(&self, object: &Object) -> io::Result<()> {
         let path = self.path_of(&object.key());
+        let mut object = object.clone();
+        *object.status_mut() = api::Status::default();
         let dir = path.parent().expect("object paths have a parent");
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(

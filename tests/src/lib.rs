@@ -507,6 +507,16 @@ pub fn refused(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// Connects from `ns` to `addr` and tells whether the connection was refused as a tunneled
+/// connection is: no data, then reset or end. The agent can reset so fast that `connect`
+/// itself reports it.
+pub fn refused_at(ns: &Netns, addr: SocketAddr) -> bool {
+    match connect_in(ns, addr) {
+        Ok(mut stream) => refused(&mut stream),
+        Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+    }
+}
+
 /// Reads the files of a directory tree, for "nothing was written" checks.
 pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

@@ -74,8 +74,10 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
     };
     Span::current().record("peer", field::display(&peer));
     let mut buf = BytesMut::with_capacity(4096);
+    // Importers keep a few handshaked connections ready (`peer::Pool`): wait for their
+    // request longer than for a handshake.
     let request = match timeout(
-        HANDSHAKE_TIMEOUT,
+        crate::peer::POOL_SERVER_IDLE,
         wire::read_head(&mut tls, &mut buf, wire::parse_request),
     )
     .await
@@ -87,7 +89,7 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
             return;
         }
         Err(_) => {
-            warn!("no request within {HANDSHAKE_TIMEOUT:?}");
+            debug!("no request on an idle connection; closing");
             return;
         }
     };

@@ -23,7 +23,7 @@ use crate::{
     agent::{Agent, Stats},
     api::{ImportSource, ObjectKey, Peer},
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
-    peer::{connect_tls, DialError},
+    peer::{connect_tls, refill, DialError},
     policy::{attr, insert_labels, Attributes},
 };
 
@@ -162,7 +162,7 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
 }
 
 async fn try_source(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     peers: &std::collections::HashMap<String, Peer>,
     source: &ImportSource,
     src: &Attributes,
@@ -190,23 +190,43 @@ async fn try_source(
     }
     debug!(peer = %source.peer, %decision, "egress allowed");
     let health = agent.peer_health(&source.peer);
-    let (mut tls, handshake) =
-        connect_tls(agent, &source.peer, &peer.spec.gateways, health.as_deref()).await?;
-    Metrics::observe(&agent.metrics.handshake, EGRESS, handshake);
     let request = wire::connect_request(
         &source.export_name,
         &source.export_namespace,
         &format!("{}/{}", import.namespace, import.name),
         src,
     );
-    let mut buf = BytesMut::with_capacity(4096);
-    let response = timeout(ANSWER_TIMEOUT, async {
-        tls.write_all(&request).await?;
-        tls.flush().await?;
-        wire::read_response(&mut tls, &mut buf).await
-    })
-    .await
-    .map_err(|_| SourceError::NoAnswer)??;
+    let mut pooled = health.as_ref().and_then(|h| h.pool.take());
+    let (tls, buf, response) = loop {
+        let reused = pooled.is_some();
+        let mut tls = match pooled.take() {
+            Some(tls) => tls,
+            None => {
+                let (tls, handshake) =
+                    connect_tls(agent, &source.peer, &peer.spec.gateways, health.as_deref())
+                        .await?;
+                Metrics::observe(&agent.metrics.handshake, EGRESS, handshake);
+                tls
+            }
+        };
+        let mut buf = BytesMut::with_capacity(4096);
+        let response = timeout(ANSWER_TIMEOUT, async {
+            tls.write_all(&request).await?;
+            tls.flush().await?;
+            wire::read_response(&mut tls, &mut buf).await
+        })
+        .await;
+        match response {
+            Ok(Ok(response)) => break (tls, buf, response),
+            // The peer closed a pooled connection (restart, idle timeout): dial afresh.
+            Ok(Err(e)) if reused => debug!(error = %e, "pooled connection was stale"),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(SourceError::NoAnswer),
+        }
+    };
+    if let Some(health) = &health {
+        refill(agent, &source.peer, &peer.spec.gateways, health);
+    }
     if response.status != 200 {
         return Err(SourceError::Refused {
             status: response.status,
