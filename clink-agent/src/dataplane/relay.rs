@@ -1,15 +1,25 @@
 //! Moving bytes between the two legs of a tunneled connection on the userspace path.
 //!
-//! Each direction has one 64 KiB buffer, allocated once per connection: large enough that a
-//! TLS leg fills four full 16 KiB records per read, small enough that 1,000 connections cost
-//! 128 MiB at most and far less in practice (tokio only touches what it fills). End of stream
-//! on one side becomes a shutdown of the other side's write half (half-close); an error on
-//! either side (a reset) resets both TCP connections so the far ends see it too.
+//! Buffers grow with the traffic, so 1,000 quiet connections stay cheap and a bulk transfer
+//! still moves 64 KiB per system call:
+//!
+//! * Each direction of the relay starts with a 4 KiB buffer. Every read that fills the buffer
+//!   quadruples it, up to 64 KiB (4 -> 16 -> 64): large enough that a TLS leg is written as
+//!   four full 16 KiB records at once, and a plaintext leg read in one `recvfrom`.
+//! * rustls pulls ciphertext from its transport at most 4 KiB at a time. [`PeerIo`] reads the
+//!   socket straight into rustls's buffer until a read comes back full (more is waiting), and
+//!   from then on through its own 64 KiB buffer: one `recvfrom` instead of ~16, for one copy of
+//!   data that is in cache anyway. Writes pass straight through (rustls already hands the
+//!   socket whole records with `writev`).
+//!
+//! End of stream on one side becomes a shutdown of the other side's write half (half-close);
+//! an error on either side (a reset) resets both TCP connections so the far ends see it too.
 
 use std::{
+    future::poll_fn,
     io,
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
@@ -18,19 +28,94 @@ use tokio::{
     net::TcpStream,
 };
 
-pub const BUFFER_SIZE: usize = 64 * 1024;
-
-/// rustls pulls ciphertext from its transport at most 4 KiB at a time; reading the TCP socket
-/// through a 64 KiB buffer instead turns ~16 `recvmsg` calls into one, for one extra copy of
-/// data that is in cache anyway. Writes pass straight through (rustls already hands the
-/// socket whole records with `writev`).
+/// The size relay buffers start at, and the largest they grow to.
+pub const INITIAL_BUFFER: usize = 4 * 1024;
+pub const MAX_BUFFER: usize = 64 * 1024;
+/// The read buffer under a peer TLS connection, once it carries bulk data.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
-/// The transport under every peer TLS connection.
-pub type PeerIo = tokio::io::BufReader<TcpStream>;
+/// The transport under every peer TLS connection: the TCP socket, read through a buffer that
+/// exists only while bulk data flows.
+pub struct PeerIo {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+}
 
 pub fn peer_io(tcp: TcpStream) -> PeerIo {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+    PeerIo {
+        tcp,
+        buf: Vec::new(),
+        pos: 0,
+        filled: 0,
+    }
+}
+
+impl PeerIo {
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+impl AsyncRead for PeerIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos == this.filled {
+            if this.buf.is_empty() {
+                let want = out.remaining();
+                let before = out.filled().len();
+                ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
+                if want > 0 && out.filled().len() - before == want {
+                    // The socket had at least as much as asked for: bulk data, buffer it.
+                    this.buf = vec![0; TLS_READ_BUFFER];
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut rb))?;
+            this.pos = 0;
+            this.filled = rb.filled().len();
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for PeerIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// A stream that runs over one TCP connection, so it can be reset.
@@ -62,52 +147,83 @@ pub fn arm_reset(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
-/// Counts the bytes read through it; the relay reports them when the connection ends.
-struct Counted<T> {
-    inner: T,
-    read: u64,
+/// One direction of a relay: reads into a growing buffer, writes it out, and shuts the writer
+/// down after the reader's end of stream.
+struct Pipe {
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    moved: u64,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+impl Pipe {
+    fn new() -> Pipe {
+        Pipe {
+            buf: Vec::new(),
+            pos: 0,
+            filled: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            moved: 0,
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.pos == self.filled && !self.read_done {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; INITIAL_BUFFER];
+                } else if self.filled == self.buf.len() && self.buf.len() < MAX_BUFFER {
+                    // The last read filled the buffer: there is more where it came from.
+                    self.buf.resize(self.buf.len() * 4, 0);
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(res) => res?,
+                }
+                let n = rb.filled().len();
+                self.pos = 0;
+                self.filled = n;
+                if n == 0 {
+                    self.read_done = true;
+                }
+            }
+            while self.pos < self.filled {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.filled]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.moved += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                // Nothing more will be read this way: give the memory back.
+                self.buf = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+        }
     }
 }
 
@@ -123,19 +239,108 @@ pub struct Outcome {
 }
 
 /// Relays until both directions are closed or one fails.
-pub async fn relay<A: OverTcp, B: OverTcp>(a: A, b: B) -> Outcome {
-    let mut a = Counted { inner: a, read: 0 };
-    let mut b = Counted { inner: b, read: 0 };
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER_SIZE, BUFFER_SIZE).await;
+pub async fn relay<A: OverTcp, B: OverTcp>(mut a: A, mut b: B) -> Outcome {
+    let (mut up, mut down) = (Pipe::new(), Pipe::new());
+    let result = poll_fn(|cx| {
+        let up_ready = up.poll(cx, &mut a, &mut b)?;
+        let down_ready = down.poll(cx, &mut b, &mut a)?;
+        if up_ready.is_ready() && down_ready.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
     let error = result.err();
     if error.is_some() {
-        arm_reset(a.inner.tcp());
-        arm_reset(b.inner.tcp());
+        arm_reset(a.tcp());
+        arm_reset(b.tcp());
     }
     Outcome {
-        a_to_b: a.read,
-        b_to_a: b.read,
+        a_to_b: up.moved,
+        b_to_a: down.moved,
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// client <-> (a relay b) <-> server, with half-close in both orders and a payload
+    /// large enough to grow the buffers.
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_counts() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let relay = tokio::spawn(relay(a, b));
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let expected = payload.clone();
+        let server_task = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            server.write_all(b"reply after FIN").await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(&payload).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply after FIN");
+        assert_eq!(server_task.await.unwrap(), expected);
+        let outcome = relay.await.unwrap();
+        assert!(outcome.error.is_none());
+        assert_eq!(outcome.a_to_b, 1_000_000);
+        assert_eq!(outcome.b_to_a, 15);
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_passed_on() {
+        let (client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let relay = tokio::spawn(relay(a, b));
+        arm_reset(&client);
+        drop(client);
+        let mut buf = [0u8; 8];
+        let err = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(relay.await.unwrap().error.is_some());
+    }
+
+    #[tokio::test]
+    async fn peer_io_buffers_only_bulk_reads() {
+        let (mut tx, rx) = pair().await;
+        let mut io = peer_io(rx);
+        tx.write_all(b"tiny").await.unwrap();
+        let mut small = [0u8; 4096];
+        let n = io.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"tiny");
+        assert!(io.buf.is_empty(), "a short read allocates nothing");
+        let bulk = vec![9u8; 200_000];
+        tx.write_all(&bulk).await.unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = io.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, bulk);
+        assert_eq!(io.buf.len(), TLS_READ_BUFFER);
     }
 }
