@@ -79,6 +79,16 @@ enum Command {
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
     },
+    /// The sockmap data path's eBPF programs, where they are attached, and their maps (service
+    /// table, socket pairs, counters), each with the matching bpftool command. Needs root.
+    Bpf {
+        /// The agent's --bpf-pin-dir.
+        #[arg(long, value_name = "DIR", default_value = crate::ebpf::DEFAULT_PIN_DIR)]
+        bpf_pin_dir: PathBuf,
+        /// json, or human terms when not given.
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -273,6 +283,17 @@ async fn run(cli: Cli) -> Result<()> {
             let object = build(what)?;
             let object = Object::from_value(object)?;
             apply(&client, vec![object]).await?;
+        }
+        Command::Bpf {
+            bpf_pin_dir,
+            output,
+        } => {
+            let json = match output {
+                None => false,
+                Some(Output::Json) => true,
+                Some(Output::Yaml) => bail!("clink bpf: -o yaml is not supported; use -o json"),
+            };
+            print!("{}", crate::sockmap::report(&bpf_pin_dir, json)?);
         }
         Command::Status { output } => {
             let status = client.call(Method::GET, "/v1/status", None).await?;

@@ -1,31 +1,47 @@
 //! Loader for the eBPF programs of the local-leg splice (DESIGN.md §6.2, §7).
 //!
 //! [`load`] takes the object that build.rs compiled from `clink-ebpf` and embedded here,
-//! loads `clink_sockops` and `clink_skmsg` into the kernel, attaches `clink_skmsg` to the
+//! scopes it to the calling process (its network namespace and pid, see
+//! `clink_common::global`), loads the programs into the kernel, attaches `clink_skmsg` to the
 //! `CLINK_SOCKS` sockhash (a map attachment: it only ever sees sockets in that map) and pins
 //! programs and maps under one directory, so an operator can inspect them with
-//! `bpftool prog show`, `bpftool map dump pinned <dir>/map_clink_ports`, ... Nothing is
-//! attached to a cgroup here: until `clink_sockops` is, the map stays empty and no socket
-//! is touched. Dropping the [`LoadedEbpf`] (or [`LoadedEbpf::remove`]) unpins everything and
-//! removes the directory.
+//! `bpftool prog show`, `bpftool map dump pinned <dir>/map_clink_ports`, ...
+//!
+//! [`LoadedEbpf::attach_cgroup`] then attaches `clink_sockops`, `clink_connect4` and
+//! `clink_connect6` to a cgroup v2 directory; until then no socket is touched. The
+//! attachments are bpf_links that are deliberately *not* pinned: they live exactly as long as
+//! the agent's process, so an agent that dies, even by SIGKILL, never leaves connects
+//! redirected to a listener that is gone. Pins do outlive a crash; the next [`load`] into the
+//! same directory replaces them. Dropping the [`LoadedEbpf`] (or [`LoadedEbpf::remove`])
+//! detaches, unpins everything and removes the directory.
+//!
+//! [`inspect`] reads what is pinned, for `clink bpf`.
 
 use std::{
     fs, io,
+    net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, MapType, PerCpuArray, SockHash},
+    maps::{HashMap, Map, MapData, MapError, MapType, PerCpuArray, SockHash},
     pin::PinError,
-    programs::{ProgramError, ProgramType, SkMsg, SockOps},
+    programs::{
+        cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId, CgroupAttachMode,
+        CgroupSockAddr, ProgramError, ProgramInfo, ProgramType, SkMsg, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
-use clink_common::{map, program, PortFlags, PortKey, SockKey, SKMSG_BYTES_IDX, SKMSG_MSGS_IDX};
+use clink_common::{
+    global, map, program, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey,
+    SKMSG_BYTES_IDX, SKMSG_MSGS_IDX,
+};
 use nix::{
     mount::{mount, MsFlags},
-    sys::statfs::{statfs, BPF_FS_MAGIC},
+    sys::statfs::{statfs, BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC},
 };
+use serde::Serialize;
 use tracing::{debug, info, warn};
 
 /// Where the agent pins its programs and maps unless told otherwise.
@@ -37,19 +53,38 @@ const BPFFS_ROOT: &str = "/sys/fs/bpf";
 /// Pin file names under the pin directory: `prog_` or `map_` and the object's name.
 pub const PIN_PROG_SOCKOPS: &str = "prog_clink_sockops";
 pub const PIN_PROG_SKMSG: &str = "prog_clink_skmsg";
+pub const PIN_PROG_CONNECT4: &str = "prog_clink_connect4";
+pub const PIN_PROG_CONNECT6: &str = "prog_clink_connect6";
 pub const PIN_MAP_SOCKS: &str = "map_clink_socks";
 pub const PIN_MAP_PORTS: &str = "map_clink_ports";
 pub const PIN_MAP_SKMSG_BYTES: &str = "map_clink_skmsg_bytes";
+pub const PIN_MAP_SERVICES: &str = "map_clink_services";
+pub const PIN_MAP_ORIG_DST: &str = "map_clink_orig_dst";
+pub const PIN_MAP_REDIRECTS: &str = "map_clink_redirects";
+pub const PIN_MAP_PENDING: &str = "map_clink_pending";
+pub const PIN_MAP_UNSPLICED: &str = "map_clink_unspliced";
 
-const PROGRAM_PINS: [(&str, &str); 2] = [
-    (program::SOCKOPS, PIN_PROG_SOCKOPS),
-    (program::SKMSG, PIN_PROG_SKMSG),
+/// Every program: its name, its pin file and its type as `bpftool prog show` names it.
+pub const PROGRAM_PINS: [(&str, &str, &str); 4] = [
+    (program::SOCKOPS, PIN_PROG_SOCKOPS, "sock_ops"),
+    (program::SKMSG, PIN_PROG_SKMSG, "sk_msg"),
+    (program::CONNECT4, PIN_PROG_CONNECT4, "cgroup_sock_addr"),
+    (program::CONNECT6, PIN_PROG_CONNECT6, "cgroup_sock_addr"),
 ];
-const MAP_PINS: [(&str, &str); 3] = [
-    (map::SOCKS, PIN_MAP_SOCKS),
-    (map::PORTS, PIN_MAP_PORTS),
-    (map::SKMSG_BYTES, PIN_MAP_SKMSG_BYTES),
+/// Every map: its name, its pin file and its type as `bpftool map show` names it.
+pub const MAP_PINS: [(&str, &str, &str); 8] = [
+    (map::SOCKS, PIN_MAP_SOCKS, "sockhash"),
+    (map::PORTS, PIN_MAP_PORTS, "hash"),
+    (map::SKMSG_BYTES, PIN_MAP_SKMSG_BYTES, "percpu_array"),
+    (map::SERVICES, PIN_MAP_SERVICES, "hash"),
+    (map::ORIG_DST, PIN_MAP_ORIG_DST, "lru_hash"),
+    (map::REDIRECTS, PIN_MAP_REDIRECTS, "lru_hash"),
+    (map::PENDING, PIN_MAP_PENDING, "lru_hash"),
+    (map::UNSPLICED, PIN_MAP_UNSPLICED, "lru_hash"),
 ];
+
+/// The programs [`LoadedEbpf::attach_cgroup`] attaches.
+const CGROUP_PROGRAMS: [&str; 3] = [program::SOCKOPS, program::CONNECT4, program::CONNECT6];
 
 /// The `clink-ebpf` object, empty when the agent was built with `AYA_BUILD_SKIP=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/clink-ebpf"));
@@ -65,6 +100,34 @@ pub enum EbpfError {
     NotPrivileged,
     #[error("{} is not on a bpf filesystem; mount one with `mount -t bpf bpf <dir>`", path.display())]
     NotBpffs { path: PathBuf },
+    #[error("the kernel does not support {0}")]
+    Unsupported(&'static str),
+    #[error(
+        "another clink-agent is using pin directory {} (lock {} is held); give each agent its \
+         own --bpf-pin-dir and --cgroup",
+        pin_dir.display(),
+        lock.display()
+    )]
+    InUse { pin_dir: PathBuf, lock: PathBuf },
+    #[error("cannot lock {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no cgroup v2 file system is mounted here (none in /proc/self/mountinfo; note that \
+         `ip netns exec` gives its command a /sys without it: use `nsenter --net=...`)"
+    )]
+    NoCgroup2,
+    #[error("{} is not a cgroup v2 directory", path.display())]
+    NotCgroup2 { path: PathBuf },
+    #[error("cannot use cgroup {}: {source}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("bpffs is not mounted at {BPFFS_ROOT} and mounting it failed: {source}")]
     BpffsMount {
         #[source]
@@ -132,7 +195,7 @@ pub enum EbpfError {
 }
 
 /// Bytes and messages `clink_skmsg` redirected, summed over all CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SkMsgCounters {
     pub bytes: u64,
     pub messages: u64,
@@ -150,13 +213,33 @@ pub struct Features {
 impl Features {
     /// Whether everything the sockmap data path needs is there.
     pub fn sockmap(&self) -> bool {
-        self.sock_ops && self.sk_msg && self.sockhash && self.cgroup_sock_addr
+        self.missing().is_none()
     }
+
+    /// The first thing the sockmap data path needs that the kernel lacks.
+    pub fn missing(&self) -> Option<&'static str> {
+        [
+            (self.sock_ops, "sock_ops programs"),
+            (self.sk_msg, "sk_msg programs"),
+            (self.sockhash, "sockhash maps"),
+            (
+                self.cgroup_sock_addr,
+                "cgroup sock_addr (connect4/connect6) programs",
+            ),
+        ]
+        .into_iter()
+        .find_map(|(supported, what)| (!supported).then_some(what))
+    }
+}
+
+/// Whether this agent was built with its eBPF programs (not with `AYA_BUILD_SKIP=1`).
+pub fn built() -> bool {
+    !EBPF_OBJECT.is_empty()
 }
 
 /// Probes the kernel by loading tiny programs and maps; needs the same privileges as [`load`].
 pub fn feature_check() -> Result<Features, EbpfError> {
-    ensure_privileged()?;
+    check_privileges()?;
     let prog = |what: &'static str, ty| {
         aya::sys::is_program_supported(ty).map_err(|e| EbpfError::Probe {
             what,
@@ -181,6 +264,14 @@ pub struct LoadedEbpf {
     pin_dir: PathBuf,
     pinned: Vec<Pin>,
     log_forwarder: Option<tokio::task::JoinHandle<()>>,
+    attached: Option<Attached>,
+}
+
+/// The cgroup attachments of [`LoadedEbpf::attach_cgroup`].
+struct Attached {
+    cgroup: PathBuf,
+    sockops: SockOpsLinkId,
+    connect: Vec<(&'static str, CgroupSockAddrLinkId)>,
 }
 
 /// A pin file and its inode: a later agent that replaced the pin must not lose it when this
@@ -198,45 +289,119 @@ struct Pin {
 /// Program logs (aya-log, debug level) are forwarded to `tracing` by a task on the current
 /// tokio runtime; outside a runtime they are dropped.
 pub fn load(pin_dir: &Path) -> Result<LoadedEbpf, EbpfError> {
-    if EBPF_OBJECT.is_empty() {
+    if !built() {
         return Err(EbpfError::NotBuilt);
     }
-    ensure_privileged()?;
+    check_privileges()?;
     raise_memlock_limit();
     // Into the kernel first: a verifier rejection leaves nothing behind on disk.
-    let ebpf = load_programs()?;
+    let ebpf = load_programs(&Scope::current())?;
 
     ensure_bpffs(pin_dir)?;
     create_pin_dir(pin_dir)?;
+    remove_unknown_pins(pin_dir);
     // From here on, dropping `loaded` removes whatever was pinned so far, and the directory.
     let mut loaded = LoadedEbpf {
         ebpf,
         pin_dir: pin_dir.to_path_buf(),
         pinned: Vec::new(),
         log_forwarder: None,
+        attached: None,
     };
     loaded.pin_all()?;
     loaded.log_forwarder = spawn_log_forwarder(&mut loaded.ebpf);
     info!(
         pin_dir = %pin_dir.display(),
-        programs = ?PROGRAM_PINS.map(|(name, _)| name),
-        maps = ?MAP_PINS.map(|(name, _)| name),
+        programs = ?PROGRAM_PINS.map(|(name, _, _)| name),
+        maps = ?MAP_PINS.map(|(name, _, _)| name),
         "eBPF programs loaded and pinned"
     );
     Ok(loaded)
 }
 
-/// Creates the maps, loads both programs and attaches `clink_skmsg` to `CLINK_SOCKS`.
-fn load_programs() -> Result<Ebpf, EbpfError> {
+/// What the programs are scoped to: the network namespace and the process of the agent.
+#[derive(Debug)]
+struct Scope {
+    netns_cookie: u64,
+    tgid: u32,
+    pidns_dev: u64,
+    pidns_ino: u64,
+}
+
+impl Scope {
+    /// The calling process. Whatever cannot be found out is left 0: no namespace filter, and
+    /// no connection recognised as the agent's own (then export targets are not spliced).
+    fn current() -> Scope {
+        let netns_cookie = netns_cookie().unwrap_or_else(|e| {
+            warn!(error = %e, "no network namespace cookie (SO_NETNS_COOKIE, Linux 5.14); \
+                  the eBPF programs will see sockets of every namespace in the cgroup");
+            0
+        });
+        let (pidns_dev, pidns_ino) = match fs::metadata("/proc/self/ns/pid") {
+            // The helper compares the kernel's dev_t, not stat's encoding of it.
+            Ok(meta) => {
+                let dev = meta.dev();
+                let kernel_dev = (libc::major(dev) as u64) << 20 | libc::minor(dev) as u64;
+                (kernel_dev, meta.ino())
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot stat /proc/self/ns/pid; export targets will not be \
+                      spliced");
+                (0, 0)
+            }
+        };
+        let scope = Scope {
+            netns_cookie,
+            tgid: std::process::id(),
+            pidns_dev,
+            pidns_ino,
+        };
+        debug!(?scope, "eBPF programs scoped");
+        scope
+    }
+}
+
+fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Creates the maps, loads the programs and attaches `clink_skmsg` to `CLINK_SOCKS`.
+fn load_programs(scope: &Scope) -> Result<Ebpf, EbpfError> {
     let log_level = ebpf_log_level();
     let mut ebpf = EbpfLoader::new()
         .override_global(aya_log::LEVEL, &log_level, false)
+        .override_global(global::NETNS_COOKIE, &scope.netns_cookie, true)
+        .override_global(global::AGENT_TGID, &scope.tgid, true)
+        .override_global(global::PIDNS_DEV, &scope.pidns_dev, true)
+        .override_global(global::PIDNS_INO, &scope.pidns_ino, true)
         .load(EBPF_OBJECT)
         .map_err(EbpfError::Object)?;
 
     program_mut::<SockOps>(&mut ebpf, program::SOCKOPS)?
         .load()
         .map_err(|source| program_error(program::SOCKOPS, source))?;
+    for name in [program::CONNECT4, program::CONNECT6] {
+        program_mut::<CgroupSockAddr>(&mut ebpf, name)?
+            .load()
+            .map_err(|source| program_error(name, source))?;
+    }
     let socks_fd = {
         let socks: SockHash<&MapData, SockKey> = map_ref(&ebpf, map::SOCKS)?;
         socks
@@ -265,6 +430,102 @@ impl LoadedEbpf {
         self.pinned.iter().map(|pin| pin.path.as_path())
     }
 
+    /// Attaches `clink_sockops`, `clink_connect4` and `clink_connect6` to the cgroup v2
+    /// directory `cgroup`: from now on the sockets of its processes (and of its descendants')
+    /// are handled. Attaching again first detaches from the previous cgroup.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), EbpfError> {
+        check_cgroup2(cgroup)?;
+        let dir = fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        self.detach_cgroup();
+        // With bpf_link (kernel >= 5.7, what aya uses) every attachment already coexists with
+        // others; aya passes AllowMultiple on as a link flag, which the kernel rejects.
+        let mode = CgroupAttachMode::Single;
+        let sockops = program_mut::<SockOps>(&mut self.ebpf, program::SOCKOPS)?
+            .attach(&dir, mode)
+            .map_err(|source| program_error(program::SOCKOPS, source))?;
+        // Recorded at once, so that a failure below still detaches what is attached.
+        self.attached = Some(Attached {
+            cgroup: cgroup.to_path_buf(),
+            sockops,
+            connect: Vec::new(),
+        });
+        for name in [program::CONNECT4, program::CONNECT6] {
+            let link = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)?
+                .attach(&dir, mode)
+                .map_err(|source| program_error(name, source))?;
+            if let Some(attached) = &mut self.attached {
+                attached.connect.push((name, link));
+            }
+        }
+        info!(
+            cgroup = %cgroup.display(),
+            programs = ?CGROUP_PROGRAMS,
+            "eBPF programs attached"
+        );
+        Ok(())
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.attached.as_ref().map(|a| a.cgroup.as_path())
+    }
+
+    /// Detaches from the cgroup (a no-op when not attached). Errors only mean the link was
+    /// gone already, so they are logged, not returned.
+    pub fn detach_cgroup(&mut self) {
+        let Some(Attached {
+            cgroup,
+            sockops,
+            connect,
+        }) = self.attached.take()
+        else {
+            return;
+        };
+        for (name, link) in connect {
+            if let Err(e) = program_mut::<CgroupSockAddr>(&mut self.ebpf, name)
+                .and_then(|p| p.detach(link).map_err(|source| program_error(name, source)))
+            {
+                warn!(error = %e, "detaching from {}", cgroup.display());
+            }
+        }
+        if let Err(e) = program_mut::<SockOps>(&mut self.ebpf, program::SOCKOPS).and_then(|p| {
+            p.detach(sockops)
+                .map_err(|source| program_error(program::SOCKOPS, source))
+        }) {
+            warn!(error = %e, "detaching from {}", cgroup.display());
+        }
+        info!(cgroup = %cgroup.display(), "eBPF programs detached");
+    }
+
+    /// Sends connects to `service` to the import listener on `listener_port` instead.
+    pub fn set_service(
+        &mut self,
+        service: SocketAddr,
+        listener_port: u16,
+    ) -> Result<(), EbpfError> {
+        let target = ServiceTarget {
+            listener_port: u32::from(listener_port),
+        };
+        self.services()?
+            .insert(ServiceKey::new(service), target, 0)
+            .map_err(|source| map_error(map::SERVICES, source))
+    }
+
+    /// Stops redirecting connects to `service`; connections already made stay as they are.
+    /// Removing a service that is not there is not an error.
+    pub fn remove_service(&mut self, service: SocketAddr) -> Result<(), EbpfError> {
+        match self.services()?.remove(&ServiceKey::new(service)) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            Err(source) => Err(map_error(map::SERVICES, source)),
+        }
+    }
+
     /// Lets `clink_sockops` take sockets on `port` (at the end(s) given by `flags`).
     pub fn add_port(&mut self, port: u16, flags: PortFlags) -> Result<(), EbpfError> {
         self.ports()?
@@ -287,21 +548,14 @@ impl LoadedEbpf {
     /// What `clink_skmsg` has redirected so far.
     pub fn skmsg_counters(&self) -> Result<SkMsgCounters, EbpfError> {
         let counters: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::SKMSG_BYTES)?;
-        let sum = |index| {
-            counters
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .map_err(|source| map_error(map::SKMSG_BYTES, source))
-        };
-        Ok(SkMsgCounters {
-            bytes: sum(SKMSG_BYTES_IDX)?,
-            messages: sum(SKMSG_MSGS_IDX)?,
-        })
+        sum_counters(&counters)
     }
 
-    /// Unpins programs and maps and removes the pin directory (if nothing else is left in
-    /// it); the kernel frees them once the agent's own references are gone too.
+    /// Detaches from the cgroup, unpins programs and maps and removes the pin directory (if
+    /// nothing else is left in it); the kernel frees them once the agent's own references
+    /// are gone too.
     pub fn remove(mut self) -> Result<(), EbpfError> {
+        self.detach_cgroup();
         self.unpin_all()
     }
 
@@ -313,8 +567,16 @@ impl LoadedEbpf {
         HashMap::try_from(m).map_err(|source| map_error(map::PORTS, source))
     }
 
+    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceTarget>, EbpfError> {
+        let m = self
+            .ebpf
+            .map_mut(map::SERVICES)
+            .ok_or(EbpfError::MissingMap(map::SERVICES))?;
+        HashMap::try_from(m).map_err(|source| map_error(map::SERVICES, source))
+    }
+
     fn pin_all(&mut self) -> Result<(), EbpfError> {
-        for (name, pin) in PROGRAM_PINS {
+        for (name, pin, _) in PROGRAM_PINS {
             let path = self.pin_dir.join(pin);
             remove_stale_pin(&path)?;
             let result = self
@@ -324,7 +586,7 @@ impl LoadedEbpf {
                 .pin(&path);
             self.record_pin(path, result)?;
         }
-        for (name, pin) in MAP_PINS {
+        for (name, pin, _) in MAP_PINS {
             let path = self.pin_dir.join(pin);
             remove_stale_pin(&path)?;
             let result = self
@@ -400,6 +662,7 @@ impl LoadedEbpf {
 
 impl Drop for LoadedEbpf {
     fn drop(&mut self) {
+        self.detach_cgroup();
         if let Err(e) = self.unpin_all() {
             warn!(error = %e, "cleaning up eBPF pins");
         }
@@ -468,7 +731,7 @@ fn remove_stale_pin(path: &Path) -> Result<(), EbpfError> {
 
 /// Root, or the capabilities loading and pinning need: CAP_SYS_ADMIN alone, or CAP_BPF with
 /// CAP_NET_ADMIN (sock_ops and sk_msg are networking programs).
-fn ensure_privileged() -> Result<(), EbpfError> {
+pub fn check_privileges() -> Result<(), EbpfError> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
@@ -487,6 +750,365 @@ fn ensure_privileged() -> Result<(), EbpfError> {
     }
 }
 
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+) -> Result<SkMsgCounters, EbpfError> {
+    let sum = |index| {
+        counters
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(|source| map_error(map::SKMSG_BYTES, source))
+    };
+    Ok(SkMsgCounters {
+        bytes: sum(SKMSG_BYTES_IDX)?,
+        messages: sum(SKMSG_MSGS_IDX)?,
+    })
+}
+
+/// Removes pins of ours (`prog_clink_*`, `map_clink_*`) that this version does not make: left
+/// by an older agent, they would only confuse whoever reads the directory. The ones this
+/// version makes are replaced one by one when pinning.
+fn remove_unknown_pins(pin_dir: &Path) {
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
+    let known: Vec<&str> = PROGRAM_PINS
+        .iter()
+        .map(|(_, pin, _)| *pin)
+        .chain(MAP_PINS.iter().map(|(_, pin, _)| *pin))
+        .collect();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("prog_clink_") || name.starts_with("map_clink_");
+        if ours && !known.contains(&name) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    warn!(pin = %entry.path().display(), "removed a pin left by an earlier agent")
+                }
+                Err(e) => {
+                    warn!(pin = %entry.path().display(), error = %e, "cannot remove a stale pin")
+                }
+            }
+        }
+    }
+}
+
+/// The mount point of the cgroup v2 file system, from `/proc/self/mountinfo`: `/sys/fs/cgroup`
+/// on most hosts, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Result<PathBuf, EbpfError> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|source| EbpfError::Inspect {
+            path: PathBuf::from("/proc/self/mountinfo"),
+            source,
+        })?;
+    cgroup2_mount(&mountinfo).ok_or(EbpfError::NoCgroup2)
+}
+
+/// The first cgroup2 mount point in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <dev> <root> <mount point> <options> [optional...] - <fs> ..."
+        let (mount, fs_type) = line.split_once(" - ")?;
+        if !fs_type.starts_with("cgroup2 ") {
+            return None;
+        }
+        mount
+            .split(' ')
+            .nth(4)
+            .map(|p| PathBuf::from(unescape_mountinfo(p)))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Fails unless `path` is a directory of a cgroup v2 file system.
+pub fn check_cgroup2(path: &Path) -> Result<(), EbpfError> {
+    let fs = statfs(path).map_err(|errno| EbpfError::Cgroup {
+        path: path.to_path_buf(),
+        source: io::Error::from(errno),
+    })?;
+    if fs.filesystem_type() == CGROUP2_SUPER_MAGIC && path.is_dir() {
+        Ok(())
+    } else {
+        Err(EbpfError::NotCgroup2 {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// What is pinned in a pin directory, read back from the kernel: `clink bpf`.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub pin_dir: PathBuf,
+    pub programs: Vec<PinnedProgram>,
+    /// `CLINK_PORTS`.
+    pub ports: Vec<PortEntry>,
+    /// `CLINK_SERVICES`.
+    pub services: Vec<ServiceEntry>,
+    /// `CLINK_SOCKS`, one entry per socket.
+    pub sockets: Vec<SocketEntry>,
+    /// `CLINK_REDIRECTS`.
+    pub redirects: Vec<RedirectEntry>,
+    /// `CLINK_SKMSG_BYTES`.
+    pub skmsg: SkMsgCounters,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PinnedProgram {
+    pub name: &'static str,
+    pub pin: PathBuf,
+    /// As `bpftool prog show` names it.
+    pub kind: &'static str,
+    pub id: u32,
+    pub attached: Vec<Attachment>,
+}
+
+/// A cgroup bpf_link of a program.
+#[derive(Debug, Serialize)]
+pub struct Attachment {
+    pub link_id: u32,
+    /// As `bpftool cgroup show` names it (`cgroup_sock_ops`, `cgroup_inet4_connect`, ...).
+    pub attach_type: String,
+    pub cgroup_id: u64,
+    /// The cgroup's directory, if found under the cgroup v2 mount.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortEntry {
+    pub port: u16,
+    pub listener: bool,
+    pub target: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceEntry {
+    pub service: SocketAddr,
+    pub listener_port: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketEntry {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RedirectEntry {
+    /// The client's address, as the agent's accepted socket sees it.
+    pub client: SocketAddr,
+    /// The import listener the client was sent to.
+    pub listener: SocketAddr,
+    /// The service address the client connected to.
+    pub service: SocketAddr,
+    /// The client socket's cookie.
+    pub cookie: u64,
+}
+
+/// Reads everything pinned under `pin_dir`; needs the privileges of [`load`].
+pub fn inspect(pin_dir: &Path) -> Result<Inspection, EbpfError> {
+    check_privileges()?;
+    let mut programs = Vec::new();
+    for (name, pin, kind) in PROGRAM_PINS {
+        let path = pin_dir.join(pin);
+        let info =
+            ProgramInfo::from_pin(&path).map_err(|source| EbpfError::Program { name, source })?;
+        programs.push(PinnedProgram {
+            name,
+            pin: path,
+            kind,
+            id: info.id(),
+            attached: Vec::new(),
+        });
+    }
+    let cgroup_root = cgroup2_root().ok();
+    for link in aya::programs::loaded_links().flatten() {
+        let Some(program) = programs.iter_mut().find(|p| p.id == link.program_id()) else {
+            continue;
+        };
+        let Ok((cgroup_id, attach_type)) = cgroup_link_info(link.id()) else {
+            continue;
+        };
+        program.attached.push(Attachment {
+            link_id: link.id(),
+            attach_type: attach_type_name(attach_type),
+            cgroup_id,
+            cgroup: cgroup_root
+                .as_deref()
+                .and_then(|root| find_cgroup(root, cgroup_id)),
+        });
+    }
+
+    let ports: HashMap<MapData, PortKey, PortFlags> =
+        pinned_map(pin_dir, map::PORTS, PIN_MAP_PORTS)?;
+    let mut ports: Vec<PortEntry> = ports
+        .iter()
+        .flatten()
+        .map(|(key, flags)| PortEntry {
+            port: u16::try_from(key.port).unwrap_or(u16::MAX),
+            listener: flags.contains(PortFlags::LISTENER),
+            target: flags.contains(PortFlags::TARGET),
+        })
+        .collect();
+    ports.sort_by_key(|p| p.port);
+
+    let services: HashMap<MapData, ServiceKey, ServiceTarget> =
+        pinned_map(pin_dir, map::SERVICES, PIN_MAP_SERVICES)?;
+    let mut services: Vec<ServiceEntry> = services
+        .iter()
+        .flatten()
+        .map(|(key, target)| ServiceEntry {
+            service: key.addr(),
+            listener_port: u16::try_from(target.listener_port).unwrap_or(u16::MAX),
+        })
+        .collect();
+    services.sort_by_key(|s| s.service);
+
+    let socks: SockHash<MapData, SockKey> = pinned_map(pin_dir, map::SOCKS, PIN_MAP_SOCKS)?;
+    let mut sockets: Vec<SocketEntry> = socks
+        .keys()
+        .flatten()
+        .map(|key| {
+            let (local, remote) = key.addrs();
+            SocketEntry { local, remote }
+        })
+        .collect();
+    sockets.sort_by_key(|s| (s.local, s.remote));
+
+    let redirects: HashMap<MapData, SockKey, Redirect> =
+        pinned_map(pin_dir, map::REDIRECTS, PIN_MAP_REDIRECTS)?;
+    let mut redirects: Vec<RedirectEntry> = redirects
+        .iter()
+        .flatten()
+        .map(|(key, redirect)| {
+            let (listener, client) = key.addrs();
+            RedirectEntry {
+                client,
+                listener,
+                service: redirect.service.addr(),
+                cookie: redirect.cookie,
+            }
+        })
+        .collect();
+    redirects.sort_by_key(|r| r.client);
+
+    let counters: PerCpuArray<MapData, u64> =
+        pinned_map(pin_dir, map::SKMSG_BYTES, PIN_MAP_SKMSG_BYTES)?;
+    Ok(Inspection {
+        pin_dir: pin_dir.to_path_buf(),
+        programs,
+        ports,
+        services,
+        sockets,
+        redirects,
+        skmsg: sum_counters(&counters)?,
+    })
+}
+
+fn pinned_map<T>(pin_dir: &Path, name: &'static str, pin: &str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data = MapData::from_pin(pin_dir.join(pin)).map_err(|source| map_error(name, source))?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(|source| map_error(name, source))
+}
+
+/// `(cgroup id, attach type)` of a cgroup bpf_link, by raw `bpf(2)` calls: aya's `LinkInfo`
+/// does not expose them.
+fn cgroup_link_info(link_id: u32) -> io::Result<(u64, u32)> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    const BPF_LINK_TYPE_CGROUP: u64 = 3;
+
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a zeroed `union bpf_attr` prefix of the size passed; the kernel
+        // only writes through the pointers we put into it, which point to live buffers.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr),
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    };
+    // union bpf_attr { struct { __u32 link_id; __u32 next_id; __u32 open_flags; } }
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(link_id);
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info { __u32 type; __u32 id; __u32 prog_id; union { struct {
+    // __u64 cgroup_id; __u32 attach_type; } cgroup; ... } } (the union at offset 16)
+    let mut info = [0u64; 4];
+    // union bpf_attr { struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; } info }
+    let mut attr = [0u64; 16];
+    attr[0] = fd.as_raw_fd() as u64 | (std::mem::size_of_val(&info) as u64) << 32;
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    if info[0] & 0xffff_ffff != BPF_LINK_TYPE_CGROUP {
+        return Err(io::Error::other("not a cgroup link"));
+    }
+    Ok((info[2], (info[3] & 0xffff_ffff) as u32))
+}
+
+fn attach_type_name(attach_type: u32) -> String {
+    match attach_type {
+        3 => "cgroup_sock_ops".to_owned(),
+        10 => "cgroup_inet4_connect".to_owned(),
+        11 => "cgroup_inet6_connect".to_owned(),
+        other => format!("attach type {other}"),
+    }
+}
+
+/// The directory under `root` whose cgroup id (its inode number) is `id`.
+fn find_cgroup(root: &Path, id: u64) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    None
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK, whose default is far too small;
 /// newer ones ignore it, so a failure here is only worth a debug line.
 fn raise_memlock_limit() {
@@ -502,7 +1124,7 @@ fn raise_memlock_limit() {
 
 /// Makes sure `pin_dir` is (or will be created) on a bpffs: if its nearest existing ancestor
 /// is not, and `pin_dir` is below `/sys/fs/bpf`, mounts bpffs there.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
     let existing = pin_dir
         .ancestors()
         .find(|p| p.exists())
@@ -598,8 +1220,6 @@ mod tests {
         thread,
         time::Duration,
     };
-
-    use aya::programs::CgroupAttachMode;
 
     use super::*;
 
@@ -743,19 +1363,9 @@ mod tests {
 
     impl TestCgroup {
         fn new() -> Self {
-            let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-            // "... <mount point> <options> - cgroup2 <source> <options>"
-            let root = mountinfo
-                .lines()
-                .find_map(|line| {
-                    let (mount, fs_type) = line.split_once(" - ")?;
-                    fs_type
-                        .starts_with("cgroup2 ")
-                        .then(|| mount.split(' ').nth(4))
-                        .flatten()
-                })
-                .expect("a cgroup v2 mount");
-            let path = Path::new(root).join(unique("clink-test"));
+            let path = cgroup2_root()
+                .expect("a cgroup v2 mount")
+                .join(unique("clink-test"));
             fs::create_dir(&path).unwrap();
             Self(path)
         }
@@ -786,9 +1396,11 @@ mod tests {
 
     const HELPER_ENV: &str = "CLINK_SOCKOPS_HELPER_PORTS";
 
-    /// Attaches `clink_sockops` to a new cgroup, runs a helper process in it that opens one
-    /// connection to a port in CLINK_PORTS and one to a port that is not, and checks that only
-    /// the first connection's two sockets are in CLINK_SOCKS, and that its data was spliced.
+    /// Attaches the programs to a new cgroup, runs a helper process in it that opens one
+    /// connection to an agent listener port, one to a port that is not in CLINK_PORTS and
+    /// one to an export target port (as a process that is not the agent), and checks that
+    /// only the first connection's two sockets are in CLINK_SOCKS, and that its data was
+    /// spliced.
     #[test]
     fn sockops_adds_only_sockets_on_owned_ports() {
         let Some(mut loaded) = Loaded::new() else {
@@ -796,20 +1408,17 @@ mod tests {
         };
         let loaded = loaded.get();
         let cgroup = TestCgroup::new();
-        let (owned, other) = (free_port(), free_port());
-        loaded.add_port(owned, PortFlags::BOTH).unwrap();
-        let sockops = program_mut::<SockOps>(&mut loaded.ebpf, program::SOCKOPS).unwrap();
-        sockops
-            // With bpf_link (kernel >= 5.7, what aya uses) every attachment already coexists
-            // with others; aya passes AllowMultiple on as a link flag, which the kernel rejects.
-            .attach(fs::File::open(&cgroup.0).unwrap(), CgroupAttachMode::Single)
-            .unwrap();
+        let (owned, other, target) = (free_port(), free_port(), free_port());
+        loaded.add_port(owned, PortFlags::LISTENER).unwrap();
+        loaded.add_port(target, PortFlags::TARGET).unwrap();
+        loaded.attach_cgroup(&cgroup.0).unwrap();
+        assert_eq!(loaded.cgroup(), Some(cgroup.0.as_path()));
 
         let mut helper = Helper(
             Command::new(std::env::current_exe().unwrap())
                 .args(["--exact", "ebpf::tests::sockops_helper", "--ignored"])
                 .args(["--nocapture", "--test-threads=1"])
-                .env(HELPER_ENV, format!("{owned} {other}"))
+                .env(HELPER_ENV, format!("{owned} {other} {target}"))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
@@ -851,6 +1460,36 @@ mod tests {
 
         writeln!(to_helper, "done").unwrap();
         assert!(helper.0.wait().unwrap().success(), "helper failed");
+        // Detaching is explicit too, and leaves the cgroup as it was.
+        loaded.detach_cgroup();
+        assert_eq!(loaded.cgroup(), None);
+    }
+
+    #[test]
+    fn cgroup2_mount_point_from_mountinfo() {
+        let hybrid = "24 1 0:22 / /sys rw - sysfs sysfs rw\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let optional = "35 24 0:30 / /my\\040cgroups rw shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount(optional), Some(PathBuf::from("/my cgroups")));
+        assert_eq!(
+            cgroup2_mount("24 1 0:22 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn attaching_to_a_directory_that_is_no_cgroup_fails() {
+        let Some(mut loaded) = Loaded::new() else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let err = loaded.get().attach_cgroup(dir.path()).unwrap_err();
+        assert!(matches!(err, EbpfError::NotCgroup2 { .. }), "{err}");
+        assert_eq!(loaded.get().cgroup(), None);
     }
 
     const HELPER_BYTES: usize = 100_000;
@@ -863,12 +1502,13 @@ mod tests {
         let Ok(ports) = std::env::var(HELPER_ENV) else {
             return;
         };
-        let (owned, other) = ports.split_once(' ').unwrap();
+        let ports: Vec<&str> = ports.split(' ').collect();
         let mut line = String::new();
         // Sockets are charged to the cgroup of their creator: wait to be moved first.
         std::io::stdin().read_line(&mut line).unwrap();
-        let (client, mut server) = connected_pair(&format!("127.0.0.1:{owned}"), "127.0.0.1");
-        let _unowned = connected_pair(&format!("127.0.0.1:{other}"), "127.0.0.1");
+        let (client, mut server) = connected_pair(&format!("127.0.0.1:{}", ports[0]), "127.0.0.1");
+        let _unowned = connected_pair(&format!("127.0.0.1:{}", ports[1]), "127.0.0.1");
+        let _not_the_agent = connected_pair(&format!("127.0.0.1:{}", ports[2]), "127.0.0.1");
         let data = payload(HELPER_BYTES, 9);
         assert!(
             transfer(&client, &mut server, &data) == data,

@@ -11,5 +11,6 @@ pub mod ebpf;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
+pub mod sockmap;
 pub mod store;
 pub mod tls;

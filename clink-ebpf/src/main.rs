@@ -1,11 +1,19 @@
 //! The eBPF programs of the local-leg splice (DESIGN.md §6.2).
 //!
-//! - `clink_sockops` (`sock_ops`, attached to a cgroup by the agent): puts each newly
-//!   established TCP socket whose local or remote port the agent owns (`CLINK_PORTS`) into
-//!   the `CLINK_SOCKS` sockhash, keyed by its 4-tuple as seen from that socket.
+//! - `clink_connect4` / `clink_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP
+//!   connect to a service address in `CLINK_SERVICES` goes to the import listener on loopback
+//!   instead; the address asked for is kept in `CLINK_ORIG_DST` under the socket's cookie.
+//! - `clink_sockops` (`sock_ops`): puts each newly established local TCP socket that is an
+//!   end of an agent connection into the `CLINK_SOCKS` sockhash, keyed by its 4-tuple as seen
+//!   from that socket: both ends of connections to an agent listener, and both ends of the
+//!   agent process's own connections to local export targets (`CLINK_PORTS`). It also ties
+//!   each redirected connection to the agent's accepted socket (`CLINK_REDIRECTS`).
 //! - `clink_skmsg` (`sk_msg`, attached to `CLINK_SOCKS`): runs on every send of those sockets,
 //!   looks up the other end of the connection under the reversed 4-tuple and moves the data
 //!   straight into that socket's receive queue, skipping the TCP/IP stack on the local hop.
+//!
+//! Every program ignores sockets outside the agent's network namespace (`CLINK_NETNS_COOKIE`),
+//! so agents of several namespaces can share one cgroup.
 //!
 //! The maps are BTF-defined (`#[btf_map]`), so `bpftool map dump` shows keys and values with
 //! their field names. On the host the programs compile too, with a stub `main`, so the
@@ -15,17 +23,24 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS,
+        bpf_pidns_info, bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS, sk_msg_md, BPF_F_INGRESS,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
-    btf_maps::{HashMap, PerCpuArray, SockHash},
-    macros::{btf_map, sk_msg, sock_ops},
-    programs::{SkMsgContext, SockOpsContext},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_ns_current_pid_tgid, bpf_get_socket_cookie,
+    },
+    macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    EbpfContext as _, Global,
 };
 use aya_log_ebpf::debug;
 use clink_common::{
-    PortFlags, PortKey, SockKey, PORTS_MAX_ENTRIES, SKMSG_BYTES_IDX, SKMSG_COUNTERS,
-    SKMSG_MSGS_IDX, SOCKS_MAX_ENTRIES,
+    PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, CONNS_MAX_ENTRIES,
+    IPPROTO_TCP, LOOPBACK4, LOOPBACK6, PORTS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SKMSG_BYTES_IDX,
+    SKMSG_COUNTERS, SKMSG_MSGS_IDX, SOCKS_MAX_ENTRIES,
 };
 
 #[btf_map]
@@ -37,30 +52,121 @@ static CLINK_PORTS: HashMap<PortKey, PortFlags, { PORTS_MAX_ENTRIES as usize }> 
 #[btf_map]
 static CLINK_SKMSG_BYTES: PerCpuArray<u64, { SKMSG_COUNTERS as usize }> = PerCpuArray::new();
 
+#[btf_map]
+static CLINK_SERVICES: HashMap<ServiceKey, ServiceTarget, { SERVICES_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static CLINK_ORIG_DST: LruHashMap<u64, ServiceKey, { CONNS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+static CLINK_REDIRECTS: LruHashMap<SockKey, Redirect, { CONNS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+static CLINK_PENDING: LruHashMap<SockKey, u32, { CONNS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+static CLINK_UNSPLICED: LruHashMap<SockKey, u32, { CONNS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+// Set by the agent at load time (clink_common::global); read-only to the programs.
+#[unsafe(no_mangle)]
+static CLINK_NETNS_COOKIE: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static CLINK_AGENT_TGID: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static CLINK_PIDNS_DEV: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static CLINK_PIDNS_INO: Global<u64> = Global::new(0);
+
 /// Return value of a `sock_ops` program that lets the socket proceed unchanged. Returning 0
 /// would turn the result of every other `sock_ops` program on the cgroup into an error.
 const SOCK_OPS_OK: u32 = 1;
+/// Return value of a `cgroup/connect*` program that lets the connect go on.
+const CONNECT_ALLOW: i32 = 1;
 
 #[sock_ops]
 pub fn clink_sockops(ctx: SockOpsContext) -> u32 {
-    match try_clink_sockops(&ctx) {
-        Ok(()) => {}
-        Err(errno) => debug!(&ctx, "clink_sockops: sockhash update failed: {}", errno),
+    if let Err(errno) = try_clink_sockops(&ctx) {
+        debug!(&ctx, "clink_sockops: map update failed: {}", errno);
     }
     SOCK_OPS_OK
 }
 
 fn try_clink_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
-    let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    if !in_agent_netns(ctx.as_ptr()) {
         return Ok(());
     }
     // SAFETY: `ctx.ops` is the context pointer the kernel passed to this program.
-    let mut key = unsafe { sock_ops_key(ctx.ops) };
-    if !owned(&key) {
+    let key = unsafe { sock_ops_key(ctx.ops) };
+    if !key.is_local() {
         return Ok(());
     }
-    // SAFETY: as above; the helper only reads the socket behind the context.
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, &key),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, key),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, key),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            on_close(ctx, &key);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `connect()` is the one moment the agent's own process is the current task: that is when
+/// its connections to export targets are told apart from other clients of the same target.
+fn on_connect(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i32> {
+    let cookie = socket_cookie(ctx.as_ptr());
+    if CLINK_ORIG_DST.get_ptr(cookie).is_some() {
+        // Redirected by a connect hook: clean up after it however the connection ends.
+        ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
+    }
+    if port_has(key.dst_port, PortFlags::TARGET) && is_agent_task() {
+        CLINK_PENDING.insert(key, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// The connecting end is established first (the other end waits for its ACK): it is taken
+/// if it connects to an agent listener or is the agent's own connection to an export
+/// target, and then leaves word for the accepting end in `CLINK_PENDING`.
+fn on_active_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
+    let owned = port_has(key.dst_port, PortFlags::LISTENER) || CLINK_PENDING.remove(key).is_ok();
+    if !owned {
+        return Ok(());
+    }
+    add_socket(ctx, key)?;
+    CLINK_PENDING.insert(key.reversed(), 1, 0)?;
+    let cookie = socket_cookie(ctx.as_ptr());
+    if let Some(service) = CLINK_ORIG_DST.get_ptr(cookie) {
+        let redirect = Redirect {
+            cookie,
+            // SAFETY: a pointer to a live map value, copied at once.
+            service: unsafe { *service },
+            pad: 0,
+        };
+        CLINK_REDIRECTS.insert(key.reversed(), redirect, 0)?;
+    }
+    Ok(())
+}
+
+/// The accepting end is taken only if its connecting end was: a client the programs do not
+/// see (outside the cgroup) leaves the agent's accepted socket alone too.
+fn on_passive_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
+    if CLINK_PENDING.remove(key).is_err() {
+        return Ok(());
+    }
+    add_socket(ctx, key)
+}
+
+fn add_socket(ctx: &SockOpsContext, mut key: SockKey) -> Result<(), i32> {
+    // A new connection: an entry of an earlier one with the same 4-tuple no longer applies.
+    let _ = CLINK_UNSPLICED.remove(key);
+    // SAFETY: `ctx.ops` is the context pointer the kernel passed to this program; the helper
+    // only reads the socket behind it.
     let ops = unsafe { &mut *ctx.ops };
     CLINK_SOCKS.update(&mut key, ops, 0)?;
     debug!(
@@ -70,11 +176,9 @@ fn try_clink_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Whether the agent owns the connection: its local port is registered with
-/// [`PortFlags::LOCAL`] or its remote port with [`PortFlags::REMOTE`].
-#[inline(always)]
-fn owned(key: &SockKey) -> bool {
-    port_has(key.src_port, PortFlags::LOCAL) || port_has(key.dst_port, PortFlags::REMOTE)
+fn on_close(ctx: &SockOpsContext, key: &SockKey) {
+    let _ = CLINK_ORIG_DST.remove(socket_cookie(ctx.as_ptr()));
+    let _ = CLINK_REDIRECTS.remove(key.reversed());
 }
 
 #[inline(always)]
@@ -87,6 +191,111 @@ fn port_has(port: u32, flag: PortFlags) -> bool {
     }
 }
 
+/// Whether the socket behind `ctx` (a `sock_ops` or `sock_addr` context) is in the agent's
+/// network namespace.
+#[inline(always)]
+fn in_agent_netns(ctx: *mut core::ffi::c_void) -> bool {
+    let agent = CLINK_NETNS_COOKIE.load();
+    // SAFETY: `ctx` is the context pointer of a program type that may call this helper.
+    agent == 0 || unsafe { bpf_get_netns_cookie(ctx) } == agent
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: *mut core::ffi::c_void) -> u64 {
+    // SAFETY: `ctx` is the context pointer of a program type that may call this helper.
+    unsafe { bpf_get_socket_cookie(ctx) }
+}
+
+/// Whether the current task belongs to the agent's process, compared in the agent's own pid
+/// namespace (the helper fails when the task is not in that namespace at all).
+#[inline(always)]
+fn is_agent_task() -> bool {
+    let mut ns = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes at most `size` bytes into `ns`.
+    let ret = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            CLINK_PIDNS_DEV.load(),
+            CLINK_PIDNS_INO.load(),
+            &mut ns,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    ret == 0 && ns.tgid == CLINK_AGENT_TGID.load()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn clink_connect4(ctx: SockAddrContext) -> i32 {
+    if let Err(errno) = try_connect::<false>(&ctx) {
+        debug!(&ctx, "clink_connect4: map update failed: {}", errno);
+    }
+    CONNECT_ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn clink_connect6(ctx: SockAddrContext) -> i32 {
+    if let Err(errno) = try_connect::<true>(&ctx) {
+        debug!(&ctx, "clink_connect6: map update failed: {}", errno);
+    }
+    CONNECT_ALLOW
+}
+
+/// Rewrites a TCP connect to a service address into a connect to the import listener on
+/// loopback, and records the address asked for under the socket's cookie.
+///
+/// `V6` is a constant so each program gets its own code: with a run-time flag the compiler
+/// merges the two address writes into one through a computed context offset, which the
+/// verifier rejects.
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the context pointer the kernel passed to this program.
+    if unsafe { rd(&raw const (*sa).protocol) } != IPPROTO_TCP || !in_agent_netns(ctx.as_ptr()) {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let service = unsafe { connect_key(sa, V6) };
+    let Some(target) = CLINK_SERVICES.get_ptr(service) else {
+        return Ok(());
+    };
+    // SAFETY: a pointer to a live map value, copied at once.
+    let target = unsafe { *target };
+    CLINK_ORIG_DST.insert(socket_cookie(ctx.as_ptr()), service, 0)?;
+    // SAFETY: as above; the verifier allows 4-byte writes of these fields.
+    unsafe {
+        if !V6 {
+            wr(&raw mut (*sa).user_ip4, LOOPBACK4);
+        } else if service.family == clink_common::AF_INET {
+            // An IPv4 service reached through an IPv4-mapped address stays IPv4-mapped.
+            let ip6 = (&raw mut (*sa).user_ip6).cast::<u32>();
+            wr(ip6.add(3), LOOPBACK4);
+        } else {
+            let ip6 = (&raw mut (*sa).user_ip6).cast::<u32>();
+            for (i, word) in LOOPBACK6.iter().enumerate() {
+                wr(ip6.add(i), *word);
+            }
+        }
+        wr(&raw mut (*sa).user_port, target.user_port());
+    }
+    debug!(
+        ctx,
+        "clink_connect: service port {} -> listener port {}", service.port, target.listener_port
+    );
+    Ok(())
+}
+
+/// # Safety
+/// `sa` must be the `bpf_sock_addr` context of the running program.
+#[inline(always)]
+unsafe fn connect_key(sa: *const bpf_sock_addr, v6: bool) -> ServiceKey {
+    unsafe {
+        let port = rd(&raw const (*sa).user_port);
+        if v6 {
+            ServiceKey::from_connect6(rd_ip6(&raw const (*sa).user_ip6), port)
+        } else {
+            ServiceKey::from_connect4(rd(&raw const (*sa).user_ip4), port)
+        }
+    }
+}
+
 #[sk_msg]
 pub fn clink_skmsg(ctx: SkMsgContext) -> u32 {
     try_clink_skmsg(&ctx);
@@ -95,12 +304,18 @@ pub fn clink_skmsg(ctx: SkMsgContext) -> u32 {
 
 /// Redirects the message to the peer socket if it is in `CLINK_SOCKS`. Without a peer the
 /// message takes the normal TCP path, so a connection whose other end the agent does not own
-/// keeps working.
+/// keeps working; and so does every later message of that socket: bytes already on the TCP
+/// path would otherwise be overtaken by redirected ones, which the receiver reads first.
 fn try_clink_skmsg(ctx: &SkMsgContext) {
     // SAFETY: `ctx.msg` is the context pointer the kernel passed to this program.
-    let mut peer = unsafe { sk_msg_key(ctx.msg) }.reversed();
+    let key = unsafe { sk_msg_key(ctx.msg) };
+    if CLINK_UNSPLICED.get_ptr(key).is_some() {
+        return;
+    }
+    let mut peer = key.reversed();
     let size = ctx.size();
     if CLINK_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+        let _ = CLINK_UNSPLICED.insert(key, 1, 0);
         return;
     }
     count(SKMSG_BYTES_IDX, u64::from(size));
@@ -157,6 +372,13 @@ unsafe fn sk_msg_key(msg: *const sk_msg_md) -> SockKey {
 #[inline(always)]
 unsafe fn rd(field: *const u32) -> u32 {
     unsafe { core::ptr::read_volatile(field) }
+}
+
+/// # Safety
+/// `field` must point into the program's context, at a field the program may write.
+#[inline(always)]
+unsafe fn wr(field: *mut u32, value: u32) {
+    unsafe { core::ptr::write_volatile(field, value) }
 }
 
 /// # Safety

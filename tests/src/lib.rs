@@ -27,6 +27,9 @@ pub struct Agent {
     gateway_port: u16,
     /// More `clink-agent` flags.
     pub args: Vec<String>,
+    /// Run on the sockmap data path, inside this cgroup (see [`SockmapSetup`]); `None`: the
+    /// userspace data path.
+    pub sockmap: Option<SockmapSetup>,
 }
 
 impl Agent {
@@ -48,6 +51,7 @@ impl Agent {
             child: None,
             gateway_port,
             args: Vec::new(),
+            sockmap: None,
         })
     }
 
@@ -77,9 +81,15 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns])
-            .arg(bin_path("clink-agent")?)
+        let mut cmd = match &self.sockmap {
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.netns]);
+                cmd
+            }
+            Some(setup) => setup.command(&self.netns),
+        };
+        cmd.arg(bin_path("clink-agent")?)
             .args(["--name", &self.name])
             .arg("--certs")
             .arg(self.certs_dir())
@@ -88,7 +98,8 @@ impl Agent {
             .args(["--listen", &format!("0.0.0.0:{}", self.gateway_port)])
             .arg("--admin")
             .arg(self.admin())
-            .args(["--log-level", "info,clink_agent=debug"])
+            .args(["--log-level", "info,clink_agent=debug,clink_ebpf=debug"])
+            .args(self.datapath_args())
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -121,6 +132,61 @@ impl Agent {
         }
         Ok(())
     }
+
+    // --- sockmap data path (issue 4) ---
+
+    /// `--datapath` and friends: tests never let an agent pick by itself, since `auto` would
+    /// attach to the machine's root cgroup.
+    fn datapath_args(&self) -> Vec<String> {
+        if self.args.iter().any(|a| a == "--datapath") {
+            return Vec::new();
+        }
+        match &self.sockmap {
+            None => vec!["--datapath".into(), "userspace".into()],
+            Some(setup) => vec![
+                "--datapath".into(),
+                "sockmap".into(),
+                "--cgroup".into(),
+                setup.cgroup.display().to_string(),
+                "--bpf-pin-dir".into(),
+                setup.pin_dir.display().to_string(),
+            ],
+        }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `clink bpf -o json` for this agent's pin directory.
+    pub fn bpf(&self) -> Result<serde_json::Value> {
+        let setup = self
+            .sockmap
+            .as_ref()
+            .context("not on the sockmap data path")?;
+        let out = self.clink_ok(&[
+            "bpf",
+            "--bpf-pin-dir",
+            &setup.pin_dir.display().to_string(),
+            "-o",
+            "json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Bytes `clink_skmsg` has spliced for this agent so far.
+    pub fn skmsg_bytes(&self) -> Result<u64> {
+        self.bpf()?["skmsg"]["bytes"]
+            .as_u64()
+            .context("clink bpf: no skmsg.bytes")
+    }
+
+    // --- end sockmap data path ---
 
     /// Runs `clink --admin <socket> args...`.
     pub fn clink(&self, args: &[&str]) -> Result<Output> {
@@ -199,8 +265,15 @@ impl Agent {
 /// Clusters with one agent each, all of one fabric, each knowing the others as Peers.
 pub struct Fabric {
     pub agents: Vec<Agent>,
+    /// Per cluster on the sockmap data path: the process that makes sockets in its cgroup.
+    sockets: Vec<Sockets>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
+    /// The data path every agent runs.
+    pub datapath: Datapath,
+    /// Per cluster on the sockmap data path: its cgroup and pin directory. Declared last, so
+    /// they go after every process in them.
+    pub sandboxes: Vec<SockmapSandbox>,
 }
 
 pub const FABRIC: &str = "test-fabric";
@@ -208,12 +281,19 @@ pub const FABRIC: &str = "test-fabric";
 impl Fabric {
     /// Two clusters (agents `peer-a` and `peer-b`) joined by a veth pair.
     pub fn two_clusters() -> Result<Fabric> {
-        Self::on(clink_testbed::two_clusters()?)
+        Self::on(clink_testbed::two_clusters()?, Datapath::Userspace)
+    }
+
+    /// Two clusters whose agents run `datapath`; on the sockmap data path each cluster gets a
+    /// cgroup of its own, with its agent in it, and [`Fabric::listen`] and
+    /// [`Fabric::connect`] make their sockets inside it.
+    pub fn two_clusters_on(datapath: Datapath) -> Result<Fabric> {
+        Self::on(clink_testbed::two_clusters()?, datapath)
     }
 
     /// Three clusters (`peer-a`, `peer-b`, `peer-c`) on one bridged "wan".
     pub fn three_clusters() -> Result<Fabric> {
-        Self::on(clink_testbed::three_clusters()?)
+        Self::on(clink_testbed::three_clusters()?, Datapath::Userspace)
     }
 
     pub fn c(&self) -> &Agent {
@@ -225,7 +305,7 @@ impl Fabric {
     }
 
     /// Every agent is labelled `cluster=<its letter>`.
-    fn on(topo: Topology) -> Result<Fabric> {
+    fn on(topo: Topology, datapath: Datapath) -> Result<Fabric> {
         let dir = tempfile::Builder::new().prefix("clink-e2e-").tempdir()?;
         let certs = dir.path().join("certs");
         fs::create_dir_all(&certs)?;
@@ -249,7 +329,24 @@ impl Fabric {
             agent.args = vec!["--label".into(), format!("cluster={}", &name[5..])];
             agents.push(agent);
         }
-        let mut fabric = Fabric { agents, topo, dir };
+        let mut fabric = Fabric {
+            agents,
+            sockets: Vec::new(),
+            topo,
+            dir,
+            datapath,
+            sandboxes: Vec::new(),
+        };
+        if datapath == Datapath::Sockmap {
+            for (i, agent) in fabric.agents.iter_mut().enumerate() {
+                let sandbox = SockmapSandbox::new(&agent.name)?;
+                agent.sockmap = Some(sandbox.setup.clone());
+                let sockets =
+                    Sockets::start(fabric.topo.clusters()[i].netns(), &sandbox.setup.cgroup);
+                fabric.sandboxes.push(sandbox);
+                fabric.sockets.push(sockets?);
+            }
+        }
         for agent in &mut fabric.agents {
             agent.start()?;
         }
@@ -266,6 +363,30 @@ impl Fabric {
 
     pub fn a(&self) -> &Agent {
         &self.agents[0]
+    }
+
+    /// A listener on `127.0.0.1`, port chosen by the kernel, in cluster `i` (0 = a): inside
+    /// the cluster's cgroup on the sockmap data path, so that its accepted sockets are too.
+    pub fn listen(&self, i: usize) -> Result<TcpListener> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        match self.sockets.get(i) {
+            Some(sockets) => Ok(sockets.listen(any)?),
+            None => listen_in(self.topo.clusters()[i].netns()),
+        }
+    }
+
+    /// A client connection from cluster `i` (0 = a): from inside the cluster's cgroup on the
+    /// sockmap data path.
+    pub fn connect(&self, i: usize, addr: SocketAddr) -> io::Result<TcpStream> {
+        match self.sockets.get(i) {
+            Some(sockets) => sockets.connect(addr),
+            None => connect_in(self.topo.clusters()[i].netns(), addr),
+        }
+    }
+
+    /// The socket maker inside cluster `i`'s cgroup (sockmap data path only).
+    pub fn sockets(&self, i: usize) -> Option<&Sockets> {
+        self.sockets.get(i)
     }
 
     pub fn b(&self) -> &Agent {
@@ -312,6 +433,179 @@ impl Fabric {
         Ok(())
     }
 }
+
+// --- sockmap data path (issue 4) ---
+
+/// The data path a fabric's agents run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datapath {
+    Userspace,
+    Sockmap,
+}
+
+impl Datapath {
+    /// As `clink status` and the `clink_datapath` metric show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Datapath::Userspace => "userspace",
+            Datapath::Sockmap => "sockmap",
+        }
+    }
+}
+
+/// Where a sockmap agent runs and pins (plain paths; a [`SockmapSandbox`] owns them).
+#[derive(Clone, Debug)]
+pub struct SockmapSetup {
+    /// The agent runs in this cgroup and attaches its programs to it.
+    pub cgroup: PathBuf,
+    /// `--bpf-pin-dir`.
+    pub pin_dir: PathBuf,
+}
+
+impl SockmapSetup {
+    /// A command that runs its arguments in this cgroup and in network namespace `netns`.
+    /// `nsenter --net`, not `ip netns exec`: the latter also gives the process a mount
+    /// namespace with a fresh /sys, without the cgroup and bpf file systems.
+    fn command(&self, netns: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"echo $$ > "$0/cgroup.procs" && exec "$@""#,
+            &self.cgroup.display().to_string(),
+            "nsenter",
+            &format!("--net=/run/netns/{netns}"),
+        ]);
+        cmd
+    }
+}
+
+/// A cgroup and a pin directory for one test cluster, uniquely named, removed on drop (also
+/// when a test fails): the processes left in the cgroup are killed first.
+pub struct SockmapSandbox {
+    pub setup: SockmapSetup,
+}
+
+impl SockmapSandbox {
+    pub fn new(role: &str) -> Result<SockmapSandbox> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "clink-test-{}-{}-{role}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let root = clink_agent::ebpf::cgroup2_root()?;
+        let cgroup = root.join(&name);
+        fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        Ok(SockmapSandbox {
+            setup: SockmapSetup {
+                cgroup,
+                pin_dir: Path::new("/sys/fs/bpf").join(name),
+            },
+        })
+    }
+}
+
+impl Drop for SockmapSandbox {
+    fn drop(&mut self) {
+        let SockmapSetup { cgroup, pin_dir } = &self.setup;
+        // An agent that was killed leaves its pins: those are ours to remove.
+        if let Err(e) = fs::remove_dir_all(pin_dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                eprintln!("cleanup: removing {}: {e}", pin_dir.display());
+            }
+        }
+        let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+        let removed = wait_for(
+            &format!("cgroup {} to be removable", cgroup.display()),
+            Duration::from_secs(10),
+            || match fs::remove_dir(cgroup) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            },
+        );
+        if let Err(e) = removed {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// A `clink-sockets` process in a cluster's network namespace and cgroup that makes sockets
+/// for the test: sockets belong to their creator's cgroup for life, so a client or service
+/// made there is one the cgroup's eBPF programs act on, while the test drives it.
+pub struct Sockets {
+    control: std::sync::Mutex<std::os::unix::net::UnixStream>,
+    _child: ChildGuard,
+}
+
+impl Sockets {
+    pub fn start(netns: &Netns, cgroup: &Path) -> Result<Sockets> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", netns.name()))
+            .arg(bin_path("clink-sockets")?)
+            .arg(cgroup)
+            .stdin(std::os::fd::OwnedFd::from(theirs))
+            .stdout(Stdio::null());
+        let child = ChildGuard::spawn(&mut cmd)?;
+        Ok(Sockets {
+            control: std::sync::Mutex::new(ours),
+            _child: child,
+        })
+    }
+
+    /// A listening socket bound to `addr`.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        Ok(TcpListener::from(self.request(&format!("listen {addr}"))?))
+    }
+
+    /// A socket of the cgroup connected to `addr` (by the calling thread, blocking).
+    pub fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        use std::os::fd::AsRawFd as _;
+        let family = if addr.is_ipv4() { 4 } else { 6 };
+        let socket = self.request(&format!("socket {family}"))?;
+        let target = nix::sys::socket::SockaddrStorage::from(addr);
+        nix::sys::socket::connect(socket.as_raw_fd(), &target).map_err(io::Error::from)?;
+        Ok(TcpStream::from(socket))
+    }
+
+    fn request(&self, line: &str) -> io::Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        writeln!(control, "{line}")?;
+        let mut buf = [0u8; 512];
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<()>(
+            control.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fd = None;
+        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in this process.
+                fd = fds
+                    .first()
+                    .map(|&fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        let len = msg.bytes;
+        match fd {
+            Some(fd) => Ok(fd),
+            None if len == 0 => Err(io::Error::other("clink-sockets exited")),
+            None => Err(io::Error::other(format!(
+                "clink-sockets: {}",
+                String::from_utf8_lossy(&buf[1..len])
+            ))),
+        }
+    }
+}
+
+// --- end sockmap data path ---
 
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -445,8 +739,31 @@ pub fn send_pattern(
     Ok(hash.finalize().into())
 }
 
-/// Reads to end of stream; returns the byte count and SHA-256.
+/// A blocking reader that waits out spurious `WouldBlock`s.
+///
+/// On a socket in a sockmap (the sockmap data path splices the client's and the service's
+/// sockets), the kernel's `tcp_bpf_recvmsg` answers a *blocking* read with EAGAIN when its
+/// wait is woken without data, e.g. by an ACK or a write on the same socket (seen on Linux
+/// 6.18). Only for streams without a read timeout, where `WouldBlock` means nothing else.
+pub struct Patient<R>(pub R);
+
+impl<R: Read> Read for Patient<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// Reads to end of stream; returns the byte count and SHA-256. The stream must have no read
+/// timeout: `WouldBlock` is waited out (see [`Patient`]).
 pub fn read_hash(r: &mut impl Read) -> io::Result<(usize, [u8; 32])> {
+    let mut r = Patient(r);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0;

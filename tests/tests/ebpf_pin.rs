@@ -13,10 +13,9 @@ use std::{
 };
 
 use clink_agent::ebpf::{
-    self, LoadedEbpf, DEFAULT_PIN_DIR, PIN_MAP_PORTS, PIN_MAP_SKMSG_BYTES, PIN_MAP_SOCKS,
-    PIN_PROG_SKMSG, PIN_PROG_SOCKOPS,
+    self, LoadedEbpf, DEFAULT_PIN_DIR, MAP_PINS, PIN_MAP_PORTS, PIN_MAP_SOCKS, PROGRAM_PINS,
 };
-use clink_common::{map, program, PortFlags, BPF_OBJ_NAME_LEN};
+use clink_common::{PortFlags, BPF_OBJ_NAME_LEN};
 
 const BPFTOOL: &str = "/usr/sbin/bpftool";
 
@@ -178,30 +177,21 @@ fn programs_and_maps_are_pinned_and_listed_by_name() {
     let loaded = dir.load();
     assert_eq!(loaded.pin_dir(), pin_dir);
 
-    let programs = [
-        (PIN_PROG_SOCKOPS, program::SOCKOPS, "sock_ops"),
-        (PIN_PROG_SKMSG, program::SKMSG, "sk_msg"),
-    ];
-    let maps = [
-        (PIN_MAP_SOCKS, map::SOCKS, "sockhash"),
-        (PIN_MAP_PORTS, map::PORTS, "hash"),
-        (PIN_MAP_SKMSG_BYTES, map::SKMSG_BYTES, "percpu_array"),
-    ];
-    let mut expected: Vec<PathBuf> = programs
+    let mut expected: Vec<PathBuf> = PROGRAM_PINS
         .iter()
-        .chain(&maps)
-        .map(|(pin, _, _)| pin_dir.join(pin))
+        .chain(&MAP_PINS)
+        .map(|(_, pin, _)| pin_dir.join(pin))
         .collect();
     let mut pinned: Vec<PathBuf> = loaded.pinned().map(Path::to_path_buf).collect();
     expected.sort();
     pinned.sort();
     assert_eq!(pinned, expected);
 
-    for (pin, name, ty) in programs {
+    for (name, pin, ty) in PROGRAM_PINS {
         let id = show_pinned("prog", &pin_dir.join(pin), name, ty);
         assert_listed("prog", &id, name);
     }
-    for (pin, name, ty) in maps {
+    for (name, pin, ty) in MAP_PINS {
         let id = show_pinned("map", &pin_dir.join(pin), name, ty);
         assert_listed("map", &id, name);
     }

@@ -1,9 +1,13 @@
 //! End to end through two agents in two network-namespace clusters: content, half-close,
 //! concurrency, policy, identity and protocol errors, restarts.
+//!
+//! The data tests run on both data paths: `<name>` on the userspace one, `<name>_sockmap` on
+//! the sockmap one, where each cluster's agent, clients and services live in a cgroup of
+//! their own with the eBPF programs attached there.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr},
+    net::{Shutdown, SocketAddr, TcpListener},
     sync::Arc,
     thread,
     time::Duration,
@@ -13,7 +17,7 @@ use sha2::Digest as _;
 
 use clink_tests::{
     connect_in, exchange, listen_in, pattern_digest, read_hash, refused_at, require_root,
-    send_pattern, tree, Agent, Fabric, GATEWAY_PORT,
+    send_pattern, tree, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -25,9 +29,14 @@ fn import_addr() -> SocketAddr {
 
 /// A fabric with an allow-all policy on both sides and one tunneled service; the listener is
 /// the service inside cluster b.
-fn allowed_service() -> (Fabric, std::net::TcpListener) {
-    let fabric = Fabric::two_clusters().expect("fabric");
-    let service = listen_in(fabric.ns_b()).expect("service listener");
+fn allowed_service() -> (Fabric, TcpListener) {
+    allowed_service_on(Datapath::Userspace)
+}
+
+/// [`allowed_service`] on `datapath`; clients connect with `fabric.connect(0, ...)`.
+fn allowed_service_on(datapath: Datapath) -> (Fabric, TcpListener) {
+    let fabric = Fabric::two_clusters_on(datapath).expect("fabric");
+    let service = fabric.listen(1).expect("service listener");
     fabric.allow_all().expect("policies");
     fabric
         .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
@@ -35,18 +44,51 @@ fn allowed_service() -> (Fabric, std::net::TcpListener) {
     (fabric, service)
 }
 
+/// Bytes `clink_skmsg` spliced at agents a and b so far (sockmap data path only).
+fn spliced(fabric: &Fabric) -> Option<(u64, u64)> {
+    (fabric.datapath == Datapath::Sockmap).then(|| {
+        (
+            fabric.a().skmsg_bytes().unwrap(),
+            fabric.b().skmsg_bytes().unwrap(),
+        )
+    })
+}
+
+/// On the sockmap data path, both agents' `clink_skmsg` moved exactly `bytes` since `before`.
+fn assert_spliced(fabric: &Fabric, before: Option<(u64, u64)>, bytes: usize) {
+    if let (Some((a0, b0)), Some((a1, b1))) = (before, spliced(fabric)) {
+        assert_eq!(
+            (a1 - a0, b1 - b0),
+            (bytes as u64, bytes as u64),
+            "spliced at a, b"
+        );
+    }
+}
+
 #[test]
 fn transfers_256_mib_each_way_intact() {
-    if !require_root("transfers_256_mib_each_way_intact") {
+    transfers_256_mib_each_way(Datapath::Userspace);
+}
+
+#[test]
+fn transfers_256_mib_each_way_intact_sockmap() {
+    transfers_256_mib_each_way(Datapath::Sockmap);
+}
+
+fn transfers_256_mib_each_way(datapath: Datapath) {
+    if !require_root(&format!(
+        "transfers_256_mib_each_way_intact on {datapath:?}"
+    )) {
         return;
     }
-    let (fabric, service) = allowed_service();
+    let (fabric, service) = allowed_service_on(datapath);
+    let before = spliced(&fabric);
     let len = 256 * MIB;
     let server = thread::spawn(move || {
         let (stream, _) = service.accept().unwrap();
         exchange(stream, 2, len, 128 * 1024).unwrap()
     });
-    let client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let client = fabric.connect(0, import_addr()).unwrap();
     let at_client = exchange(client, 1, len, 100_000).unwrap();
     let at_server = server.join().unwrap();
 
@@ -70,17 +112,30 @@ fn transfers_256_mib_each_way_intact() {
         .expect("the connection's close is logged");
     let status_after = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
     let status_after: serde_json::Value = serde_json::from_str(&status_after).unwrap();
-    assert_eq!(status["datapath"], "userspace");
+    assert_eq!(status["datapath"], datapath.name());
     assert_eq!(status_after["connections"]["bytes_out"], len as u64);
     assert_eq!(status_after["connections"]["bytes_in"], len as u64);
+    assert_spliced(&fabric, before, 2 * len);
 }
 
 #[test]
 fn half_close_and_odd_writes_pass_through() {
-    if !require_root("half_close_and_odd_writes_pass_through") {
+    half_close_and_odd_writes(Datapath::Userspace);
+}
+
+#[test]
+fn half_close_and_odd_writes_pass_through_sockmap() {
+    half_close_and_odd_writes(Datapath::Sockmap);
+}
+
+fn half_close_and_odd_writes(datapath: Datapath) {
+    if !require_root(&format!(
+        "half_close_and_odd_writes_pass_through on {datapath:?}"
+    )) {
         return;
     }
-    let (fabric, service) = allowed_service();
+    let (fabric, service) = allowed_service_on(datapath);
+    let before = spliced(&fabric);
     // The service reads the whole request, and only after the client's FIN answers with a
     // reply that depends on all of it; the client must still be able to read it.
     let server = thread::spawn(move || {
@@ -92,7 +147,7 @@ fn half_close_and_odd_writes_pass_through() {
         stream.shutdown(Shutdown::Write).unwrap();
         reply_digest
     });
-    let mut client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let mut client = fabric.connect(0, import_addr()).unwrap();
     // 1-byte writes, then odd-sized ones.
     let mut sent = sha2::Sha256::default();
     for b in b"hello" {
@@ -107,7 +162,7 @@ fn half_close_and_odd_writes_pass_through() {
     client.shutdown(Shutdown::Write).unwrap();
 
     let mut reply = Vec::new();
-    client.read_to_end(&mut reply).unwrap();
+    Patient(&mut client).read_to_end(&mut reply).unwrap();
     let head = format!("{}:", 5 + odd.len());
     assert!(
         reply.starts_with(head.as_bytes()),
@@ -119,14 +174,25 @@ fn half_close_and_odd_writes_pass_through() {
     assert_eq!(tail.len(), 3 * MIB + 7);
     let digest: [u8; 32] = sha2::Sha256::digest(tail).into();
     assert_eq!(digest, server.join().unwrap());
+    assert_spliced(&fabric, before, reply.len() + 5 + odd.len());
 }
 
 #[test]
 fn many_concurrent_connections() {
-    if !require_root("many_concurrent_connections") {
+    many_concurrent(Datapath::Userspace);
+}
+
+#[test]
+fn many_concurrent_connections_sockmap() {
+    many_concurrent(Datapath::Sockmap);
+}
+
+fn many_concurrent(datapath: Datapath) {
+    if !require_root(&format!("many_concurrent_connections on {datapath:?}")) {
         return;
     }
-    let (fabric, service) = allowed_service();
+    let (fabric, service) = allowed_service_on(datapath);
+    let before = spliced(&fabric);
     const CONNS: usize = 100;
     const LEN: usize = 512 * 1024;
     let server = thread::spawn(move || {
@@ -137,7 +203,7 @@ fn many_concurrent_connections() {
             handlers.push(thread::spawn(move || {
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    let n = stream.read(&mut buf).unwrap();
+                    let n = Patient(&mut stream).read(&mut buf).unwrap();
                     if n == 0 {
                         stream.shutdown(Shutdown::Write).unwrap();
                         return;
@@ -152,7 +218,7 @@ fn many_concurrent_connections() {
     });
     let clients: Vec<_> = (0..CONNS)
         .map(|i| {
-            let stream = connect_in(fabric.ns_a(), import_addr()).unwrap();
+            let stream = fabric.connect(0, import_addr()).unwrap();
             thread::spawn(move || exchange(stream, 1000 + i as u64, LEN, 16 * 1024).unwrap())
         })
         .collect();
@@ -162,6 +228,7 @@ fn many_concurrent_connections() {
         assert_eq!(t.received, t.sent, "connection {i} got back other bytes");
     }
     server.join().unwrap();
+    assert_spliced(&fabric, before, 2 * LEN * CONNS);
 }
 
 #[test]

@@ -5,13 +5,8 @@ use std::{collections::BTreeMap, io::IsTerminal as _, net::SocketAddr, path::Pat
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
 use clink_agent::{
-    admin,
-    agent::{Agent, Datapath},
-    api,
-    clients::ClientMap,
-    dataplane, metrics,
-    store::FileStore,
-    tls::Identity,
+    admin, agent::Agent, api, clients::ClientMap, dataplane, ebpf, metrics, sockmap,
+    store::FileStore, tls::Identity,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -44,6 +39,19 @@ struct Args {
     /// policies see for clients in them (standalone mode).
     #[arg(long, value_name = "FILE")]
     client_attributes: Option<PathBuf>,
+    /// Data path: userspace; sockmap (local hops spliced in the kernel; fails at start naming
+    /// what is missing); auto (userspace for now, logging whether sockmap could run: sockmap
+    /// is opt-in until the kernel issues in ARCHITECTURE.md are resolved).
+    #[arg(long, value_enum, default_value = "auto")]
+    datapath: sockmap::Choice,
+    /// cgroup v2 directory whose processes' connections the sockmap data path intercepts and
+    /// splices [default: the cgroup v2 root, found in /proc/self/mountinfo].
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    /// Where the sockmap data path pins its eBPF programs and maps (on bpffs, mounted if
+    /// needed).
+    #[arg(long, value_name = "DIR", default_value = ebpf::DEFAULT_PIN_DIR)]
+    bpf_pin_dir: PathBuf,
     /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
     #[arg(long, env = "CLINK_LOG", default_value = "info")]
     log_level: String,
@@ -110,6 +118,13 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let labels = parse_labels(&args.labels)?;
+    // First, so that a forced data path that cannot run fails before anything is bound. Its
+    // programs are detached and unpinned on every way out (`shutdown` below, or drop).
+    let kernel = sockmap::select(&sockmap::Options {
+        choice: args.datapath,
+        cgroup: args.cgroup.clone(),
+        pin_dir: args.bpf_pin_dir.clone(),
+    })?;
     let identity = Identity::load(&args.certs, &args.name).context("loading certificates")?;
     let store = FileStore::open(&args.state)
         .with_context(|| format!("opening state directory {}", args.state.display()))?;
@@ -135,7 +150,7 @@ async fn run(args: Args) -> Result<()> {
         Box::new(store),
         clients,
         metrics.clone(),
-        Datapath::userspace(),
+        kernel.datapath.clone(),
     ));
     metrics
         .datapath
@@ -167,5 +182,6 @@ async fn run(args: Args) -> Result<()> {
     }
     admin_task.abort();
     let _ = std::fs::remove_file(&args.admin);
+    kernel.shutdown();
     Ok(())
 }

@@ -1,0 +1,570 @@
+//! The sockmap data path end to end: two agents in network-namespace clusters, each in a cgroup
+//! of its own with its eBPF programs attached there (never to the machine's root cgroup).
+//!
+//! - the kernel really carries the local hops: the socket pairs are in `CLINK_SOCKS` while
+//!   the connection is open and `CLINK_SKMSG_BYTES` grows by exactly the bytes moved;
+//! - an Import's service address (`clusterlink.net/service-ip`) reaches the Import from
+//!   inside the cgroup, over IPv4, IPv6 and IPv4-mapped IPv6, and not from outside;
+//! - an agent killed with SIGKILL leaves no attachment behind and a restart works again;
+//! - bad input: without privileges, cgroup v2 or bpffs, `--datapath sockmap` exits naming
+//!   what is missing, and `auto` falls back to userspace saying why.
+//!
+//! Needs root (skipped otherwise, a failure with CI=true), bpftool, nsenter, setpriv, unshare.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use clink_tests::{
+    connect_in, exchange, require_root, sample, scrape, Datapath, Fabric, Patient, SockmapSandbox,
+    Transfer,
+};
+
+const IMPORT_PORT: u16 = 7000;
+const SERVICE_PORT: u16 = 80;
+/// TEST-NET-1: no route leads there, so only an intercepted connect can succeed.
+const VIP4: &str = "192.0.2.10";
+const VIP6: &str = "fd00::10";
+const MIB: usize = 1024 * 1024;
+
+fn import_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], IMPORT_PORT))
+}
+
+/// A sockmap fabric with an allow-all policy on both sides and one tunneled service; the
+/// listener is the service inside cluster b (and inside its cgroup).
+fn sockmap_service() -> (Fabric, TcpListener) {
+    let fabric = Fabric::two_clusters_on(Datapath::Sockmap).expect("sockmap fabric");
+    let service = fabric.listen(1).expect("service listener");
+    fabric.allow_all().expect("policies");
+    fabric
+        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
+        .expect("export and import");
+    (fabric, service)
+}
+
+/// The Import `svc` of cluster a, with service addresses when `ips` is given.
+fn import_yaml(ips: Option<&str>) -> String {
+    let annotations = ips
+        .map(|ips| format!("\n  annotations: {{clusterlink.net/service-ip: \"{ips}\"}}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: svc{annotations}\n\
+         spec:\n  port: {SERVICE_PORT}\n  targetPort: {IMPORT_PORT}\n  \
+         sources: [{{peer: peer-b, exportName: svc, exportNamespace: default}}]\n"
+    )
+}
+
+/// `(local, remote)` of every socket in an agent's `CLINK_SOCKS`.
+fn sockets(bpf: &Value) -> Vec<(String, String)> {
+    bpf["sockets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["local"].as_str().unwrap_or_default().to_owned(),
+                s["remote"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The address as the maps key it: IPv4-mapped IPv6 as IPv4.
+fn canonical(addr: SocketAddr) -> String {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port()).to_string()
+}
+
+/// Whether both ends of the connection `stream` is one end of are in the map.
+fn pair_in(bpf: &Value, stream: &TcpStream) -> bool {
+    let local = canonical(stream.local_addr().unwrap());
+    let remote = canonical(stream.peer_addr().unwrap());
+    let socks = sockets(bpf);
+    socks.contains(&(local.clone(), remote.clone())) && socks.contains(&(remote, local))
+}
+
+/// Serves `n` connections on `service`: each sends `len` bytes of pattern 100+i and hashes
+/// what it gets until the client half-closes.
+fn serve(service: TcpListener, n: usize, len: usize) -> thread::JoinHandle<Vec<Transfer>> {
+    thread::spawn(move || {
+        (0..n)
+            .map(|i| {
+                let (stream, _) = service.accept().unwrap();
+                exchange(stream, 100 + i as u64, len, 7919).unwrap()
+            })
+            .collect()
+    })
+}
+
+/// Both directions of one exchange arrived intact.
+fn assert_intact(client: &Transfer, server: &Transfer, len: usize) {
+    assert_eq!(server.received_len, len, "client->service length");
+    assert_eq!(server.received, client.sent, "client->service bytes differ");
+    assert_eq!(client.received_len, len, "service->client length");
+    assert_eq!(client.received, server.sent, "service->client bytes differ");
+}
+
+#[test]
+fn both_local_hops_are_spliced_in_the_kernel() {
+    if !require_root("both_local_hops_are_spliced_in_the_kernel") {
+        return;
+    }
+    let (fabric, service) = sockmap_service();
+    let (a_before, b_before) = (
+        fabric.a().skmsg_bytes().unwrap(),
+        fabric.b().skmsg_bytes().unwrap(),
+    );
+    const LEN: usize = 16 * MIB;
+    let (tx, rx) = mpsc::channel();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = service.accept().unwrap();
+        let mut hello = [0u8; 1];
+        Patient(&mut stream).read_exact(&mut hello).unwrap();
+        stream.write_all(b"!").unwrap();
+        tx.send(stream.try_clone().unwrap()).unwrap();
+        exchange(stream, 2, LEN, 4093).unwrap()
+    });
+    let mut client = fabric.connect(0, import_addr()).unwrap();
+    client.write_all(b"?").unwrap();
+    let mut answer = [0u8; 1];
+    Patient(&mut client).read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"!");
+    let at_service = rx.recv().unwrap();
+
+    // Open and established: client <-> import listener in a's map, agent <-> service in b's.
+    let a_bpf = fabric.a().bpf().unwrap();
+    assert!(
+        pair_in(&a_bpf, &client),
+        "client pair not in a's CLINK_SOCKS: {a_bpf:#}"
+    );
+    let b_bpf = fabric.b().bpf().unwrap();
+    assert!(
+        pair_in(&b_bpf, &at_service),
+        "service pair not in b's CLINK_SOCKS: {b_bpf:#}"
+    );
+
+    let at_client = exchange(client, 1, LEN, 100_003).unwrap();
+    let at_server = server.join().unwrap();
+    assert_intact(&at_client, &at_server, LEN);
+
+    // Every byte of both local hops went through clink_skmsg: the two probe bytes and LEN each
+    // way, once at each agent.
+    let moved = (2 + 2 * LEN) as u64;
+    let a_spliced = fabric.a().skmsg_bytes().unwrap() - a_before;
+    let b_spliced = fabric.b().skmsg_bytes().unwrap() - b_before;
+    println!("CLINK_SKMSG_BYTES grew by {a_spliced} at a and {b_spliced} at b for {moved} bytes");
+    assert_eq!(a_spliced, moved);
+    assert_eq!(b_spliced, moved);
+
+    // The agent still counts what it relays; the data path is visible everywhere.
+    fabric.a().wait_log("closed").unwrap();
+    let status: Value =
+        serde_json::from_str(&fabric.a().clink_ok(&["status", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(status["datapath"], "sockmap");
+    assert_eq!(status["connections"]["bytes_out"], (1 + LEN) as u64);
+    assert_eq!(status["connections"]["bytes_in"], (1 + LEN) as u64);
+    let metrics = scrape(fabric.ns_a()).unwrap();
+    assert_eq!(
+        sample(&metrics, "clink_datapath{datapath=\"sockmap\"}"),
+        1.0
+    );
+    assert!(fabric.a().log().contains("datapath=\"sockmap\""));
+    // aya-log output of the programs reaches the agent's log.
+    assert!(
+        fabric.a().log().contains("clink_sockops: added socket"),
+        "{}",
+        fabric.a().log()
+    );
+    // Closed connections leave the map.
+    clink_testbed::wait_for("a's CLINK_SOCKS to empty", Duration::from_secs(10), || {
+        sockets(&fabric.a().bpf().unwrap()).is_empty()
+    })
+    .unwrap();
+}
+
+#[test]
+fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
+    if !require_root("service_address_reaches_the_import_from_inside_the_cgroup_only") {
+        return;
+    }
+    let (fabric, service) = sockmap_service();
+    let applied = fabric
+        .a()
+        .apply(&import_yaml(Some(&format!("{VIP4}, {VIP6}"))));
+    assert!(applied.unwrap().status.success());
+    let bpf = fabric.a().bpf().unwrap();
+    let services: Vec<(String, u64)> = bpf["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_owned(),
+                s["listener_port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        services,
+        [
+            (format!("{VIP4}:{SERVICE_PORT}"), u64::from(IMPORT_PORT)),
+            (format!("[{VIP6}]:{SERVICE_PORT}"), u64::from(IMPORT_PORT)),
+        ]
+    );
+
+    const LEN: usize = 3 * MIB + 5;
+    let vips: [SocketAddr; 3] = [
+        format!("{VIP4}:{SERVICE_PORT}").parse().unwrap(),
+        format!("[{VIP6}]:{SERVICE_PORT}").parse().unwrap(),
+        format!("[::ffff:{VIP4}]:{SERVICE_PORT}").parse().unwrap(),
+    ];
+    let server = serve(service, vips.len() + 1, LEN);
+    let sockets_a = fabric.sockets(0).unwrap();
+    let mut at_clients = Vec::new();
+    for (i, vip) in vips.iter().enumerate() {
+        let client = sockets_a.connect(*vip).unwrap();
+        // The connect went to the import listener; the agent can tell which address it was.
+        assert_eq!(client.peer_addr().unwrap().port(), IMPORT_PORT, "{vip}");
+        let bpf = fabric.a().bpf().unwrap();
+        let redirect = bpf["redirects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["client"] == canonical(client.local_addr().unwrap()).as_str())
+            .unwrap_or_else(|| panic!("no redirect for {vip}: {bpf:#}"));
+        assert_eq!(redirect["service"], canonical(*vip).as_str());
+        assert!(pair_in(&bpf, &client), "{vip}: not spliced: {bpf:#}");
+        at_clients.push(exchange(client, i as u64, LEN, 65_537).unwrap());
+    }
+
+    // Outside the attached cgroup nothing is intercepted: the address leads nowhere...
+    let outside = connect_in(fabric.ns_a(), vips[0]);
+    assert!(
+        outside.is_err(),
+        "a process outside the cgroup was redirected"
+    );
+    // ...and a direct client of the listener works, on the TCP stack, untouched.
+    let before = fabric.a().skmsg_bytes().unwrap();
+    let client = connect_in(fabric.ns_a(), import_addr()).unwrap();
+    let bpf = fabric.a().bpf().unwrap();
+    let local = client.local_addr().unwrap().to_string();
+    assert!(
+        !sockets(&bpf)
+            .iter()
+            .any(|(l, r)| *l == local || *r == local),
+        "a socket outside the cgroup is in CLINK_SOCKS: {bpf:#}"
+    );
+    at_clients.push(exchange(client, 3, LEN, 4096).unwrap());
+    let at_servers = server.join().unwrap();
+    for (at_client, at_server) in at_clients.iter().zip(&at_servers) {
+        assert_intact(at_client, at_server, LEN);
+    }
+    // a's counter only moves for spliced sockets, and these were not.
+    assert_eq!(fabric.a().skmsg_bytes().unwrap(), before);
+
+    // Without the annotation, the address is no service any more.
+    assert!(fabric
+        .a()
+        .apply(&import_yaml(None))
+        .unwrap()
+        .status
+        .success());
+    assert_eq!(
+        fabric.a().bpf().unwrap()["services"],
+        Value::Array(Vec::new())
+    );
+    assert!(sockets_a.connect(vips[0]).is_err());
+}
+
+/// The programs attached to a cgroup, as `bpftool cgroup show --json` lists them.
+fn attached(cgroup: &Path) -> Vec<(String, String, u64)> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .arg("--json")
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(Vec::new()));
+    let mut progs: Vec<(String, String, u64)> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["attach_type"].as_str().unwrap_or_default().to_owned(),
+                p["id"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    progs.sort();
+    progs
+}
+
+fn names(progs: &[(String, String, u64)]) -> Vec<(&str, &str)> {
+    progs
+        .iter()
+        .map(|(name, ty, _)| (name.as_str(), ty.as_str()))
+        .collect()
+}
+
+/// One small exchange through the tunnel from a cgroup client.
+fn one_exchange(fabric: &Fabric, service: &TcpListener, seed: u64) {
+    let service = service.try_clone().unwrap();
+    let server = thread::spawn(move || {
+        let (stream, _) = service.accept().unwrap();
+        exchange(stream, seed + 1, 70_001, 999).unwrap()
+    });
+    let client = fabric.connect(0, import_addr()).unwrap();
+    let at_client = exchange(client, seed, 65_539, 1).unwrap();
+    let at_server = server.join().unwrap();
+    assert_eq!(at_server.received_len, 65_539);
+    assert_eq!(at_server.received, at_client.sent);
+    assert_eq!(at_client.received_len, 70_001);
+    assert_eq!(at_client.received, at_server.sent);
+}
+
+#[test]
+fn sigkill_leaves_no_attachment_and_a_restart_works() {
+    if !require_root("sigkill_leaves_no_attachment_and_a_restart_works") {
+        return;
+    }
+    let (mut fabric, service) = sockmap_service();
+    let setup = fabric.a().sockmap.clone().unwrap();
+    let expected = [
+        ("clink_connect4", "cgroup_inet4_connect"),
+        ("clink_connect6", "cgroup_inet6_connect"),
+        ("clink_sockops", "cgroup_sock_ops"),
+    ];
+    let before = attached(&setup.cgroup);
+    assert_eq!(names(&before), expected);
+    one_exchange(&fabric, &service, 1);
+
+    fabric.agents[0].kill().unwrap();
+    // The links died with the process: nothing is attached, although the pins are left.
+    assert_eq!(attached(&setup.cgroup), []);
+    assert!(setup.pin_dir.join("prog_clink_sockops").exists());
+    assert!(
+        fabric.connect(0, import_addr()).is_err(),
+        "listener is gone"
+    );
+
+    fabric.agents[0].start().unwrap();
+    fabric
+        .a()
+        .wait_log("replaced a pin left by an earlier agent")
+        .unwrap();
+    let after = attached(&setup.cgroup);
+    assert_eq!(
+        names(&after),
+        expected,
+        "exactly one set of programs attached"
+    );
+    for ((_, _, old), (_, _, new)) in before.iter().zip(&after) {
+        assert_ne!(old, new, "a program of the killed agent is still attached");
+    }
+    // What is pinned is what is attached.
+    let bpf = fabric.a().bpf().unwrap();
+    for program in bpf["programs"].as_array().unwrap() {
+        if program["name"] != "clink_skmsg" {
+            assert!(
+                after.iter().any(|(_, _, id)| program["id"] == *id),
+                "{program}"
+            );
+            assert_eq!(
+                program["attached"].as_array().unwrap().len(),
+                1,
+                "{program}"
+            );
+        }
+    }
+    let spliced = fabric.a().skmsg_bytes().unwrap();
+    one_exchange(&fabric, &service, 2);
+    assert_eq!(
+        fabric.a().skmsg_bytes().unwrap() - spliced,
+        (65_539 + 70_001) as u64
+    );
+
+    fabric.agents[0].stop().unwrap();
+    assert_eq!(attached(&setup.cgroup), []);
+    assert!(!setup.pin_dir.exists(), "pins left after a clean stop");
+}
+
+// --- bad input ---
+
+/// A clink-agent command line that gets as far as choosing its data path; `wrapper` runs
+/// before it (e.g. `setpriv ...`).
+fn agent_command(dir: &Path, wrapper: &[&str], datapath: &str, pin_dir: &Path) -> Command {
+    let mut cmd = Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(clink_testbed::bin_path("clink-agent").unwrap())
+        .args(["--name", "peer-x", "--certs"])
+        .arg(dir.join("certs/peer-x"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(["--listen", "127.0.0.1:8443", "--metrics", "127.0.0.1:9190"])
+        .arg("--admin")
+        .arg(dir.join("admin.sock"))
+        .args(["--datapath", datapath, "--bpf-pin-dir"])
+        .arg(pin_dir)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs a forced `--datapath sockmap` agent that must exit; returns its stderr.
+fn forced_failure(mut cmd: Command) -> String {
+    let out = cmd.output().expect("run clink-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "started anyway: {stderr}");
+    stderr
+}
+
+fn certs(dir: &Path) {
+    let clink = clink_testbed::bin_path("clink").unwrap();
+    for args in [
+        vec!["fabric", "create", "--name", "f"],
+        vec!["peer-cert", "create", "--name", "peer-x", "--fabric", "f"],
+    ] {
+        let out = Command::new(&clink)
+            .args(args)
+            .arg("--path")
+            .arg(dir.join("certs"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+}
+
+#[test]
+fn without_privileges_sockmap_is_refused_and_auto_falls_back() {
+    if !require_root("without_privileges_sockmap_is_refused_and_auto_falls_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let sandbox = SockmapSandbox::new("nopriv").unwrap();
+    let pins = &sandbox.setup.pin_dir;
+    let netns = clink_testbed::Netns::new("nopriv").unwrap();
+    let ns = format!("/run/netns/{}", netns.name());
+    let no_caps = [
+        "nsenter",
+        &format!("--net={ns}"),
+        "setpriv",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+    ];
+
+    let stderr = forced_failure(agent_command(dir.path(), &no_caps, "sockmap", pins));
+    assert!(
+        stderr.contains(
+            "--datapath sockmap: missing root or CAP_BPF with CAP_NET_ADMIN: loading eBPF \
+             programs needs root"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let log = std::fs::File::create(dir.path().join("auto.log")).unwrap();
+    let mut auto = agent_command(dir.path(), &no_caps, "auto", pins);
+    auto.stdout(log.try_clone().unwrap()).stderr(log);
+    let _agent = clink_testbed::ChildGuard::spawn(&mut auto).unwrap();
+    let admin = dir.path().join("admin.sock");
+    let status = || {
+        Command::new(clink_testbed::bin_path("clink").unwrap())
+            .arg("--admin")
+            .arg(&admin)
+            .args(["status", "-o", "json"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    clink_testbed::wait_for("the capability-less agent", Duration::from_secs(15), || {
+        status().is_some()
+    })
+    .unwrap();
+    let status: Value = serde_json::from_slice(&status().unwrap().stdout).unwrap();
+    assert_eq!(status["datapath"], "userspace");
+    let log = std::fs::read_to_string(dir.path().join("auto.log")).unwrap();
+    assert!(
+        log.contains("using the userspace data path")
+            && log.contains("sockmap_missing=\"root or CAP_BPF with CAP_NET_ADMIN\""),
+        "{log}"
+    );
+    assert!(!pins.exists());
+}
+
+#[test]
+fn without_cgroup_v2_sockmap_is_refused() {
+    if !require_root("without_cgroup_v2_sockmap_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = SockmapSandbox::new("nocg").unwrap();
+    let root = clink_agent::ebpf::cgroup2_root().unwrap();
+    // In a mount namespace of its own, where cgroup v2 is not mounted.
+    let unmounted = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"umount -l "$0" && exec "$@""#,
+        root.to_str().unwrap(),
+    ];
+    let stderr = forced_failure(agent_command(
+        dir.path(),
+        &unmounted,
+        "sockmap",
+        &sandbox.setup.pin_dir,
+    ));
+    assert!(
+        stderr
+            .contains("--datapath sockmap: missing cgroup v2: no cgroup v2 file system is mounted"),
+        "{stderr}"
+    );
+    assert!(!sandbox.setup.pin_dir.exists());
+}
+
+#[test]
+fn without_a_mountable_bpffs_sockmap_is_refused() {
+    if !require_root("without_a_mountable_bpffs_sockmap_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = SockmapSandbox::new("nobpffs").unwrap();
+    // bpffs unmounted in a mount namespace of its own, and no CAP_SYS_ADMIN to mount it; enough
+    // capabilities for everything else.
+    let unmountable = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"umount -l /sys/fs/bpf && exec setpriv --bounding-set=-all,+bpf,+net_admin --inh-caps=-all "$@""#,
+        "sh",
+    ];
+    let stderr = forced_failure(agent_command(
+        dir.path(),
+        &unmountable,
+        "sockmap",
+        &sandbox.setup.pin_dir,
+    ));
+    assert!(
+        stderr.contains(
+            "--datapath sockmap: missing bpffs: bpffs is not mounted at /sys/fs/bpf and \
+             mounting it failed: EPERM"
+        ),
+        "{stderr}"
+    );
+}
