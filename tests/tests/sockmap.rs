@@ -399,6 +399,29 @@ fn sigkill_leaves_no_attachment_and_a_restart_works() {
     assert!(!setup.pin_dir.exists(), "pins left after a clean stop");
 }
 
+#[test]
+fn a_second_agent_cannot_take_a_live_agents_pins() {
+    if !require_root("a_second_agent_cannot_take_a_live_agents_pins") {
+        return;
+    }
+    let (fabric, service) = sockmap_service();
+    let setup = fabric.a().sockmap.clone().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let mut second = agent_command(dir.path(), &["env"], "sockmap", &setup.pin_dir);
+    second.arg("--cgroup").arg(&setup.cgroup);
+    let stderr = forced_failure(second);
+    assert!(
+        stderr.contains("another clink-agent is using pin directory"),
+        "{stderr}"
+    );
+    // The running agent kept its programs and still splices.
+    assert_eq!(attached(&setup.cgroup).len(), 3);
+    let spliced = fabric.a().skmsg_bytes().unwrap();
+    one_exchange(&fabric, &service, 3);
+    assert!(fabric.a().skmsg_bytes().unwrap() > spliced);
+}
+
 // --- bad input ---
 
 /// A clink-agent command line that gets as far as choosing its data path; `wrapper` runs
