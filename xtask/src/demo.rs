@@ -8,15 +8,19 @@
 
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use clink_testbed::{two_clusters, ChildGuard, Cluster, Topology};
 use tempfile::TempDir;
 
-use crate::run::{self, cargo, check, check_interrupt, interruptible, show, step, wait_until};
+use crate::clink::{
+    build_release, iperf_report, last_lines, listening, make_certificates, read_from, stderr,
+    strip_ansi, Agent, AgentFiles,
+};
+use crate::run::{self, check_interrupt, interruptible, show, step, wait_until};
 
 const FABRIC: &str = "demo-fabric";
 const GATEWAY_PORT: &str = "443";
@@ -25,7 +29,6 @@ const SERVICE_PORT: &str = "5201";
 /// A second iperf3 server in B, on B's link address, for the direct run.
 const DIRECT_PORT: &str = "5202";
 const IPERF_SECONDS: &str = "5";
-const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn demo() -> Result<ExitCode> {
     ensure!(
@@ -34,17 +37,7 @@ pub fn demo() -> Result<ExitCode> {
     );
     run::catch_interrupts()?;
     crate::setup::setup()?;
-    step("cargo build --release --bins -p clink-agent");
-    check(cargo().args(["build", "--release", "--bins", "-p", "clink-agent"]))?;
-    check_interrupt()?;
-    let bins = run::Workspace::locate()?.target_dir.join("release");
-    for bin in ["clink-agent", "clink"] {
-        ensure!(
-            bins.join(bin).is_file(),
-            "{} was not built",
-            bins.join(bin).display()
-        );
-    }
+    let bins = build_release()?;
     for name in clink_testbed::remove_stale_namespaces()? {
         println!("    removed namespace {name}, left by an earlier run that was killed");
     }
@@ -92,13 +85,6 @@ struct Demo {
     topo: Topology,
     dir: TempDir,
     bins: PathBuf,
-}
-
-struct Agent {
-    label: &'static str,
-    process: ChildGuard,
-    admin: PathBuf,
-    log: PathBuf,
 }
 
 /// Which agent a step talks to.
@@ -163,8 +149,8 @@ impl Demo {
         &self.topo.clusters()[side as usize]
     }
 
-    fn agent(&mut self, side: Side) -> &mut Agent {
-        &mut self.agents[side as usize]
+    fn agent(&self, side: Side) -> &Agent {
+        &self.agents[side as usize]
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -172,104 +158,33 @@ impl Demo {
     }
 
     fn make_certificates(&self) -> Result<()> {
-        let dir = self
-            .dir
-            .path()
-            .to_str()
-            .context("working directory is not UTF-8")?;
-        ensure!(
-            !dir.contains(char::is_whitespace),
-            "working directory {dir:?} contains whitespace: set TMPDIR to another directory"
-        );
-        let clink = self.bins.join("clink");
-        let commands = [
-            format!("fabric create --name {FABRIC} --path {dir}"),
-            format!("peer-cert create --name peer-a --fabric {FABRIC} --path {dir}"),
-            format!("peer-cert create --name peer-b --fabric {FABRIC} --path {dir}"),
-        ];
-        for line in commands {
-            let mut cmd = Command::new(&clink);
-            cmd.args(line.split_whitespace());
-            step(&format!("clink {line}"));
-            let out = interruptible(&mut cmd, CLI_TIMEOUT)?;
-            ensure!(
-                out.status.success(),
-                "{} failed: {}",
-                show(&cmd),
-                stderr(&out)
-            );
-        }
-        Ok(())
+        make_certificates(
+            &self.bins.join("clink"),
+            self.dir.path(),
+            FABRIC,
+            &["peer-a", "peer-b"],
+        )
     }
 
     fn start_agent(&mut self, side: Side, peer: &str) -> Result<()> {
         let label = ["A", "B"][side as usize];
-        let admin = self.path(&format!("{peer}.sock"));
-        let state = self.path(&format!("{peer}-state"));
-        fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
-        let log = self.path(&format!("{peer}.log"));
-        let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let files = AgentFiles::new(peer, &self.path(peer), self.dir.path())?;
         let mut cmd = self
             .cluster(side)
             .netns()
             .command(self.bins.join("clink-agent"));
-        cmd.args(["--name", peer, "--certs"])
-            .arg(self.path(peer))
-            .arg("--state")
-            .arg(&state)
-            .args(["--listen", &format!("0.0.0.0:{GATEWAY_PORT}"), "--admin"])
-            .arg(&admin)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            // Ctrl-C reaches only xtask, which then stops the agent in order.
-            .process_group(0);
+        files.configure(&mut cmd)?;
+        cmd.args(["--listen", &format!("0.0.0.0:{GATEWAY_PORT}")]);
         step(&format!(
             "starting {peer} in cluster {label}: {}",
             show(&cmd)
         ));
-        println!("    log: {}", log.display());
-        let process = ChildGuard::spawn(&mut cmd)?;
-        self.agents.push(Agent {
-            label,
-            process,
-            admin,
-            log,
-        });
-
-        let clink = self.bins.join("clink");
-        let agent = self.agent(side);
-        let mut exited = None;
-        wait_until(
-            &format!("{peer}'s admin API"),
-            Duration::from_secs(30),
-            || {
-                match agent.process.try_wait() {
-                    Ok(Some(status)) => {
-                        exited = Some(status);
-                        return true;
-                    }
-                    Ok(None) => {}
-                    Err(_) => return true,
-                }
-                let mut status = agent.cli(&clink, &["status"]);
-                interruptible(&mut status, CLI_TIMEOUT).is_ok_and(|out| out.status.success())
-            },
-        )?;
-        if let Some(status) = exited {
-            bail!("{peer} exited during start-up ({status})");
-        }
-        let mut status = agent.cli(&clink, &["status"]);
-        let out = interruptible(&mut status, CLI_TIMEOUT)?;
-        ensure!(
-            out.status.success(),
-            "clink status failed: {}",
-            stderr(&out)
-        );
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    log: {}", files.log().display());
+        let agent = Agent::start(label, &mut cmd, files, &self.bins.join("clink"))?;
+        for line in agent.clink(&["status"])?.lines() {
             println!("    {line}");
         }
+        self.agents.push(agent);
         Ok(())
     }
 
@@ -294,7 +209,7 @@ impl Demo {
             wait_until(
                 &format!("iperf3 to listen on port {port} in B"),
                 Duration::from_secs(10),
-                || listening(netns.command("ss"), port),
+                || listening(netns, port),
             )?;
         }
         Ok(())
@@ -306,19 +221,12 @@ impl Demo {
         wait_until(
             &format!("A's agent to listen on import port {SERVICE_PORT}"),
             Duration::from_secs(15),
-            || listening(netns.command("ss"), SERVICE_PORT),
+            || listening(netns, SERVICE_PORT),
         )?;
         step("waiting for A's heartbeats to report peer-b reachable");
-        let clink = self.bins.join("clink");
-        let agent = self.agent(Side::A);
-        let reachable = wait_until("peer-b reachable", Duration::from_secs(10), || {
-            let mut get = agent.cli(&clink, &["get", "peer", "peer-b", "-o", "json"]);
-            interruptible(&mut get, CLI_TIMEOUT).is_ok_and(|out| {
-                out.status.success()
-                    && serde_json::from_slice(&out.stdout)
-                        .is_ok_and(|v| has_true_condition(&v, "PeerReachable"))
-            })
-        });
+        let reachable = self
+            .agent(Side::A)
+            .wait_reachable("peer-b", Duration::from_secs(10));
         match reachable {
             Ok(()) => println!("    peer-b: PeerReachable=True"),
             Err(e) if run::interrupted() => return Err(e),
@@ -342,7 +250,7 @@ impl Demo {
     fn show_denial(&mut self) -> Result<()> {
         step("deleting A's policy: from now on A's egress is denied by default");
         self.clink(Side::A, "delete accesspolicy allow-all")?;
-        let log = self.agents[Side::A as usize].log.clone();
+        let log = self.agent(Side::A).log().to_owned();
         let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
 
         step(&format!("iperf3 in A -> 127.0.0.1:{SERVICE_PORT} again"));
@@ -380,68 +288,20 @@ impl Demo {
 
     /// `clink --admin <A's or B's socket> <command line>`, printed, failing with the CLI's
     /// message. The command line is split on whitespace.
-    fn clink(&mut self, side: Side, line: &str) -> Result<()> {
-        let clink = self.bins.join("clink");
+    fn clink(&self, side: Side, line: &str) -> Result<()> {
         let agent = self.agent(side);
         let args: Vec<&str> = line.split_whitespace().collect();
         step(&format!("[{}] clink {}", agent.label, args.join(" ")));
-        let mut cmd = agent.cli(&clink, &args);
-        let out = interruptible(&mut cmd, CLI_TIMEOUT)?;
-        ensure!(
-            out.status.success(),
-            "{} failed: {}",
-            show(&cmd),
-            stderr(&out)
-        );
-        Ok(())
+        agent.clink(&args).map(drop)
     }
 
     fn print_logs(&self) {
         for agent in &self.agents {
             eprintln!("--- last lines of cluster {}'s agent log ---", agent.label);
-            for line in last_lines(&read_from(&agent.log, 0), 20) {
+            for line in agent.log_tail(20) {
                 eprintln!("{line}");
             }
         }
-    }
-}
-
-impl Agent {
-    fn cli(&self, clink: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new(clink);
-        cmd.arg("--admin").arg(&self.admin).args(args);
-        cmd
-    }
-}
-
-/// Whether `ss` run in a namespace shows a TCP listener on `port`.
-fn listening(mut ss: Command, port: &str) -> bool {
-    ss.args(["-Hltn", &format!("sport = :{port}")]);
-    run::output(&mut ss).is_ok_and(|out| !out.trim().is_empty())
-}
-
-/// The receiver's rate from `iperf3 --json`, or iperf3's own error message.
-fn iperf_report(stdout: &[u8]) -> Result<f64> {
-    let report: serde_json::Value =
-        serde_json::from_slice(stdout).context("iperf3 printed no JSON report")?;
-    if let Some(error) = report.get("error").and_then(|e| e.as_str()) {
-        bail!("iperf3: {error}");
-    }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3's report has no end.sum_received.bits_per_second")
-}
-
-/// Whether any object in `value` has a condition `kind` with status "True".
-fn has_true_condition(value: &serde_json::Value, kind: &str) -> bool {
-    match value {
-        serde_json::Value::Object(map) => {
-            (map.get("type").and_then(|t| t.as_str()) == Some(kind)
-                && map.get("status").and_then(|s| s.as_str()) == Some("True"))
-                || map.values().any(|v| has_true_condition(v, kind))
-        }
-        serde_json::Value::Array(items) => items.iter().any(|v| has_true_condition(v, kind)),
-        _ => false,
     }
 }
 
@@ -456,83 +316,9 @@ fn decision_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
-fn last_lines(log: &str, n: usize) -> Vec<String> {
-    let lines: Vec<_> = log.lines().map(strip_ansi).collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
-}
-
-fn read_from(path: &Path, offset: u64) -> String {
-    let bytes = fs::read(path).unwrap_or_default();
-    let start = usize::try_from(offset)
-        .unwrap_or(usize::MAX)
-        .min(bytes.len());
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
-}
-
-/// Drops terminal colour sequences, in case the agent writes them to its log file.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // ESC [ parameters... final letter
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).trim().to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iperf_report_reads_the_receiver_rate() {
-        let json = br#"{"start":{},"end":{"sum_sent":{"bits_per_second":2.0e9},
-            "sum_received":{"bits_per_second":1.5e9}}}"#;
-        assert_eq!(iperf_report(json).unwrap(), 1.5e9);
-    }
-
-    #[test]
-    fn iperf_report_surfaces_iperf_errors() {
-        let json = br#"{"start":{},"end":{},"error":"control socket has closed unexpectedly"}"#;
-        let err = iperf_report(json).unwrap_err().to_string();
-        assert!(
-            err.contains("control socket has closed unexpectedly"),
-            "{err}"
-        );
-        assert!(iperf_report(b"").is_err());
-    }
-
-    #[test]
-    fn finds_true_conditions_anywhere() {
-        let peer = serde_json::json!({
-            "kind": "Peer",
-            "status": {"conditions": [
-                {"type": "Other", "status": "True"},
-                {"type": "PeerReachable", "status": "True", "reason": "Heartbeat"}
-            ]}
-        });
-        assert!(has_true_condition(&peer, "PeerReachable"));
-        assert!(has_true_condition(
-            &serde_json::json!([peer]),
-            "PeerReachable"
-        ));
-        let down = serde_json::json!({"status": {"conditions": [
-            {"type": "PeerReachable", "status": "False"}
-        ]}});
-        assert!(!has_true_condition(&down, "PeerReachable"));
-    }
 
     #[test]
     fn decision_lines_pick_denials_without_colour() {
@@ -546,11 +332,5 @@ mod tests {
                 "INFO decision=deny by default (no policy matched)"
             ]
         );
-    }
-
-    #[test]
-    fn last_lines_keeps_the_tail() {
-        assert_eq!(last_lines("a\nb\nc\n", 2), ["b", "c"]);
-        assert_eq!(last_lines("a\n", 5), ["a"]);
     }
 }

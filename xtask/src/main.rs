@@ -1,5 +1,7 @@
 //! `cargo xtask`: every project task that is more than one cargo command.
 
+mod bench;
+mod clink;
 mod demo;
 mod run;
 mod setup;
@@ -39,6 +41,16 @@ enum Task {
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
     /// policy removal that denies the next connection. Needs root.
     Demo,
+    /// Throughput, latency, connection setup and memory of ClusterLink-rs next to direct
+    /// TCP, an haproxy pair and a stunnel pair, in one interleaved run; writes
+    /// target/bench/report.md and throughput.svg. Needs root.
+    Bench(bench::Options),
+    /// The bench's own clients and servers, started by `bench` inside the clusters.
+    #[command(hide = true)]
+    BenchTool {
+        #[command(subcommand)]
+        tool: bench::Tool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +61,8 @@ fn main() -> ExitCode {
         Task::Build { args } => build(&args),
         Task::Test { args } => test(&args),
         Task::Demo => demo::demo(),
+        Task::Bench(opts) => bench::bench(opts),
+        Task::BenchTool { tool } => bench::run_tool(tool).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

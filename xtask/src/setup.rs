@@ -23,6 +23,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "bpftool",
         "the tests check the agent's eBPF programs and maps with it",
     ),
+    (
+        "haproxy",
+        "the bench compares the agent with an haproxy mTLS pair",
+    ),
+    (
+        "stunnel4",
+        "the bench compares the agent with a stunnel mTLS pair",
+    ),
 ];
 
 /// bpf-linker releases that work with the pinned aya (DESIGN.md §9).

@@ -1,0 +1,114 @@
+//! What the report says about the run itself: the command, the machine, the tools.
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::progress::minutes;
+
+/// What the report says about the run itself.
+pub struct Meta {
+    command: String,
+    pub date: String,
+    pub commit: String,
+    machine: String,
+    pub machine_short: String,
+    tools: String,
+    took: Duration,
+}
+
+impl Meta {
+    pub fn collect(started: Instant) -> Self {
+        // The first line of a command's output (stdout, else stderr) that contains `needle`.
+        let line_with = |cmd: &mut Command, needle: &str| {
+            cmd.output()
+                .ok()
+                .and_then(|out| {
+                    let text = [out.stdout, out.stderr].concat();
+                    String::from_utf8_lossy(&text)
+                        .lines()
+                        .find(|l| l.contains(needle))
+                        .map(|l| l.split(" - ").next().unwrap_or_default().trim().to_owned())
+                })
+                .unwrap_or_default()
+        };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let cpu = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, name)| name.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned());
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let tools = [
+            line_with(Command::new("iperf3").arg("--version"), "iperf"),
+            line_with(Command::new("haproxy").arg("-v"), "HAProxy"),
+            line_with(Command::new("stunnel").arg("-version"), "stunnel "),
+        ]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+        Self {
+            command: format!("cargo xtask {}", args.join(" ")),
+            date: line_with(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]), ""),
+            commit: line_with(
+                Command::new("git")
+                    .args(["describe", "--always", "--dirty"])
+                    .current_dir(env!("CARGO_MANIFEST_DIR")),
+                "",
+            ),
+            machine: format!("{cores} × {cpu}, Linux {kernel}"),
+            machine_short: format!("{cores} cores, Linux {kernel}"),
+            tools,
+            took: started.elapsed(),
+        }
+    }
+
+    /// The report's heading and what the run was: `method` says how each figure is taken.
+    pub fn markdown(&self, reps: u32, method: &str) -> String {
+        format!(
+            "# ClusterLink-rs benchmark\n\n\
+             `{}` · {} · commit {} · {}, setup and build included\n\n\
+             - Machine: {}. Other work on it is not controlled, so absolute figures move between \
+             runs; the ratios come from one run in which every route was measured in turn \
+             (A B C A B C …).\n\
+             - Each figure is the median of {} repetitions; ± is half the range, relative to the \
+             median. Clients run in cluster A, servers in cluster B, two network namespaces \
+             joined by a veth pair.\n\
+             - {}.\n\
+             - Tunnels: one process per side, TLS 1.3 only, the same ECDSA P-256 fabric \
+             certificates (made by `clink`), client certificates verified against the fabric \
+             CA; haproxy and stunnel as packaged by Debian, with their default session \
+             resumption.\n\
+             - Tools: {}.\n",
+            self.command,
+            self.date,
+            self.commit,
+            minutes(self.took),
+            self.machine,
+            reps,
+            method,
+            self.tools
+        )
+    }
+
+    pub fn json(&self, reps: u32, method: &str) -> serde_json::Value {
+        serde_json::json!({
+            "command": self.command,
+            "date": self.date,
+            "commit": self.commit,
+            "machine": self.machine,
+            "tools": self.tools,
+            "reps": reps,
+            "method": method,
+        })
+    }
+}

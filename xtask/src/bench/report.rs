@@ -1,0 +1,481 @@
+//! The figures of one run and their Markdown report: medians, spread, ratios to direct and
+//! to haproxy, and the targets of issue 5.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::routes::RouteKind;
+
+/// Which cluster's tunnel process a memory figure is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// One row of the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    /// iperf3; `reverse`: B sends to A (`-R`).
+    Throughput {
+        streams: u32,
+        reverse: bool,
+    },
+    LatencyP50,
+    LatencyP99,
+    ConnectRate,
+    /// Before any traffic.
+    RssIdle(Side),
+    /// While 1,000 connections are open through the route.
+    RssOpen(Side),
+}
+
+impl Metric {
+    pub fn label(self) -> String {
+        match self {
+            Metric::Throughput { streams, reverse } => format!(
+                "throughput, {streams} stream{}, {}",
+                if streams == 1 { "" } else { "s" },
+                if reverse { "B→A" } else { "A→B" }
+            ),
+            Metric::LatencyP50 => "request/response round trip, p50".to_owned(),
+            Metric::LatencyP99 => "request/response round trip, p99".to_owned(),
+            Metric::ConnectRate => "new connections per second".to_owned(),
+            Metric::RssIdle(side) => format!("RSS idle, {side:?} side"),
+            Metric::RssOpen(side) => format!("RSS, 1,000 open connections, {side:?} side"),
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::Throughput { .. } => "Gbit/s",
+            Metric::LatencyP50 | Metric::LatencyP99 => "µs",
+            Metric::ConnectRate => "conn/s",
+            Metric::RssIdle(_) | Metric::RssOpen(_) => "MiB",
+        }
+    }
+
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Metric::Throughput { .. } | Metric::ConnectRate)
+    }
+
+    pub fn format(self, value: f64) -> String {
+        match self {
+            Metric::Throughput { .. } => format!("{value:.2}"),
+            Metric::ConnectRate => thousands(value.round() as u64),
+            _ => format!("{value:.1}"),
+        }
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// The report's columns, in order.
+    pub routes: Vec<RouteKind>,
+    samples: BTreeMap<(Metric, RouteKind), Vec<f64>>,
+    failures: BTreeMap<(Metric, RouteKind), String>,
+    setup_failures: BTreeMap<RouteKind, String>,
+}
+
+impl Results {
+    pub fn new(routes: Vec<RouteKind>) -> Self {
+        Self {
+            routes,
+            ..Self::default()
+        }
+    }
+
+    pub fn add(&mut self, metric: Metric, route: RouteKind, value: f64) {
+        self.samples.entry((metric, route)).or_default().push(value);
+    }
+
+    /// Keeps the first failure of each figure.
+    pub fn fail(&mut self, metric: Metric, route: RouteKind, error: String) {
+        self.failures.entry((metric, route)).or_insert(error);
+    }
+
+    pub fn fail_setup(&mut self, route: RouteKind, error: String) {
+        self.setup_failures.insert(route, error);
+    }
+
+    pub fn samples(&self, metric: Metric, route: RouteKind) -> &[f64] {
+        self.samples
+            .get(&(metric, route))
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    /// Whether a measurement of this figure failed, or the route could not be set up.
+    pub fn failed(&self, metric: Metric, route: RouteKind) -> bool {
+        self.failures.contains_key(&(metric, route)) || self.setup_failures.contains_key(&route)
+    }
+
+    pub fn median(&self, metric: Metric, route: RouteKind) -> Option<f64> {
+        median(self.samples(metric, route))
+    }
+
+    fn metrics(&self) -> Vec<Metric> {
+        let mut metrics: Vec<Metric> = self
+            .samples
+            .keys()
+            .chain(self.failures.keys())
+            .map(|(m, _)| *m)
+            .collect();
+        metrics.sort();
+        metrics.dedup();
+        metrics
+    }
+
+    fn ratio(&self, metric: Metric, route: RouteKind, base: RouteKind) -> Option<f64> {
+        Some(self.median(metric, route)? / self.median(metric, base)?)
+    }
+
+    /// `5.71 ±3%` (half the range, relative to the median), `failed` or `—`.
+    fn cell(&self, metric: Metric, route: RouteKind) -> String {
+        let samples = self.samples(metric, route);
+        match median(samples) {
+            Some(m) if samples.len() > 1 && m > 0.0 => {
+                let (lo, hi) = samples
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+                let spread = 50.0 * (hi - lo) / m;
+                format!("{} ±{spread:.0}%", metric.format(m))
+            }
+            Some(m) => metric.format(m),
+            None if self.failed(metric, route) => "failed".to_owned(),
+            None => "—".to_owned(),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let figures: Vec<_> = self
+            .metrics()
+            .into_iter()
+            .flat_map(|metric| {
+                self.routes.iter().map(move |route| {
+                    serde_json::json!({
+                        "figure": metric.label(),
+                        "unit": metric.unit(),
+                        "route": route.label(),
+                        "samples": self.samples(metric, *route),
+                        "median": self.median(metric, *route),
+                        "error": self.failures.get(&(metric, *route)),
+                    })
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "figures": figures,
+            "setup_failures": self.setup_failures.iter()
+                .map(|(route, e)| (route.label().to_owned(), e.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        })
+    }
+
+    /// The tables: absolute figures, ratios, targets, failures.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let routes = &self.routes;
+        let metrics = self.metrics();
+
+        md.push_str("| figure | unit |");
+        for route in routes {
+            let _ = write!(md, " {} |", route.label());
+        }
+        md.push_str("\n|---|---|");
+        md.push_str(&"--:|".repeat(routes.len()));
+        md.push('\n');
+        for &metric in &metrics {
+            let arrow = if metric.higher_is_better() {
+                "↑"
+            } else {
+                "↓"
+            };
+            let _ = write!(md, "| {} | {} {arrow} |", metric.label(), metric.unit());
+            for &route in routes {
+                let _ = write!(md, " {} |", self.cell(metric, route));
+            }
+            md.push('\n');
+        }
+
+        let columns = self.ratio_columns();
+        if !columns.is_empty() {
+            md.push_str("\nRatios of medians (above 1: more than the base, whichever way is better):\n\n| figure |");
+            for (route, base) in &columns {
+                let _ = write!(md, " {} ÷ {} |", route.label(), base.label());
+            }
+            md.push_str("\n|---|");
+            md.push_str(&"--:|".repeat(columns.len()));
+            md.push('\n');
+            for &metric in &metrics {
+                let _ = write!(md, "| {} |", metric.label());
+                for &(route, base) in &columns {
+                    let cell = self
+                        .ratio(metric, route, base)
+                        .map_or("—".to_owned(), |r| format!("{r:.2}×"));
+                    let _ = write!(md, " {cell} |");
+                }
+                md.push('\n');
+            }
+        }
+
+        md.push_str(&self.targets());
+
+        if !self.failures.is_empty() || !self.setup_failures.is_empty() {
+            md.push_str("\nFailures:\n\n");
+            for (route, error) in &self.setup_failures {
+                let _ = writeln!(
+                    md,
+                    "- {} could not be set up: {}",
+                    route.label(),
+                    one_line(error)
+                );
+            }
+            for ((metric, route), error) in &self.failures {
+                let _ = writeln!(
+                    md,
+                    "- {}, {}: {}",
+                    route.label(),
+                    metric.label(),
+                    one_line(error)
+                );
+            }
+        }
+        md
+    }
+
+    /// (route, base) pairs: every tunnel against direct, every other route against haproxy.
+    fn ratio_columns(&self) -> Vec<(RouteKind, RouteKind)> {
+        let has = |k| self.routes.contains(&k);
+        let mut columns = Vec::new();
+        for &route in &self.routes {
+            if route == RouteKind::Direct {
+                continue;
+            }
+            if has(RouteKind::Direct) {
+                columns.push((route, RouteKind::Direct));
+            }
+            if route != RouteKind::Haproxy && has(RouteKind::Haproxy) {
+                columns.push((route, RouteKind::Haproxy));
+            }
+        }
+        columns
+    }
+
+    /// Issue 5's targets for each ClusterLink-rs route, read off this run.
+    fn targets(&self) -> String {
+        let clink: Vec<_> = self
+            .routes
+            .iter()
+            .copied()
+            .filter(|r| r.datapath().is_some())
+            .collect();
+        if clink.is_empty() {
+            return String::new();
+        }
+        let mut md = String::from("\nTargets (issue 5), read off this run:\n\n| target |");
+        for route in &clink {
+            let _ = write!(md, " {} |", route.label());
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---|".repeat(clink.len()));
+        md.push('\n');
+        let haproxy = RouteKind::Haproxy;
+        type Check<'a> = Box<dyn Fn(RouteKind) -> Option<(String, bool)> + 'a>;
+        let single = |reverse| Metric::Throughput {
+            streams: 1,
+            reverse,
+        };
+        let rows: [(&str, Check); 4] = [
+            (
+                "single-stream throughput ≥ 1.5× haproxy",
+                Box::new(|r| {
+                    let up = self.ratio(single(false), r, haproxy)?;
+                    let down = self.ratio(single(true), r, haproxy)?;
+                    Some((
+                        format!("A→B {up:.2}×, B→A {down:.2}×"),
+                        up >= 1.5 && down >= 1.5,
+                    ))
+                }),
+            ),
+            (
+                "p99 latency ≤ haproxy's",
+                Box::new(|r| {
+                    let x = self.ratio(Metric::LatencyP99, r, haproxy)?;
+                    Some((format!("{x:.2}×"), x <= 1.0))
+                }),
+            ),
+            (
+                "connection setup ≥ 2× haproxy",
+                Box::new(|r| {
+                    let x = self.ratio(Metric::ConnectRate, r, haproxy)?;
+                    Some((format!("{x:.2}×"), x >= 2.0))
+                }),
+            ),
+            (
+                "RSS < 50 MiB with 1,000 connections",
+                Box::new(|r| {
+                    let a = self.median(Metric::RssOpen(Side::A), r)?;
+                    let b = self.median(Metric::RssOpen(Side::B), r)?;
+                    Some((format!("A {a:.1}, B {b:.1} MiB"), a < 50.0 && b < 50.0))
+                }),
+            ),
+        ];
+        for (target, check) in rows {
+            let _ = write!(md, "| {target} |");
+            for &route in &clink {
+                let cell = match check(route) {
+                    Some((figures, true)) => format!("met: {figures}"),
+                    Some((figures, false)) => format!("**not met**: {figures}"),
+                    None => "not measured".to_owned(),
+                };
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+        md
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+pub fn median(samples: &[f64]) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if !sorted.len().is_multiple_of(2) {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: Metric = Metric::Throughput {
+        streams: 1,
+        reverse: false,
+    };
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(Metric::ConnectRate.format(2345.6), "2,346");
+        assert_eq!(UP.format(5.714), "5.71");
+        assert_eq!(UP.label(), "throughput, 1 stream, A→B");
+        assert_eq!(
+            Metric::Throughput {
+                streams: 4,
+                reverse: true
+            }
+            .label(),
+            "throughput, 4 streams, B→A"
+        );
+    }
+
+    fn sample_run() -> Results {
+        let mut r = Results::new(vec![
+            RouteKind::Direct,
+            RouteKind::Userspace,
+            RouteKind::Haproxy,
+        ]);
+        for v in [30.0, 28.0, 29.0] {
+            r.add(UP, RouteKind::Direct, v);
+        }
+        for v in [6.0, 6.2, 5.8] {
+            r.add(UP, RouteKind::Userspace, v);
+        }
+        for v in [4.0, 4.0, 4.0] {
+            r.add(UP, RouteKind::Haproxy, v);
+        }
+        r.add(Metric::LatencyP99, RouteKind::Userspace, 30.0);
+        r.add(Metric::LatencyP99, RouteKind::Haproxy, 40.0);
+        r.fail(
+            Metric::ConnectRate,
+            RouteKind::Userspace,
+            "refused\nby peer".into(),
+        );
+        r
+    }
+
+    #[test]
+    fn markdown_has_figures_ratios_targets_and_failures() {
+        let md = sample_run().markdown();
+        assert!(
+            md.contains("| figure | unit | direct | clink userspace | haproxy |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| throughput, 1 stream, A→B | Gbit/s ↑ | 29.00 ±3% | 6.00 ±3% | 4.00 ±0% |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| new connections per second | conn/s ↑ | — | failed | — |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| clink userspace ÷ direct | clink userspace ÷ haproxy | haproxy ÷ direct |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| throughput, 1 stream, A→B | 0.21× | 1.50× | 0.14× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| p99 latency ≤ haproxy's | met: 0.75× |"),
+            "{md}"
+        );
+        // B→A was not measured, so the throughput target cannot be judged.
+        assert!(
+            md.contains("| single-stream throughput ≥ 1.5× haproxy | not measured |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- clink userspace, new connections per second: refused by peer"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn json_keeps_every_sample() {
+        let json = sample_run().to_json();
+        let figures = json["figures"].as_array().unwrap();
+        let up = figures
+            .iter()
+            .find(|f| f["figure"] == UP.label() && f["route"] == "clink userspace")
+            .unwrap();
+        assert_eq!(up["samples"], serde_json::json!([6.0, 6.2, 5.8]));
+        assert_eq!(up["median"], serde_json::json!(6.0));
+    }
+}
