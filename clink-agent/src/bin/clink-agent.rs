@@ -52,6 +52,11 @@ struct Args {
     /// needed).
     #[arg(long, value_name = "DIR", default_value = ebpf::DEFAULT_PIN_DIR)]
     bpf_pin_dir: PathBuf,
+    /// Worker threads for connections [default: half the CPUs, at least 1: the agent shares
+    /// the node with the workloads it serves, and one connection's relay stays on one
+    /// thread instead of waking another].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
     #[arg(long, env = "CLINK_LOG", default_value = "info")]
     log_level: String,
@@ -91,13 +96,30 @@ fn init_logging(args: &Args) -> Result<()> {
     Ok(())
 }
 
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// Every tunneled connection holds two descriptors: raise the soft limit to the hard one,
+/// as haproxy does, so a default soft limit of 1,024 does not cap the agent at ~500.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Err(e) = init_logging(&args) {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::FAILURE;
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.map_or_else(default_threads, usize::from))
         .enable_all()
         .build()
     {
@@ -171,6 +193,7 @@ async fn run(args: Args) -> Result<()> {
         metrics = %args.metrics,
         client_ranges = agent.clients.len(),
         datapath = agent.datapath.name,
+        threads = args.threads.map_or_else(default_threads, usize::from),
         labels = %args.labels.join(","),
         "agent ready"
     );
