@@ -20,7 +20,7 @@ use super::{
     wire, ConnGuard,
 };
 use crate::{
-    agent::{Agent, Stats},
+    agent::{Agent, Snapshot, Stats},
     api::{ImportSource, ObjectKey, Peer},
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
     peer::{connect_tls, refill, DialError},
@@ -112,7 +112,7 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
             "{}/{}@{}",
             source.export_namespace, source.export_name, source.peer
         );
-        match try_source(&agent, &snapshot.peers, source, &src, &key).await {
+        match try_source(&agent, &snapshot, source, &src, &key).await {
             Ok((tunnel, early, decision)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
@@ -163,19 +163,19 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
 
 async fn try_source(
     agent: &Arc<Agent>,
-    peers: &std::collections::HashMap<String, Peer>,
+    snapshot: &Snapshot,
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
 ) -> Result<(TlsStream<PeerIo>, BytesMut, String), SourceError> {
-    let peer = peers
+    let peer = snapshot
+        .peers
         .get(&source.peer)
         .ok_or_else(|| SourceError::UnknownPeer(source.peer.clone()))?;
     let dst = destination_attributes(source, peer);
-    let decision = agent
-        .snapshot()
-        .policies
-        .decide(&import.namespace, src, &dst);
+    // One snapshot per client connection: the sources and the policies it is checked
+    // against come from the same configuration.
+    let decision = snapshot.policies.decide(&import.namespace, src, &dst);
     agent
         .metrics
         .decisions
