@@ -79,10 +79,27 @@ pub struct Latency {
 /// The bench's ping-pong client from A: one message of [`REQUEST_SIZE`] bytes in flight,
 /// echoed back.
 pub fn latency(place: &Place, helper: &Path, to: SocketAddr, seconds: f64) -> Result<Latency> {
+    run_tool(place, helper, "ping-pong", to, seconds, &[], latency_report)
+}
+
+/// Runs one `bench-tool` client in `place` for `seconds` against `to`, and reads its JSON
+/// report with `report`; failures name the command.
+fn run_tool<T>(
+    place: &Place,
+    helper: &Path,
+    tool: &str,
+    to: SocketAddr,
+    seconds: f64,
+    extra: &[(&str, String)],
+    report: fn(&[u8]) -> Result<T>,
+) -> Result<T> {
     let mut cmd = place.command(helper);
-    cmd.args(["bench-tool", "ping-pong", "--to", &to.to_string()])
+    cmd.args(["bench-tool", tool, "--to", &to.to_string()])
         .args(["--seconds", &seconds.to_string()])
         .args(["--size", &REQUEST_SIZE.to_string()]);
+    for (flag, value) in extra {
+        cmd.args([flag, value.as_str()]);
+    }
     let out = interruptible(&mut cmd, Duration::from_secs_f64(seconds + 30.0))?;
     ensure!(
         out.status.success(),
@@ -90,7 +107,7 @@ pub fn latency(place: &Place, helper: &Path, to: SocketAddr, seconds: f64) -> Re
         show(&cmd),
         stderr(&out)
     );
-    latency_report(&out.stdout).with_context(|| show(&cmd))
+    report(&out.stdout).with_context(|| show(&cmd))
 }
 
 fn latency_report(stdout: &[u8]) -> Result<Latency> {
@@ -104,19 +121,16 @@ fn latency_report(stdout: &[u8]) -> Result<Latency> {
 
 /// New connections per second from A, each carrying one echoed request.
 pub fn connect_rate(place: &Place, helper: &Path, to: SocketAddr, seconds: f64) -> Result<f64> {
-    let mut cmd = place.command(helper);
-    cmd.args(["bench-tool", "connect-rate", "--to", &to.to_string()])
-        .args(["--seconds", &seconds.to_string()])
-        .args(["--concurrency", &CONNECT_CONCURRENCY.to_string()])
-        .args(["--size", &REQUEST_SIZE.to_string()]);
-    let out = interruptible(&mut cmd, Duration::from_secs_f64(seconds + 30.0))?;
-    ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        show(&cmd),
-        stderr(&out)
-    );
-    connect_report(&out.stdout).with_context(|| show(&cmd))
+    let concurrency = [("--concurrency", CONNECT_CONCURRENCY.to_string())];
+    run_tool(
+        place,
+        helper,
+        "connect-rate",
+        to,
+        seconds,
+        &concurrency,
+        connect_report,
+    )
 }
 
 fn connect_report(stdout: &[u8]) -> Result<f64> {
