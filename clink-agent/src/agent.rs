@@ -252,9 +252,19 @@ impl Agent {
             LbScheme::Static => {}
             LbScheme::RoundRobin => {
                 let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
-                let next = rr.entry(key.clone()).or_insert(0);
-                let start = *next % sources.len().max(1);
-                *next = next.wrapping_add(1);
+                // Look up before inserting: the key is cloned once per Import, not per
+                // connection.
+                let turn = match rr.get_mut(key) {
+                    Some(next) => {
+                        *next = next.wrapping_add(1);
+                        *next - 1
+                    }
+                    None => {
+                        rr.insert(key.clone(), 1);
+                        0
+                    }
+                };
+                let start = turn % sources.len().max(1);
                 sources.rotate_left(start);
             }
             LbScheme::Random => fastrand::shuffle(&mut sources),
