@@ -43,6 +43,8 @@ pub trait DatapathHook: Send + Sync {
 pub struct Datapath {
     pub name: &'static str,
     pub hook: Option<Arc<dyn DatapathHook>>,
+    /// Set on the sockmap path: the agent's half of the flow control of spliced sockets.
+    pub flow: Option<Arc<crate::flow::FlowControl>>,
 }
 
 impl Datapath {
@@ -50,6 +52,7 @@ impl Datapath {
         Datapath {
             name: dataplane::USERSPACE,
             hook: None,
+            flow: None,
         }
     }
 }

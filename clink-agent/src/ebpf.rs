@@ -35,7 +35,7 @@ use aya::{
 };
 use clink_common::{
     global, map, program, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey,
-    SKMSG_BYTES_IDX, SKMSG_MSGS_IDX,
+    SKMSG_BYTES_IDX, SKMSG_FALLBACKS_IDX, SKMSG_MSGS_IDX, SKMSG_PASSED_IDX, SKMSG_RESUMES_IDX,
 };
 use nix::{
     mount::{mount, MsFlags},
@@ -63,6 +63,9 @@ pub const PIN_MAP_ORIG_DST: &str = "map_clink_orig_dst";
 pub const PIN_MAP_REDIRECTS: &str = "map_clink_redirects";
 pub const PIN_MAP_PENDING: &str = "map_clink_pending";
 pub const PIN_MAP_UNSPLICED: &str = "map_clink_unspliced";
+pub const PIN_MAP_FLOWS: &str = "map_clink_flows";
+pub const PIN_MAP_COOKIES: &str = "map_clink_cookies";
+pub const PIN_MAP_READS: &str = "map_clink_reads";
 
 /// Every program: its name, its pin file and its type as `bpftool prog show` names it.
 pub const PROGRAM_PINS: [(&str, &str, &str); 4] = [
@@ -72,7 +75,7 @@ pub const PROGRAM_PINS: [(&str, &str, &str); 4] = [
     (program::CONNECT6, PIN_PROG_CONNECT6, "cgroup_sock_addr"),
 ];
 /// Every map: its name, its pin file and its type as `bpftool map show` names it.
-pub const MAP_PINS: [(&str, &str, &str); 8] = [
+pub const MAP_PINS: [(&str, &str, &str); 11] = [
     (map::SOCKS, PIN_MAP_SOCKS, "sockhash"),
     (map::PORTS, PIN_MAP_PORTS, "hash"),
     (map::SKMSG_BYTES, PIN_MAP_SKMSG_BYTES, "percpu_array"),
@@ -81,6 +84,9 @@ pub const MAP_PINS: [(&str, &str, &str); 8] = [
     (map::REDIRECTS, PIN_MAP_REDIRECTS, "lru_hash"),
     (map::PENDING, PIN_MAP_PENDING, "lru_hash"),
     (map::UNSPLICED, PIN_MAP_UNSPLICED, "lru_hash"),
+    (map::FLOWS, PIN_MAP_FLOWS, "lru_hash"),
+    (map::COOKIES, PIN_MAP_COOKIES, "lru_hash"),
+    (map::READS, PIN_MAP_READS, "lru_hash"),
 ];
 
 /// The programs [`LoadedEbpf::attach_cgroup`] attaches.
@@ -181,7 +187,7 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot duplicate the {} file descriptor: {source}", map::SOCKS)]
+    #[error("cannot duplicate a map's file descriptor: {source}")]
     Fd {
         #[source]
         source: io::Error,
@@ -194,11 +200,19 @@ pub enum EbpfError {
     },
 }
 
-/// Bytes and messages `clink_skmsg` redirected, summed over all CPUs.
+/// What `clink_skmsg` did, summed over all CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SkMsgCounters {
+    /// Bytes redirected into a peer socket's receive queue.
     pub bytes: u64,
+    /// Messages (sends) redirected.
     pub messages: u64,
+    /// Bytes of spliced sockets sent through the TCP stack because the reader was behind.
+    pub passed_bytes: u64,
+    /// Switches of a socket from the splice to the TCP stack (reader too far behind).
+    pub fallbacks: u64,
+    /// Switches back to the splice once the reader had read everything.
+    pub resumes: u64,
 }
 
 /// What the running kernel supports of the local-leg splice.
@@ -545,6 +559,19 @@ impl LoadedEbpf {
         }
     }
 
+    /// A descriptor of the map `name`, for the agent's half of the flow control.
+    pub fn map_fd(&self, name: &'static str) -> Result<std::os::fd::OwnedFd, EbpfError> {
+        use std::os::fd::AsFd as _;
+        let data = match self.ebpf.map(name) {
+            Some(Map::LruHashMap(data) | Map::SockHash(data)) => data,
+            _ => return Err(EbpfError::MissingMap(name)),
+        };
+        data.fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Fd { source })
+    }
+
     /// What `clink_skmsg` has redirected so far.
     pub fn skmsg_counters(&self) -> Result<SkMsgCounters, EbpfError> {
         let counters: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, map::SKMSG_BYTES)?;
@@ -762,6 +789,9 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
     Ok(SkMsgCounters {
         bytes: sum(SKMSG_BYTES_IDX)?,
         messages: sum(SKMSG_MSGS_IDX)?,
+        passed_bytes: sum(SKMSG_PASSED_IDX)?,
+        fallbacks: sum(SKMSG_FALLBACKS_IDX)?,
+        resumes: sum(SKMSG_RESUMES_IDX)?,
     })
 }
 

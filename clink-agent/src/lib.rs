@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clients;
 pub mod dataplane;
 pub mod ebpf;
+pub mod flow;
 pub mod metrics;
 pub mod peer;
 pub mod policy;

@@ -39,6 +39,7 @@ use crate::{
     api::{Import, ObjectKey},
     dataplane,
     ebpf::{self, EbpfError, Inspection, LoadedEbpf},
+    flow::FlowControl,
 };
 
 /// The name of this data path in logs, metrics and `clink status`.
@@ -143,6 +144,7 @@ pub fn select(options: &Options) -> Result<Selected, SelectError> {
                 datapath: Datapath {
                     name: SOCKMAP,
                     hook: Some(sockmap.clone()),
+                    flow: Some(sockmap.flow.clone()),
                 },
                 sockmap: Some(sockmap),
             })
@@ -182,6 +184,7 @@ fn check(options: &Options) -> Result<PathBuf, Unavailable> {
 /// userspace path, which always works.
 pub struct Sockmap {
     cgroup: PathBuf,
+    flow: Arc<FlowControl>,
     state: Mutex<State>,
     /// Held while this agent owns the pin directory (see [`lock_pin_dir`]).
     _lock: std::fs::File,
@@ -244,10 +247,16 @@ impl Sockmap {
         let lock =
             lock_pin_dir(&options.pin_dir).map_err(missing("sole use of the pin directory"))?;
         let mut ebpf = ebpf::load(&options.pin_dir).map_err(missing("a loadable eBPF program"))?;
+        let fd = |name| {
+            ebpf.map_fd(name)
+                .map_err(missing("a loadable eBPF program"))
+        };
+        let flow = FlowControl::new(fd(map::READS)?, fd(map::FLOWS)?, fd(map::SOCKS)?);
         ebpf.attach_cgroup(&cgroup)
             .map_err(missing("a cgroup v2 attachment"))?;
         Ok(Sockmap {
             cgroup,
+            flow: Arc::new(flow),
             _lock: lock,
             state: Mutex::new(State {
                 ebpf: Some(ebpf),
@@ -545,6 +554,14 @@ fn render(i: &Inspection) -> String {
         i.skmsg.bytes,
         i.skmsg.messages
     );
+    say!(
+        "Flow control: {} bytes sent through the TCP stack while the agent was more than {} \
+         bytes behind; {} switches to TCP, {} back to the splice",
+        i.skmsg.passed_bytes,
+        clink_common::FLOW_WINDOW,
+        i.skmsg.fallbacks,
+        i.skmsg.resumes
+    );
     say!("{}", dump(ebpf::PIN_MAP_SKMSG_BYTES));
     out
 }
@@ -718,6 +735,7 @@ mod tests {
             skmsg: SkMsgCounters {
                 bytes: 1234,
                 messages: 5,
+                ..SkMsgCounters::default()
             },
         };
         let text = render(&inspection);

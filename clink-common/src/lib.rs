@@ -54,6 +54,15 @@ pub mod map {
     /// through the TCP stack (their peer was not in the map yet) and therefore keep doing so,
     /// so their bytes cannot overtake each other.
     pub const UNSPLICED: &str = "CLINK_UNSPLICED";
+    /// `LRU_HASH` socket cookie -> [`super::Flow`]: flow control of what is sent into each
+    /// spliced socket.
+    pub const FLOWS: &str = "CLINK_FLOWS";
+    /// `LRU_HASH` socket cookie -> `u64`: bytes the agent has read from each of its spliced
+    /// sockets, written by the agent (the other half of the flow control in [`super::Flow`]).
+    pub const READS: &str = "CLINK_READS";
+    /// `LRU_HASH` [`super::SockKey`] -> socket cookie of every socket in `CLINK_SOCKS`: how a
+    /// sender finds its peer's entry in `CLINK_FLOWS`.
+    pub const COOKIES: &str = "CLINK_COOKIES";
 }
 
 /// Read-only globals the agent sets when it loads the programs (aya `override_global`): they
@@ -83,11 +92,43 @@ pub const SERVICES_MAX_ENTRIES: u32 = 4_096;
 /// `CLINK_PENDING`, `CLINK_UNSPLICED`); the oldest entries go first when one is full.
 pub const CONNS_MAX_ENTRIES: u32 = 65_536;
 /// Number of slots in `CLINK_SKMSG_BYTES`.
-pub const SKMSG_COUNTERS: u32 = 2;
+pub const SKMSG_COUNTERS: u32 = 5;
 /// `CLINK_SKMSG_BYTES` slot holding the bytes redirected by `clink_skmsg`.
 pub const SKMSG_BYTES_IDX: u32 = 0;
 /// `CLINK_SKMSG_BYTES` slot holding the number of messages redirected by `clink_skmsg`.
 pub const SKMSG_MSGS_IDX: u32 = 1;
+/// `CLINK_SKMSG_BYTES` slot holding the bytes of spliced sockets sent through the TCP stack
+/// because their reader was more than [`FLOW_WINDOW`] behind.
+pub const SKMSG_PASSED_IDX: u32 = 2;
+/// `CLINK_SKMSG_BYTES` slot counting switches of a socket from the splice to the TCP stack.
+pub const SKMSG_FALLBACKS_IDX: u32 = 3;
+/// `CLINK_SKMSG_BYTES` slot counting switches back to the splice once the reader caught up.
+pub const SKMSG_RESUMES_IDX: u32 = 4;
+
+/// How far (bytes) the reader of a spliced socket may fall behind its sender. The kernel
+/// queues redirected messages without limit and never makes the sender wait, so without this
+/// bound a fast sender and a slow reader fill memory until sends fail with `ENOMEM` (seen on
+/// Linux 6.18: 1.1 GB queued in half a second, then iperf3 fails). Past it, sends into the
+/// agent's sockets take the TCP stack, whose receive window makes the sender wait, and the
+/// agent stops sending into a client's or target's socket until it has caught up.
+pub const FLOW_WINDOW: u64 = 2 << 20;
+
+/// Value of `CLINK_FLOWS`, one per spliced socket (the receiving end).
+///
+/// - `sent`: bytes its peer has sent it since both were spliced, redirected or not (counted
+///   by `clink_skmsg` for the agent's sockets only).
+/// - `passing`: 1 while the peer's sends take the TCP stack. It goes back to 0 only when the
+///   agent has read all of `sent` (`CLINK_READS`): then no byte that took the TCP stack is
+///   left for a redirected one to overtake.
+/// - `agent_reads`: 1 for the agent's own end of a connection (flow-controlled here); 0 for a
+///   client's or target's socket (the agent paces what it sends them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub sent: u64,
+    pub passing: u32,
+    pub agent_reads: u32,
+}
 
 /// `AF_INET`, as found in the context's `family` field.
 pub const AF_INET: u32 = 2;
@@ -313,7 +354,7 @@ mod user {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
     use super::{
-        PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, AF_INET, AF_INET6,
+        Flow, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, AF_INET, AF_INET6,
     };
 
     // SAFETY: all of these are `#[repr(C)]` structs of `u32`s (and one leading `u64`) without
@@ -329,6 +370,8 @@ mod user {
     unsafe impl aya::Pod for ServiceTarget {}
     // SAFETY: see above (`pad` makes the tail padding explicit).
     unsafe impl aya::Pod for Redirect {}
+    // SAFETY: a `u64` and two `u32`s, no padding: every bit pattern is valid.
+    unsafe impl aya::Pod for Flow {}
 
     impl SockKey {
         /// The key `clink_sockops` stores a connected socket under, from the socket's

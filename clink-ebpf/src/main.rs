@@ -12,6 +12,14 @@
 //!   looks up the other end of the connection under the reversed 4-tuple and moves the data
 //!   straight into that socket's receive queue, skipping the TCP/IP stack on the local hop.
 //!
+//! The kernel queues a redirected send however far behind the reader is, and never makes the
+//! sender wait. So `clink_skmsg` also keeps the flow control the kernel lacks, for the sockets
+//! the agent reads: it counts the bytes it sends into each (`CLINK_FLOWS`), the agent counts
+//! what it has read (`CLINK_READS`), and once the agent is [`FLOW_WINDOW`] behind, the
+//! client's (or target's) sends take the TCP stack, whose receive window makes the sender
+//! wait, until the agent has read everything; then the splice again. The agent paces its own
+//! sends into the sockets of clients and targets itself (it reads their queue length).
+//!
 //! Every program ignores sockets outside the agent's network namespace (`CLINK_NETNS_COOKIE`),
 //! so agents of several namespaces can share one cgroup.
 //!
@@ -38,9 +46,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use clink_common::{
-    PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, CONNS_MAX_ENTRIES,
-    IPPROTO_TCP, LOOPBACK4, LOOPBACK6, PORTS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SKMSG_BYTES_IDX,
-    SKMSG_COUNTERS, SKMSG_MSGS_IDX, SOCKS_MAX_ENTRIES,
+    Flow, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, CONNS_MAX_ENTRIES,
+    FLOW_WINDOW, IPPROTO_TCP, LOOPBACK4, LOOPBACK6, PORTS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+    SKMSG_BYTES_IDX, SKMSG_COUNTERS, SKMSG_FALLBACKS_IDX, SKMSG_MSGS_IDX, SKMSG_PASSED_IDX,
+    SKMSG_RESUMES_IDX, SOCKS_MAX_ENTRIES,
 };
 
 #[btf_map]
@@ -70,6 +79,15 @@ static CLINK_PENDING: LruHashMap<SockKey, u32, { CONNS_MAX_ENTRIES as usize }> =
 #[btf_map]
 static CLINK_UNSPLICED: LruHashMap<SockKey, u32, { CONNS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+#[btf_map]
+static CLINK_FLOWS: LruHashMap<u64, Flow, { SOCKS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+static CLINK_READS: LruHashMap<u64, u64, { SOCKS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+static CLINK_COOKIES: LruHashMap<SockKey, u64, { SOCKS_MAX_ENTRIES as usize }> = LruHashMap::new();
 
 // Set by the agent at load time (clink_common::global); read-only to the programs.
 #[unsafe(no_mangle)]
@@ -125,21 +143,35 @@ fn on_connect(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i32> {
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
     }
     if port_has(key.dst_port, PortFlags::TARGET) && is_agent_task() {
-        CLINK_PENDING.insert(key, 1, 0)?;
+        CLINK_PENDING.insert(key, PENDING_AGENT_CONNECT, 0)?;
     }
     Ok(())
 }
+
+/// `CLINK_PENDING` values: what the socket waiting there is.
+/// The agent's own connect to an export target, before it is established.
+const PENDING_AGENT_CONNECT: u32 = 1;
+/// The accepting end of a connection to an agent listener: the agent's socket.
+const PENDING_AGENT_ACCEPT: u32 = 2;
+/// The accepting end of the agent's connection to an export target: the target's socket.
+const PENDING_TARGET_ACCEPT: u32 = 3;
 
 /// The connecting end is established first (the other end waits for its ACK): it is taken
 /// if it connects to an agent listener or is the agent's own connection to an export
 /// target, and then leaves word for the accepting end in `CLINK_PENDING`.
 fn on_active_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
-    let owned = port_has(key.dst_port, PortFlags::LISTENER) || CLINK_PENDING.remove(key).is_ok();
-    if !owned {
+    let to_listener = port_has(key.dst_port, PortFlags::LISTENER);
+    let agent_connect = !to_listener && CLINK_PENDING.remove(key).is_ok();
+    if !to_listener && !agent_connect {
         return Ok(());
     }
-    add_socket(ctx, key)?;
-    CLINK_PENDING.insert(key.reversed(), 1, 0)?;
+    add_socket(ctx, key, agent_connect)?;
+    let other_end = if to_listener {
+        PENDING_AGENT_ACCEPT
+    } else {
+        PENDING_TARGET_ACCEPT
+    };
+    CLINK_PENDING.insert(key.reversed(), other_end, 0)?;
     let cookie = socket_cookie(ctx.as_ptr());
     if let Some(service) = CLINK_ORIG_DST.get_ptr(cookie) {
         let redirect = Redirect {
@@ -156,15 +188,33 @@ fn on_active_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> 
 /// The accepting end is taken only if its connecting end was: a client the programs do not
 /// see (outside the cgroup) leaves the agent's accepted socket alone too.
 fn on_passive_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
-    if CLINK_PENDING.remove(key).is_err() {
+    let Some(pending) = CLINK_PENDING.get_ptr(key) else {
         return Ok(());
-    }
-    add_socket(ctx, key)
+    };
+    // SAFETY: a pointer to a live map value, copied at once.
+    let agent_reads = unsafe { *pending } == PENDING_AGENT_ACCEPT;
+    let _ = CLINK_PENDING.remove(key);
+    add_socket(ctx, key, agent_reads)
 }
 
-fn add_socket(ctx: &SockOpsContext, mut key: SockKey) -> Result<(), i32> {
+/// `agent_reads`: the socket is the agent's end, whose reads the agent counts in
+/// `CLINK_READS` (sends into it are flow-controlled here).
+fn add_socket(ctx: &SockOpsContext, mut key: SockKey, agent_reads: bool) -> Result<(), i32> {
     // A new connection: an entry of an earlier one with the same 4-tuple no longer applies.
     let _ = CLINK_UNSPLICED.remove(key);
+    // Flow state first: a sender that finds this socket in `CLINK_SOCKS` finds it too.
+    let cookie = socket_cookie(ctx.as_ptr());
+    let flow = Flow {
+        agent_reads: u32::from(agent_reads),
+        ..Flow::default()
+    };
+    CLINK_FLOWS.insert(cookie, flow, 0)?;
+    if agent_reads {
+        CLINK_READS.insert(cookie, 0, 0)?;
+    }
+    CLINK_COOKIES.insert(key, cookie, 0)?;
+    // ... and the close callback removes both again.
+    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
     // SAFETY: `ctx.ops` is the context pointer the kernel passed to this program; the helper
     // only reads the socket behind it.
     let ops = unsafe { &mut *ctx.ops };
@@ -177,8 +227,12 @@ fn add_socket(ctx: &SockOpsContext, mut key: SockKey) -> Result<(), i32> {
 }
 
 fn on_close(ctx: &SockOpsContext, key: &SockKey) {
-    let _ = CLINK_ORIG_DST.remove(socket_cookie(ctx.as_ptr()));
+    let cookie = socket_cookie(ctx.as_ptr());
+    let _ = CLINK_ORIG_DST.remove(cookie);
     let _ = CLINK_REDIRECTS.remove(key.reversed());
+    let _ = CLINK_FLOWS.remove(cookie);
+    let _ = CLINK_READS.remove(cookie);
+    let _ = CLINK_COOKIES.remove(*key);
 }
 
 #[inline(always)]
@@ -302,10 +356,11 @@ pub fn clink_skmsg(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
-/// Redirects the message to the peer socket if it is in `CLINK_SOCKS`. Without a peer the
-/// message takes the normal TCP path, so a connection whose other end the agent does not own
-/// keeps working; and so does every later message of that socket: bytes already on the TCP
-/// path would otherwise be overtaken by redirected ones, which the receiver reads first.
+/// Redirects the message to the peer socket if it is in `CLINK_SOCKS` and its reader keeps
+/// up. Without a peer the message takes the normal TCP path, so a connection whose other end
+/// the agent does not own keeps working; and so does every later message of that socket:
+/// bytes already on the TCP path would otherwise be overtaken by redirected ones, which the
+/// receiver reads first.
 fn try_clink_skmsg(ctx: &SkMsgContext) {
     // SAFETY: `ctx.msg` is the context pointer the kernel passed to this program.
     let key = unsafe { sk_msg_key(ctx.msg) };
@@ -313,13 +368,60 @@ fn try_clink_skmsg(ctx: &SkMsgContext) {
         return;
     }
     let mut peer = key.reversed();
-    let size = ctx.size();
+    let Some(cookie) = CLINK_COOKIES.get_ptr(peer) else {
+        let _ = CLINK_UNSPLICED.insert(key, 1, 0);
+        return;
+    };
+    // SAFETY: a pointer to a live map value, copied at once.
+    let cookie = unsafe { *cookie };
+    let Some(flow) = CLINK_FLOWS.get_ptr_mut(cookie) else {
+        let _ = CLINK_UNSPLICED.insert(key, 1, 0);
+        return;
+    };
+    let size = u64::from(ctx.size());
+    // SAFETY: a pointer to a live map value, written only by the sends of this socket (the
+    // kernel runs them one at a time) and by `add_socket` before the socket is spliced.
+    let flow = unsafe { &mut *flow };
+    if flow.agent_reads != 0 && !within_window(flow, cookie, size) {
+        count(SKMSG_PASSED_IDX, size);
+        return;
+    }
     if CLINK_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
         let _ = CLINK_UNSPLICED.insert(key, 1, 0);
         return;
     }
-    count(SKMSG_BYTES_IDX, u64::from(size));
+    count(SKMSG_BYTES_IDX, size);
     count(SKMSG_MSGS_IDX, 1);
+}
+
+/// Counts `size` more bytes sent into the agent's socket behind `flow` and says whether they
+/// may be redirected: no while the agent is [`FLOW_WINDOW`] behind, and from then on until it
+/// has read every byte, so that none of the bytes that take the TCP stack meanwhile is
+/// overtaken by a redirected one (the reader gets redirected bytes first).
+#[inline(always)]
+fn within_window(flow: &mut Flow, cookie: u64, size: u64) -> bool {
+    let read = match CLINK_READS.get_ptr(cookie) {
+        // SAFETY: a pointer to a live map value that the agent rewrites whole; one aligned
+        // 8-byte load.
+        Some(read) => unsafe { core::ptr::read_volatile(read) },
+        None => 0,
+    };
+    // Counted before the kernel queues the bytes, so `read` never gets ahead of `sent`.
+    let behind = flow.sent.saturating_sub(read);
+    flow.sent += size;
+    if flow.passing != 0 {
+        if behind != 0 {
+            return false;
+        }
+        // Everything that took the TCP stack has been read: nothing left to overtake.
+        flow.passing = 0;
+        count(SKMSG_RESUMES_IDX, 1);
+    } else if behind + size > FLOW_WINDOW {
+        flow.passing = 1;
+        count(SKMSG_FALLBACKS_IDX, 1);
+        return false;
+    }
+    true
 }
 
 #[inline(always)]

@@ -181,9 +181,15 @@ impl Agent {
 
     /// Bytes `clink_skmsg` has spliced for this agent so far.
     pub fn skmsg_bytes(&self) -> Result<u64> {
-        self.bpf()?["skmsg"]["bytes"]
+        self.skmsg("bytes")
+    }
+
+    /// A counter of `clink_skmsg` (`bytes`, `messages`, `passed_bytes`, `fallbacks`,
+    /// `resumes`), from `clink bpf -o json`.
+    pub fn skmsg(&self, counter: &str) -> Result<u64> {
+        self.bpf()?["skmsg"][counter]
             .as_u64()
-            .context("clink bpf: no skmsg.bytes")
+            .with_context(|| format!("clink bpf: no skmsg.{counter}"))
     }
 
     // --- end sockmap data path ---

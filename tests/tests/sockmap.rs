@@ -118,11 +118,14 @@ fn both_local_hops_are_spliced_in_the_kernel() {
         return;
     }
     let (fabric, service) = sockmap_service();
-    let (a_before, b_before) = (
-        fabric.a().skmsg_bytes().unwrap(),
-        fabric.b().skmsg_bytes().unwrap(),
-    );
-    const LEN: usize = 16 * MIB;
+    // Every byte goes through clink_skmsg: redirected, or (flow control) passed to TCP.
+    let through = |agent: &clink_tests::Agent| {
+        agent.skmsg("bytes").unwrap() + agent.skmsg("passed_bytes").unwrap()
+    };
+    let (a_before, b_before) = (through(fabric.a()), through(fabric.b()));
+    // Less than the flow-control window each way, so no byte can leave the splice (see
+    // `a_slow_reader_holds_a_fast_sender_back_without_loss` for what happens past it).
+    const LEN: usize = 3 * MIB / 2;
     let (tx, rx) = mpsc::channel();
     let server = thread::spawn(move || {
         let (mut stream, _) = service.accept().unwrap();
@@ -158,8 +161,8 @@ fn both_local_hops_are_spliced_in_the_kernel() {
     // Every byte of both local hops went through clink_skmsg: the two probe bytes and LEN each
     // way, once at each agent.
     let moved = (2 + 2 * LEN) as u64;
-    let a_spliced = fabric.a().skmsg_bytes().unwrap() - a_before;
-    let b_spliced = fabric.b().skmsg_bytes().unwrap() - b_before;
+    let a_spliced = through(fabric.a()) - a_before;
+    let b_spliced = through(fabric.b()) - b_before;
     println!("CLINK_SKMSG_BYTES grew by {a_spliced} at a and {b_spliced} at b for {moved} bytes");
     assert_eq!(a_spliced, moved);
     assert_eq!(b_spliced, moved);
@@ -590,4 +593,101 @@ fn without_a_mountable_bpffs_sockmap_is_refused() {
         ),
         "{stderr}"
     );
+}
+
+/// Bytes waiting to be read on `stream` (`FIONREAD`; on a spliced socket, what was
+/// redirected into it and not read yet).
+fn unread(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(ret, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// The kernel never makes a sender wait for the reader of a spliced socket; the agent and
+/// the programs do. A client writes as fast as it can while the service reads slowly:
+/// - at b, the bytes queued at the service stay within the flow-control window (the agent
+///   waits before writing more);
+/// - at a, the client outruns its agent: its sends leave the splice for the TCP stack (whose
+///   window makes it wait), and the agent then demotes the connection to plain TCP (both
+///   sockets leave `CLINK_SOCKS`) without losing or reordering a byte;
+/// - the connection keeps working both ways afterwards.
+#[test]
+fn a_slow_reader_holds_a_fast_sender_back_without_loss() {
+    if !require_root("a_slow_reader_holds_a_fast_sender_back_without_loss") {
+        return;
+    }
+    use sha2::{Digest as _, Sha256};
+    let (fabric, service) = sockmap_service();
+    const LEN: usize = 48 * MIB;
+    const AGAIN: usize = 1000;
+    let window = clink_common::FLOW_WINDOW as usize;
+    let server = thread::spawn(move || {
+        let (mut stream, _) = service.accept().unwrap();
+        let (mut hash, mut got, mut most_queued) = (Sha256::new(), 0, 0);
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < LEN {
+            most_queued = most_queued.max(unread(&stream));
+            let n = Patient(&mut stream)
+                .read(&mut buf[..(LEN - got).min(64 * 1024)])
+                .unwrap();
+            assert!(n > 0, "end of stream after {got} bytes");
+            hash.update(&buf[..n]);
+            got += n;
+            // At most about 300 MB/s: far slower than the client writes and the agents relay.
+            thread::sleep(Duration::from_micros(200));
+        }
+        stream.write_all(b"k").unwrap();
+        let mut again = vec![0u8; AGAIN];
+        Patient(&mut stream).read_exact(&mut again).unwrap();
+        stream.write_all(b"!").unwrap();
+        (hash.finalize().to_vec(), most_queued, again)
+    });
+    let fallbacks_before = fabric.a().skmsg("fallbacks").unwrap();
+    let data = sample_bytes(LEN);
+    let mut client = fabric.connect(0, import_addr()).unwrap();
+    client.write_all(&data).unwrap();
+    let mut ok = [0u8; 1];
+    Patient(&mut client).read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"k");
+    let fallbacks = fabric.a().skmsg("fallbacks").unwrap() - fallbacks_before;
+    // Demoted: the pair is out of a's map while the connection is open.
+    let a_bpf = fabric.a().bpf().unwrap();
+    assert!(
+        !pair_in(&a_bpf, &client),
+        "client pair still spliced: {a_bpf:#}"
+    );
+    fabric.a().wait_log("demoted to plain TCP").unwrap();
+    // ... and it still works both ways.
+    client.write_all(&[b'x'; AGAIN]).unwrap();
+    Patient(&mut client).read_exact(&mut ok).unwrap();
+    assert_eq!(&ok, b"!");
+    let (hash, most_queued, again) = server.join().unwrap();
+    assert_eq!(again, vec![b'x'; AGAIN]);
+    assert_eq!(hash, Sha256::digest(&data).to_vec(), "bytes differ");
+    println!(
+        "service queue peaked at {most_queued} bytes (window {window}); {fallbacks} fallbacks at a"
+    );
+    // b's agent waited: the queue at the service never grew far past the window (it looks
+    // every quarter window).
+    assert!(
+        most_queued <= window + window / 2,
+        "{most_queued} bytes queued at the service"
+    );
+    assert!(fallbacks >= 1, "no fallback at a");
+}
+
+/// `len` bytes that do not repeat with a short period.
+fn sample_bytes(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

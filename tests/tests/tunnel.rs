@@ -44,24 +44,31 @@ fn allowed_service_on(datapath: Datapath) -> (Fabric, TcpListener) {
     (fabric, service)
 }
 
-/// Bytes `clink_skmsg` spliced at agents a and b so far (sockmap data path only).
+/// Bytes that went through `clink_skmsg` at agents a and b so far, redirected or (flow
+/// control) passed to the TCP stack (sockmap data path only).
 fn spliced(fabric: &Fabric) -> Option<(u64, u64)> {
-    (fabric.datapath == Datapath::Sockmap).then(|| {
-        (
-            fabric.a().skmsg_bytes().unwrap(),
-            fabric.b().skmsg_bytes().unwrap(),
-        )
-    })
+    let through = |agent: &clink_tests::Agent| {
+        agent.skmsg("bytes").unwrap() + agent.skmsg("passed_bytes").unwrap()
+    };
+    (fabric.datapath == Datapath::Sockmap).then(|| (through(fabric.a()), through(fabric.b())))
 }
 
-/// On the sockmap data path, both agents' `clink_skmsg` moved exactly `bytes` since `before`.
+/// On the sockmap data path, both agents' `clink_skmsg` saw exactly `bytes` since `before`;
+/// or, where a sender outran its agent and the connection was demoted to plain TCP (which
+/// the agent logs), the bytes before that.
 fn assert_spliced(fabric: &Fabric, before: Option<(u64, u64)>, bytes: usize) {
     if let (Some((a0, b0)), Some((a1, b1))) = (before, spliced(fabric)) {
-        assert_eq!(
-            (a1 - a0, b1 - b0),
-            (bytes as u64, bytes as u64),
-            "spliced at a, b"
-        );
+        let seen = (a1 - a0, b1 - b0);
+        let all = (bytes as u64, bytes as u64);
+        if seen != all {
+            let demoted = [fabric.a(), fabric.b()]
+                .iter()
+                .any(|agent| agent.log().contains("demoted to plain TCP"));
+            assert!(
+                demoted && seen.0 > 0 && seen.1 > 0 && seen.0 <= all.0 && seen.1 <= all.1,
+                "spliced at a, b: {seen:?} of {all:?} without a demotion"
+            );
+        }
     }
 }
 

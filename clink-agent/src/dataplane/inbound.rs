@@ -16,6 +16,7 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
 use super::{
+    local,
     relay::{self, PeerIo},
     wire, ConnGuard,
 };
@@ -266,6 +267,7 @@ async fn connect(
     }
     Metrics::observe(&agent.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
+    let target = local::local_leg(target, agent.datapath.flow.as_ref());
     let outcome = relay::relay(tls, target).await;
     let received = outcome.a_to_b + early.len() as u64;
     let sent = outcome.b_to_a;

@@ -2,6 +2,7 @@
 //! clients connect to, the wire protocol between peers and the byte relay.
 
 pub mod inbound;
+pub mod local;
 pub mod outbound;
 pub mod relay;
 pub mod wire;

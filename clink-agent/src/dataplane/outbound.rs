@@ -16,6 +16,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
 use super::{
+    local,
     relay::{self, PeerIo},
     wire, ConnGuard,
 };
@@ -251,6 +252,7 @@ async fn carry(
             return;
         }
     }
+    let client = local::local_leg(client, agent.datapath.flow.as_ref());
     let outcome = relay::relay(client, tunnel).await;
     let sent = outcome.a_to_b;
     let received = outcome.b_to_a + early.len() as u64;
