@@ -1328,10 +1328,25 @@ mod tests {
         };
         let loaded = loaded.get();
         let (mut client, mut server) = connected_pair(listen, connect);
-        let mut socks: SockHash<&mut MapData, SockKey> =
-            loaded.ebpf.map_mut(map::SOCKS).unwrap().try_into().unwrap();
         for sock in [&client, &server] {
             let key = SockKey::from_addrs(sock.local_addr().unwrap(), sock.peer_addr().unwrap());
+            // What `clink_sockops` records first: the flow state (no window: not an agent
+            // socket) and how a sender finds it.
+            let cookie = crate::flow::socket_cookie(sock).unwrap();
+            let mut flows: aya::maps::HashMap<&mut MapData, u64, clink_common::Flow> =
+                loaded.ebpf.map_mut(map::FLOWS).unwrap().try_into().unwrap();
+            flows
+                .insert(cookie, clink_common::Flow::default(), 0)
+                .unwrap();
+            let mut cookies: aya::maps::HashMap<&mut MapData, SockKey, u64> = loaded
+                .ebpf
+                .map_mut(map::COOKIES)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            cookies.insert(key, cookie, 0).unwrap();
+            let mut socks: SockHash<&mut MapData, SockKey> =
+                loaded.ebpf.map_mut(map::SOCKS).unwrap().try_into().unwrap();
             socks.insert(key, sock.as_raw_fd(), 0).unwrap();
         }
 

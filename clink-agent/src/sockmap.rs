@@ -4,9 +4,9 @@
 //! [`select`] decides from `--datapath`: `userspace`, `sockmap` (fails with the missing
 //! feature if the kernel or the privileges do not allow it) or `auto`. `auto` runs userspace
 //! and logs whether sockmap could run: sockmap is opt-in because on the kernels tested (6.18)
-//! a send redirected into the ingress queue of a socket whose reader lags fails with ENOMEM
-//! (no back-pressure; iperf3 hits it at once) and a blocking read of a spliced socket can fail
-//! with EAGAIN. Event-driven clients that retry are unaffected. With sockmap the eBPF programs are loaded, pinned and
+//! a blocking read of a spliced socket can fail with EAGAIN. Event-driven clients are
+//! unaffected. (The kernel's missing back-pressure on redirected sends is made up for by the
+//! flow control in [`crate::flow`].) With sockmap the eBPF programs are loaded, pinned and
 //! attached to a cgroup v2 directory, and [`Sockmap`], the agent's [`DatapathHook`], fills
 //! their maps:
 //!
@@ -117,8 +117,9 @@ pub fn select(options: &Options) -> Result<Selected, SelectError> {
                 Ok(_) => info!(
                     datapath = dataplane::USERSPACE,
                     "the sockmap data path is available but not chosen automatically: on this \
-                     kernel, sends redirected into a busy socket fail with ENOMEM and blocking \
-                     reads of spliced sockets can fail with EAGAIN; --datapath sockmap turns it on"
+                     kernel a blocking recv() on a spliced socket can fail with EAGAIN, which \
+                     breaks clients that use blocking sockets; --datapath sockmap turns it on \
+                     (clients with non-blocking I/O are not affected)"
                 ),
                 Err(unavailable) => info!(
                     datapath = dataplane::USERSPACE,
