@@ -74,6 +74,12 @@ pub struct DatapathLabels {
     pub datapath: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DemotionLabels {
+    /// `bulk`, `sender-outran`, or `gave-up` (the redirect queues did not empty in time).
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -93,6 +99,7 @@ pub struct Metrics {
     pub setup: Latency,
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub datapath: Family<DatapathLabels, Gauge>,
+    pub demotions: Family<DemotionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -109,6 +116,7 @@ impl Default for Metrics {
             setup: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             peer_reachable: Family::default(),
             datapath: Family::default(),
+            demotions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -160,6 +168,12 @@ impl Default for Metrics {
             "datapath",
             "The data path in use (value 1)",
             m.datapath.clone(),
+        );
+        registry.register(
+            "sockmap_demotions",
+            "Connections taken off the sockmap splice to plain TCP, by reason (gave-up: an \
+             attempt that found the redirect queues not emptying in time)",
+            m.demotions.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -660,6 +660,17 @@ fn a_slow_reader_holds_a_fast_sender_back_without_loss() {
         "client pair still spliced: {a_bpf:#}"
     );
     fabric.a().wait_log("demoted to plain TCP").unwrap();
+    let metrics = scrape(fabric.ns_a()).unwrap();
+    let demotions = ["sender-outran", "bulk"]
+        .map(|reason| {
+            sample(
+                &metrics,
+                &format!("clink_sockmap_demotions_total{{reason=\"{reason}\"}}"),
+            )
+        })
+        .iter()
+        .sum::<f64>();
+    assert_eq!(demotions, 1.0, "{metrics}");
     // ... and it still works both ways.
     client.write_all(&[b'x'; AGAIN]).unwrap();
     Patient(&mut client).read_exact(&mut ok).unwrap();

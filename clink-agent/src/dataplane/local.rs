@@ -37,8 +37,13 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
 use super::relay::OverTcp;
-use crate::flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY};
+use crate::{
+    flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY},
+    metrics::DemotionLabels,
+};
 
 /// How long a write waits before looking at a full queue again.
 const PACE: Duration = Duration::from_millis(1);
@@ -76,8 +81,9 @@ struct Spliced {
     demote_after: u64,
     /// Bytes written into the other socket.
     written: u64,
-    /// Why the current demotion started, for the log.
+    /// Why the current demotion started: the `reason` label of `demotions`.
     why: &'static str,
+    demotions: Family<DemotionLabels, Counter>,
 }
 
 /// What a demotion step came to.
@@ -88,13 +94,22 @@ enum Demotion {
 }
 
 /// Wraps the agent's end of a local hop. With `control` (the sockmap path) and a socket the
-/// programs spliced, the flow control runs; otherwise this is the plain stream.
-pub fn local_leg(tcp: TcpStream, control: Option<&Arc<FlowControl>>) -> LocalLeg {
-    let flow = control.and_then(|control| spliced(&tcp, control));
+/// programs spliced, the flow control runs (and counts demotions in `demotions`); otherwise
+/// this is the plain stream.
+pub fn local_leg(
+    tcp: TcpStream,
+    control: Option<&Arc<FlowControl>>,
+    demotions: &Family<DemotionLabels, Counter>,
+) -> LocalLeg {
+    let flow = control.and_then(|control| spliced(&tcp, control, demotions));
     LocalLeg { tcp, flow }
 }
 
-fn spliced(tcp: &TcpStream, control: &Arc<FlowControl>) -> Option<Spliced> {
+fn spliced(
+    tcp: &TcpStream,
+    control: &Arc<FlowControl>,
+    demotions: &Family<DemotionLabels, Counter>,
+) -> Option<Spliced> {
     let cookie = flow::socket_cookie(tcp)
         .map_err(|e| warn!(error = %e, "no socket cookie: flow control off"))
         .ok()?;
@@ -121,6 +136,7 @@ fn spliced(tcp: &TcpStream, control: &Arc<FlowControl>) -> Option<Spliced> {
         demote_after: 0,
         written: 0,
         why: "",
+        demotions: demotions.clone(),
         control: control.clone(),
         cookie,
         read: 0,
@@ -149,9 +165,9 @@ impl Spliced {
             return;
         }
         let why = if moved >= BULK {
-            "bulk transfer"
+            "bulk"
         } else if check_passing && self.control.passing(self.cookie).unwrap_or(false) {
-            "the sender outran the agent"
+            "sender-outran"
         } else {
             return;
         };
@@ -180,12 +196,17 @@ impl Spliced {
                 .and_then(|_| self.control.unsplice(&self.keys[0]));
             match result {
                 Ok(_) => {
+                    let why = match self.why {
+                        "bulk" => "a bulk transfer",
+                        _ => "the sender outran the agent",
+                    };
                     info!(
                         read = self.read,
                         written = self.written,
-                        "demoted to plain TCP: {}",
-                        self.why
+                        reason = self.why,
+                        "demoted to plain TCP: {why}"
                     );
+                    self.count(self.why);
                     return Demotion::Done;
                 }
                 Err(e) => warn!(error = %e, "cannot take the sockets out of the map"),
@@ -193,11 +214,22 @@ impl Spliced {
         } else if started.elapsed() < DEMOTE_WAIT {
             return Demotion::Waiting;
         }
-        debug!(?own, ?other, "demotion given up: queues did not empty");
+        info!(
+            ?own,
+            ?other,
+            "demotion given up: the redirect queues did not empty in time"
+        );
+        self.count("gave-up");
         self.demoting = None;
         self.demote_after = self.read + self.written + DEMOTE_RETRY;
         self.publish();
         Demotion::GaveUp
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.demotions
+            .get_or_create(&DemotionLabels { reason })
+            .inc();
     }
 
     /// Ready once the other socket's queue is short enough to write into.
