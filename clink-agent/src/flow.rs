@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use clink_common::FLOW_WINDOW;
-use clink_common::{Flow, SockKey};
+use clink_common::{Flow, Redirect, SockKey};
 
 /// Publish the read count at least this often (bytes), so a sender sees the agent keep up.
 pub const PUBLISH_EVERY: u64 = FLOW_WINDOW / 4;
@@ -28,12 +28,14 @@ pub const PUBLISH_EVERY: u64 = FLOW_WINDOW / 4;
 /// often only while the queue is close to the window).
 pub const MIN_CHECK: u64 = FLOW_WINDOW / 8;
 
-/// The maps the agent's half of the flow control uses: `CLINK_READS` (written),
-/// `CLINK_FLOWS` (read) and `CLINK_SOCKS` (entries removed when a connection is demoted).
+/// The maps the agent uses per connection on the sockmap path: `CLINK_READS` (written),
+/// `CLINK_FLOWS` (read), `CLINK_SOCKS` (entries removed when a connection is demoted) and
+/// `CLINK_REDIRECTS` (read: which service address a client asked for).
 pub struct FlowControl {
     reads: OwnedFd,
     flows: OwnedFd,
     socks: OwnedFd,
+    redirects: OwnedFd,
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -88,11 +90,35 @@ fn map_cmd<K, V>(
 }
 
 impl FlowControl {
-    pub fn new(reads: OwnedFd, flows: OwnedFd, socks: OwnedFd) -> FlowControl {
+    pub fn new(reads: OwnedFd, flows: OwnedFd, socks: OwnedFd, redirects: OwnedFd) -> Self {
         FlowControl {
             reads,
             flows,
             socks,
+            redirects,
+        }
+    }
+
+    /// The service address a client connected to before `clink_connect4/6` sent it to the
+    /// Import listener, from the agent's accepted socket (`local`, `peer`); `None` for a
+    /// client that connected to the listener itself.
+    pub fn original_destination(&self, local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let key = SockKey::from_addrs(canonical(local), canonical(peer));
+        let mut redirect = Redirect::default();
+        match map_cmd(
+            BPF_MAP_LOOKUP_ELEM,
+            &self.redirects,
+            &key,
+            &raw mut redirect,
+            0,
+        ) {
+            Ok(true) => Some(redirect.service.addr()),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "{} lookup failed", clink_common::map::REDIRECTS);
+                None
+            }
         }
     }
 

@@ -252,7 +252,12 @@ impl Sockmap {
             ebpf.map_fd(name)
                 .map_err(missing("a loadable eBPF program"))
         };
-        let flow = FlowControl::new(fd(map::READS)?, fd(map::FLOWS)?, fd(map::SOCKS)?);
+        let flow = FlowControl::new(
+            fd(map::READS)?,
+            fd(map::FLOWS)?,
+            fd(map::SOCKS)?,
+            fd(map::REDIRECTS)?,
+        );
         ebpf.attach_cgroup(&cgroup)
             .map_err(missing("a cgroup v2 attachment"))?;
         Ok(Sockmap {

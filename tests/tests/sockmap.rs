@@ -272,6 +272,17 @@ fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
     }
     // a's counter only moves for spliced sockets, and these were not.
     assert_eq!(fabric.a().skmsg_bytes().unwrap(), before);
+    // The agent knew which address each redirected client asked for, and logged it.
+    let log = fabric.a().log();
+    for addr in [
+        format!("{VIP4}:{SERVICE_PORT}"),
+        format!("[{VIP6}]:{SERVICE_PORT}"),
+    ] {
+        assert!(
+            log.contains(&format!("service_addr={addr}")),
+            "no service_addr={addr} in a's log:\n{log}"
+        );
+    }
 
     // Without the annotation, the address is no service any more.
     assert!(fabric

@@ -73,7 +73,14 @@ pub async fn serve(agent: Arc<Agent>, import: ObjectKey, client: TcpStream, from
         peer = field::Empty,
         decision = field::Empty,
         datapath = agent.datapath.name,
+        service_addr = field::Empty,
     );
+    // On the sockmap path, a client may have asked for the Import's service address.
+    if let (Some(flow), Ok(local)) = (&agent.datapath.flow, client.local_addr()) {
+        if let Some(service) = flow.original_destination(local, from) {
+            span.record("service_addr", field::display(service));
+        }
+    }
     handle(agent, import, client, from).instrument(span).await
 }
 
