@@ -19,8 +19,8 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
 };
 
-pub use clink_common::FLOW_WINDOW;
 use clink_common::{Flow, Redirect, SockKey};
+pub use clink_common::{FLOW_WINDOW, READS_FROZEN};
 
 /// Publish the read count at least this often (bytes), so a sender sees the agent keep up.
 pub const PUBLISH_EVERY: u64 = FLOW_WINDOW / 4;

@@ -113,6 +113,10 @@ pub const SKMSG_RESUMES_IDX: u32 = 4;
 /// agent stops sending into a client's or target's socket until it has caught up.
 pub const FLOW_WINDOW: u64 = 2 << 20;
 
+/// Set by the agent in its `CLINK_READS` entry while it takes a connection off the splice:
+/// from then on every send into that socket takes the TCP stack, however small.
+pub const READS_FROZEN: u64 = 1 << 63;
+
 /// Value of `CLINK_FLOWS`, one per spliced socket (the receiving end).
 ///
 /// - `sent`: bytes its peer has sent it since both were spliced, redirected or not (counted

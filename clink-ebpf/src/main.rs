@@ -47,9 +47,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use clink_common::{
     Flow, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, CONNS_MAX_ENTRIES,
-    FLOW_WINDOW, IPPROTO_TCP, LOOPBACK4, LOOPBACK6, PORTS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-    SKMSG_BYTES_IDX, SKMSG_COUNTERS, SKMSG_FALLBACKS_IDX, SKMSG_MSGS_IDX, SKMSG_PASSED_IDX,
-    SKMSG_RESUMES_IDX, SOCKS_MAX_ENTRIES,
+    FLOW_WINDOW, IPPROTO_TCP, LOOPBACK4, LOOPBACK6, PORTS_MAX_ENTRIES, READS_FROZEN,
+    SERVICES_MAX_ENTRIES, SKMSG_BYTES_IDX, SKMSG_COUNTERS, SKMSG_FALLBACKS_IDX, SKMSG_MSGS_IDX,
+    SKMSG_PASSED_IDX, SKMSG_RESUMES_IDX, SOCKS_MAX_ENTRIES,
 };
 
 #[btf_map]
@@ -406,9 +406,14 @@ fn within_window(flow: &mut Flow, cookie: u64, size: u64) -> bool {
         Some(read) => unsafe { core::ptr::read_volatile(read) },
         None => 0,
     };
-    // Counted before the kernel queues the bytes, so `read` never gets ahead of `sent`.
-    let behind = flow.sent.saturating_sub(read);
     flow.sent += size;
+    if read & READS_FROZEN != 0 {
+        // The agent is taking the connection off the splice.
+        flow.passing = 1;
+        return false;
+    }
+    // Counted before the kernel queues the bytes, so `read` never gets ahead of `sent`.
+    let behind = (flow.sent - size).saturating_sub(read);
     if flow.passing != 0 {
         if behind != 0 {
             return false;

@@ -41,7 +41,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use super::relay::OverTcp;
 use crate::{
-    flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY},
+    flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY, READS_FROZEN},
     metrics::DemotionLabels,
 };
 
@@ -49,6 +49,9 @@ use crate::{
 const PACE: Duration = Duration::from_millis(1);
 /// How long a demotion may wait for the redirect queues to empty.
 const DEMOTE_WAIT: Duration = Duration::from_millis(200);
+/// How long after the other socket left the map this one may leave: far longer than a send
+/// that was already past the program takes to land.
+const SETTLE: Duration = Duration::from_millis(2);
 /// Bytes moved between two demotion attempts.
 const DEMOTE_RETRY: u64 = 16 * FLOW_WINDOW;
 /// A connection that has moved this much (both ways) is a bulk transfer: demoted to plain
@@ -75,8 +78,10 @@ struct Spliced {
     pause: Option<Pin<Box<Sleep>>>,
     /// The keys of both sockets in `CLINK_SOCKS` (this one first).
     keys: [SockKey; 2],
-    /// Set while a demotion waits for the queues to empty: when it began.
+    /// Set while a demotion is under way: when it began, and when the other socket left
+    /// the map (the second stage).
     demoting: Option<Instant>,
+    other_out: Option<Instant>,
     /// No demotion before this many bytes were moved (after one gave up).
     demote_after: u64,
     /// Bytes written into the other socket.
@@ -133,6 +138,7 @@ fn spliced(
     Some(Spliced {
         keys: [own, own.reversed()],
         demoting: None,
+        other_out: None,
         demote_after: 0,
         written: 0,
         why: "",
@@ -171,30 +177,31 @@ impl Spliced {
         } else {
             return;
         };
-        // A read count of 0 keeps the sender on TCP however far the agent gets: everything
-        // it sends from now on is more than the window ahead.
-        if self.control.publish_read(self.cookie, 0).is_ok() {
-            self.published = 0;
+        // From here on every send into this socket takes the TCP stack.
+        if self.control.publish_read(self.cookie, READS_FROZEN).is_ok() {
+            self.published = READS_FROZEN;
             self.demoting = Some(Instant::now());
             self.why = why;
             debug!(moved, why, "demoting to plain TCP");
         }
     }
 
-    /// Finishes the demotion if no redirected byte is left in either socket.
+    /// One step of a demotion, in two stages. First, once neither socket has a redirected
+    /// byte queued, the other socket leaves the map (its sends are plain TCP from then on).
+    /// Then, a moment later (a send that was already past the program when the first stage
+    /// looked may still land here), this socket leaves once its own queue is empty again:
+    /// the kernel drops whatever a socket still has queued when it leaves.
     fn demotion_step(&mut self, tcp: &TcpStream) -> Demotion {
         let Some(started) = self.demoting else {
             return Demotion::GaveUp;
         };
         let own = flow::redirected_unread(tcp);
-        let other = flow::queued(self.other.0, self.other.1);
-        if let (Ok(0), Ok(0)) = (&own, &other) {
-            // The other end first: once out of the map its sends never take the splice.
-            let result = self
-                .control
-                .unsplice(&self.keys[1])
-                .and_then(|_| self.control.unsplice(&self.keys[0]));
-            match result {
+        if let Some(out) = self.other_out {
+            if out.elapsed() < SETTLE || !matches!(own, Ok(0)) {
+                // Only the agent's own reads empty it now, and they do.
+                return Demotion::Waiting;
+            }
+            return match self.control.unsplice(&self.keys[0]) {
                 Ok(_) => {
                     let why = match self.why {
                         "bulk" => "a bulk transfer",
@@ -207,9 +214,25 @@ impl Spliced {
                         "demoted to plain TCP: {why}"
                     );
                     self.count(self.why);
-                    return Demotion::Done;
+                    Demotion::Done
                 }
-                Err(e) => warn!(error = %e, "cannot take the sockets out of the map"),
+                Err(e) => {
+                    // Still spliced, but inert: its peer is out of the map, so nothing is
+                    // redirected into it any more, and its own sends take the TCP stack.
+                    warn!(error = %e, "cannot take the agent's socket out of the map");
+                    self.count(self.why);
+                    Demotion::Done
+                }
+            };
+        }
+        let other = flow::queued(self.other.0, self.other.1);
+        if let (Ok(0), Ok(0)) = (&own, &other) {
+            match self.control.unsplice(&self.keys[1]) {
+                Ok(_) => {
+                    self.other_out = Some(Instant::now());
+                    return Demotion::Waiting;
+                }
+                Err(e) => warn!(error = %e, "cannot take the other socket out of the map"),
             }
         } else if started.elapsed() < DEMOTE_WAIT {
             return Demotion::Waiting;
@@ -286,7 +309,7 @@ impl AsyncRead for LocalLeg {
             // sender can go back to the splice.
             let drained = buf.remaining() > 0;
             if flow.read != flow.published
-                && (drained || flow.read - flow.published >= PUBLISH_EVERY)
+                && (drained || flow.read.saturating_sub(flow.published) >= PUBLISH_EVERY)
             {
                 flow.publish();
                 flow.consider_demotion(!drained && n > 0);
