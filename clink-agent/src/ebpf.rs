@@ -376,24 +376,8 @@ impl Scope {
 }
 
 fn netns_cookie() -> io::Result<u64> {
-    use std::os::fd::AsRawFd as _;
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    crate::flow::socket_option_u64(&socket, libc::SO_NETNS_COOKIE)
 }
 
 /// Creates the maps, loads the programs and attaches `clink_skmsg` to `CLINK_SOCKS`.

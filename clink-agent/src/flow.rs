@@ -172,20 +172,25 @@ pub fn redirected_unread(fd: &impl AsRawFd) -> io::Result<u64> {
 
 /// The kernel's cookie of a socket (`SO_COOKIE`): how the programs key their flow state.
 pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
+    socket_option_u64(fd, libc::SO_COOKIE)
+}
+
+/// A `u64` socket option at `SOL_SOCKET` level (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+pub fn socket_option_u64(fd: &impl AsRawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let ret = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
+            option,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if ret == 0 {
-        Ok(cookie)
+        Ok(value)
     } else {
         Err(io::Error::last_os_error())
     }

@@ -406,14 +406,14 @@ fn within_window(flow: &mut Flow, cookie: u64, size: u64) -> bool {
         Some(read) => unsafe { core::ptr::read_volatile(read) },
         None => 0,
     };
+    let behind = flow.sent.saturating_sub(read);
+    // Counted before the kernel queues the bytes, so `read` never gets ahead of `sent`.
     flow.sent += size;
     if read & READS_FROZEN != 0 {
         // The agent is taking the connection off the splice.
         flow.passing = 1;
         return false;
     }
-    // Counted before the kernel queues the bytes, so `read` never gets ahead of `sent`.
-    let behind = (flow.sent - size).saturating_sub(read);
     if flow.passing != 0 {
         if behind != 0 {
             return false;

@@ -184,6 +184,12 @@ impl Agent {
         self.skmsg("bytes")
     }
 
+    /// Bytes that went through `clink_skmsg`: redirected, or passed to the TCP stack by the
+    /// flow control.
+    pub fn skmsg_seen(&self) -> Result<u64> {
+        Ok(self.skmsg("bytes")? + self.skmsg("passed_bytes")?)
+    }
+
     /// A counter of `clink_skmsg` (`bytes`, `messages`, `passed_bytes`, `fallbacks`,
     /// `resumes`), from `clink bpf -o json`.
     pub fn skmsg(&self, counter: &str) -> Result<u64> {

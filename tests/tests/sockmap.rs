@@ -119,9 +119,7 @@ fn both_local_hops_are_spliced_in_the_kernel() {
     }
     let (fabric, service) = sockmap_service();
     // Every byte goes through clink_skmsg: redirected, or (flow control) passed to TCP.
-    let through = |agent: &clink_tests::Agent| {
-        agent.skmsg("bytes").unwrap() + agent.skmsg("passed_bytes").unwrap()
-    };
+    let through = |agent: &clink_tests::Agent| agent.skmsg_seen().unwrap();
     let (a_before, b_before) = (through(fabric.a()), through(fabric.b()));
     // Less than the flow-control window each way, so no byte can leave the splice (see
     // `a_slow_reader_holds_a_fast_sender_back_without_loss` for what happens past it).
@@ -606,17 +604,6 @@ fn without_a_mountable_bpffs_sockmap_is_refused() {
     );
 }
 
-/// Bytes waiting to be read on `stream` (`FIONREAD`; on a spliced socket, what was
-/// redirected into it and not read yet).
-fn unread(stream: &TcpStream) -> usize {
-    use std::os::fd::AsRawFd as _;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let ret = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
-    assert_eq!(ret, 0, "FIONREAD: {}", std::io::Error::last_os_error());
-    n as usize
-}
-
 /// The kernel never makes a sender wait for the reader of a spliced socket; the agent and
 /// the programs do. A client writes as fast as it can while the service reads slowly:
 /// - at b, the bytes queued at the service stay within the flow-control window (the agent
@@ -640,7 +627,9 @@ fn a_slow_reader_holds_a_fast_sender_back_without_loss() {
         let (mut hash, mut got, mut most_queued) = (Sha256::new(), 0, 0);
         let mut buf = vec![0u8; 64 * 1024];
         while got < LEN {
-            most_queued = most_queued.max(unread(&stream));
+            // FIONREAD: on a spliced socket, what was redirected into it and not read yet.
+            let unread = clink_agent::flow::redirected_unread(&stream).unwrap();
+            most_queued = most_queued.max(unread as usize);
             let n = Patient(&mut stream)
                 .read(&mut buf[..(LEN - got).min(64 * 1024)])
                 .unwrap();

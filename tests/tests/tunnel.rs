@@ -47,9 +47,7 @@ fn allowed_service_on(datapath: Datapath) -> (Fabric, TcpListener) {
 /// Bytes that went through `clink_skmsg` at agents a and b so far, redirected or (flow
 /// control) passed to the TCP stack (sockmap data path only).
 fn spliced(fabric: &Fabric) -> Option<(u64, u64)> {
-    let through = |agent: &clink_tests::Agent| {
-        agent.skmsg("bytes").unwrap() + agent.skmsg("passed_bytes").unwrap()
-    };
+    let through = |agent: &clink_tests::Agent| agent.skmsg_seen().unwrap();
     (fabric.datapath == Datapath::Sockmap).then(|| (through(fabric.a()), through(fabric.b())))
 }
 

@@ -267,11 +267,7 @@ async fn connect(
     }
     Metrics::observe(&agent.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
-    let target = local::local_leg(
-        target,
-        agent.datapath.flow.as_ref(),
-        &agent.metrics.demotions,
-    );
+    let target = local::local_leg(target, &agent);
     let outcome = relay::relay(tls, target).await;
     let received = outcome.a_to_b + early.len() as u64;
     let sent = outcome.b_to_a;

@@ -41,6 +41,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use super::relay::OverTcp;
 use crate::{
+    agent::Agent,
     flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY, READS_FROZEN},
     metrics::DemotionLabels,
 };
@@ -86,9 +87,33 @@ struct Spliced {
     demote_after: u64,
     /// Bytes written into the other socket.
     written: u64,
-    /// Why the current demotion started: the `reason` label of `demotions`.
-    why: &'static str,
+    /// Why the current demotion started.
+    why: Reason,
     demotions: Family<DemotionLabels, Counter>,
+}
+
+/// Why a connection leaves the splice.
+#[derive(Clone, Copy)]
+enum Reason {
+    Bulk,
+    SenderOutran,
+}
+
+impl Reason {
+    /// The `reason` label of `clink_sockmap_demotions_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Reason::Bulk => "bulk",
+            Reason::SenderOutran => "sender-outran",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Reason::Bulk => "a bulk transfer",
+            Reason::SenderOutran => "the sender outran the agent",
+        }
+    }
 }
 
 /// What a demotion step came to.
@@ -98,15 +123,15 @@ enum Demotion {
     GaveUp,
 }
 
-/// Wraps the agent's end of a local hop. With `control` (the sockmap path) and a socket the
-/// programs spliced, the flow control runs (and counts demotions in `demotions`); otherwise
+/// Wraps the agent's end of a local hop. On the sockmap path, for a socket the programs
+/// spliced, the flow control runs (and counts demotions in the agent's metrics); otherwise
 /// this is the plain stream.
-pub fn local_leg(
-    tcp: TcpStream,
-    control: Option<&Arc<FlowControl>>,
-    demotions: &Family<DemotionLabels, Counter>,
-) -> LocalLeg {
-    let flow = control.and_then(|control| spliced(&tcp, control, demotions));
+pub fn local_leg(tcp: TcpStream, agent: &Agent) -> LocalLeg {
+    let flow = agent
+        .datapath
+        .flow
+        .as_ref()
+        .and_then(|control| spliced(&tcp, control, &agent.metrics.demotions));
     LocalLeg { tcp, flow }
 }
 
@@ -141,7 +166,7 @@ fn spliced(
         other_out: None,
         demote_after: 0,
         written: 0,
-        why: "",
+        why: Reason::Bulk,
         demotions: demotions.clone(),
         control: control.clone(),
         cookie,
@@ -171,9 +196,9 @@ impl Spliced {
             return;
         }
         let why = if moved >= BULK {
-            "bulk"
+            Reason::Bulk
         } else if check_passing && self.control.passing(self.cookie).unwrap_or(false) {
-            "sender-outran"
+            Reason::SenderOutran
         } else {
             return;
         };
@@ -182,7 +207,7 @@ impl Spliced {
             self.published = READS_FROZEN;
             self.demoting = Some(Instant::now());
             self.why = why;
-            debug!(moved, why, "demoting to plain TCP");
+            debug!(moved, reason = why.label(), "demoting to plain TCP");
         }
     }
 
@@ -201,29 +226,20 @@ impl Spliced {
                 // Only the agent's own reads empty it now, and they do.
                 return Demotion::Waiting;
             }
-            return match self.control.unsplice(&self.keys[0]) {
-                Ok(_) => {
-                    let why = match self.why {
-                        "bulk" => "a bulk transfer",
-                        _ => "the sender outran the agent",
-                    };
-                    info!(
-                        read = self.read,
-                        written = self.written,
-                        reason = self.why,
-                        "demoted to plain TCP: {why}"
-                    );
-                    self.count(self.why);
-                    Demotion::Done
-                }
-                Err(e) => {
-                    // Still spliced, but inert: its peer is out of the map, so nothing is
-                    // redirected into it any more, and its own sends take the TCP stack.
-                    warn!(error = %e, "cannot take the agent's socket out of the map");
-                    self.count(self.why);
-                    Demotion::Done
-                }
-            };
+            if let Err(e) = self.control.unsplice(&self.keys[0]) {
+                // Still spliced, but inert: its peer is out of the map, so nothing is
+                // redirected into it any more, and its own sends take the TCP stack.
+                warn!(error = %e, "cannot take the agent's socket out of the map");
+            }
+            info!(
+                read = self.read,
+                written = self.written,
+                reason = self.why.label(),
+                "demoted to plain TCP: {}",
+                self.why.describe()
+            );
+            self.count(self.why.label());
+            return Demotion::Done;
         }
         let other = flow::queued(self.other.0, self.other.1);
         if let (Ok(0), Ok(0)) = (&own, &other) {

@@ -259,11 +259,7 @@ async fn carry(
             return;
         }
     }
-    let client = local::local_leg(
-        client,
-        agent.datapath.flow.as_ref(),
-        &agent.metrics.demotions,
-    );
+    let client = local::local_leg(client, agent);
     let outcome = relay::relay(client, tunnel).await;
     let sent = outcome.a_to_b;
     let received = outcome.b_to_a + early.len() as u64;
