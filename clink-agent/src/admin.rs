@@ -206,13 +206,13 @@ impl Server {
                 "name": self.agent.name(),
                 "peers": peers,
                 "version": env!("CARGO_PKG_VERSION"),
-                "gateway": self.agent.gateway.to_string(),
-                "datapath": self.agent.datapath.name,
-                "labels": self.agent.labels,
+                "gateway": self.agent.gateway().to_string(),
+                "datapath": self.agent.datapath().name(),
+                "labels": self.agent.labels(),
                 "uptimeSeconds": self.started.elapsed().as_secs(),
                 "objects": counts,
                 "imports": imports,
-                "connections": self.agent.stats.view(),
+                "connections": connections(self.agent.metrics().connection_totals()),
             }),
         )
     }
@@ -286,6 +286,16 @@ impl Server {
             .map_err(change_error)
             .map(|()| reply(StatusCode::OK, json!({ "deleted": key.to_string() })))
     }
+}
+
+fn connections(c: crate::metrics::ConnectionTotals) -> Value {
+    json!({
+        "active": c.active,
+        "opened": c.opened,
+        "failed": c.failed,
+        "bytes_out": c.bytes_out,
+        "bytes_in": c.bytes_in,
+    })
 }
 
 fn change_error(e: ChangeError) -> Fail {

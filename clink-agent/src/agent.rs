@@ -8,134 +8,26 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv6Addr, SocketAddr},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
-    },
+    sync::{Arc, Weak},
 };
 
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::Mutex, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, Mutex},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
-    api::{
-        self, ApiError, Export, Import, ImportSource, LbScheme, Object, ObjectKey, Peer, PeerSpec,
-    },
-    clients::ClientMap,
-    dataplane,
+    api::{self, ApiError, Import, Object, ObjectKey, PeerSpec},
+    dataplane::{self, Context},
+    kernel::Datapath,
     metrics::{Metrics, PeerLabels},
-    peer::{self, PeerHealth},
-    policy::PolicySet,
+    peer::{health, PeerEvent, PeerHealth},
+    state::Snapshot,
     store::Store,
-    tls::Identity,
 };
-
-/// Keeps a kernel data path in step with the objects: told about every new [`Snapshot`] and
-/// the port each Import listens on, under the change lock, before connections see it.
-pub trait DatapathHook: Send + Sync {
-    fn objects_changed(&self, snapshot: &Snapshot, import_ports: &BTreeMap<ObjectKey, u16>);
-}
-
-/// The data path in use: its name (`userspace`, `sockmap`, ...) for logs, metrics and
-/// `clink status`, and the hook of a kernel path.
-#[derive(Clone)]
-pub struct Datapath {
-    pub name: &'static str,
-    pub hook: Option<Arc<dyn DatapathHook>>,
-    /// Set on the sockmap path: the agent's half of the flow control of spliced sockets.
-    pub flow: Option<Arc<crate::flow::FlowControl>>,
-}
-
-impl Datapath {
-    pub fn userspace() -> Datapath {
-        Datapath {
-            name: dataplane::USERSPACE,
-            hook: None,
-            flow: None,
-        }
-    }
-}
-
-/// Everything a connection needs to know, immutable once built.
-#[derive(Default)]
-pub struct Snapshot {
-    pub objects: BTreeMap<ObjectKey, Object>,
-    /// Peers by name (the name is the remote certificate's DNS name).
-    pub peers: HashMap<String, Peer>,
-    /// Exports by (namespace, name).
-    pub exports: HashMap<(String, String), Export>,
-    pub imports: HashMap<ObjectKey, Import>,
-    pub policies: PolicySet,
-}
-
-impl Snapshot {
-    fn build(objects: BTreeMap<ObjectKey, Object>) -> Snapshot {
-        let mut peers = HashMap::new();
-        let mut exports = HashMap::new();
-        let mut imports = HashMap::new();
-        let mut privileged = Vec::new();
-        let mut namespaced = Vec::new();
-        for (key, object) in &objects {
-            match object {
-                Object::Peer(p) => {
-                    peers.entry(key.name.clone()).or_insert_with(|| p.clone());
-                }
-                Object::Export(e) => {
-                    exports.insert((key.namespace.clone(), key.name.clone()), e.clone());
-                }
-                Object::Import(i) => {
-                    imports.insert(key.clone(), i.clone());
-                }
-                Object::AccessPolicy(p) => namespaced.push(p.clone()),
-                Object::PrivilegedAccessPolicy(p) => privileged.push(p.clone()),
-            }
-        }
-        Snapshot {
-            policies: PolicySet::new(privileged, namespaced),
-            objects,
-            peers,
-            exports,
-            imports,
-        }
-    }
-}
-
-/// Connection counters for `clink status`; the Prometheus metrics carry the details.
-#[derive(Default)]
-pub struct Stats {
-    pub active: AtomicU64,
-    pub opened: AtomicU64,
-    pub failed: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub bytes_in: AtomicU64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StatsView {
-    pub active: u64,
-    pub opened: u64,
-    pub failed: u64,
-    pub bytes_out: u64,
-    pub bytes_in: u64,
-}
-
-impl Stats {
-    pub fn view(&self) -> StatsView {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StatsView {
-            active: get(&self.active),
-            opened: get(&self.opened),
-            failed: get(&self.failed),
-            bytes_out: get(&self.bytes_out),
-            bytes_in: get(&self.bytes_in),
-        }
-    }
-
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
@@ -184,118 +76,97 @@ struct Runtime {
     failed_imports: HashMap<ObjectKey, String>,
 }
 
+/// The agent's control side: it owns the objects (through the store), the listeners and
+/// heartbeat tasks they need, and the [`Context`] connections read. Nothing in the data path
+/// refers back to it.
 pub struct Agent {
-    pub identity: Identity,
-    pub labels: BTreeMap<String, String>,
-    pub gateway: SocketAddr,
-    /// The data path connections use (see `dataplane`).
-    pub datapath: Datapath,
-    pub stats: Stats,
-    pub metrics: Arc<Metrics>,
-    pub clients: ClientMap,
+    ctx: Arc<Context>,
+    gateway: SocketAddr,
     store: Box<dyn Store>,
-    snapshot: RwLock<Arc<Snapshot>>,
     /// The change lock: apply, delete and status updates take it in turn.
     runtime: Mutex<Runtime>,
-    health: std::sync::Mutex<HashMap<String, Arc<PeerHealth>>>,
-    round_robin: std::sync::Mutex<HashMap<ObjectKey, usize>>,
+    /// Heartbeat tasks report here; [`Agent::start`] spawns the task that applies the reports.
+    events: mpsc::UnboundedSender<PeerEvent>,
+    pending_events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PeerEvent>>>,
 }
 
 impl Agent {
-    pub fn new(
-        identity: Identity,
-        labels: BTreeMap<String, String>,
-        gateway: SocketAddr,
-        store: Box<dyn Store>,
-        clients: ClientMap,
-        metrics: Arc<Metrics>,
-        datapath: Datapath,
-    ) -> Agent {
+    /// An agent serving `ctx` (whose snapshot it replaces on every change), announcing
+    /// `gateway`, keeping its objects in `store`.
+    pub fn new(ctx: Context, gateway: SocketAddr, store: Box<dyn Store>) -> Agent {
+        let (events, pending) = mpsc::unbounded_channel();
         Agent {
-            identity,
-            labels,
+            ctx: Arc::new(ctx),
             gateway,
-            datapath,
-            stats: Stats::default(),
-            metrics,
-            clients,
             store,
-            snapshot: RwLock::new(Arc::new(Snapshot::default())),
             runtime: Mutex::new(Runtime::default()),
-            health: std::sync::Mutex::new(HashMap::new()),
-            round_robin: std::sync::Mutex::new(HashMap::new()),
+            events,
+            pending_events: std::sync::Mutex::new(Some(pending)),
         }
     }
 
     pub fn name(&self) -> &str {
-        &self.identity.name
+        &self.ctx.name
+    }
+
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        &self.ctx.labels
+    }
+
+    pub fn gateway(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.ctx.datapath
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.ctx.metrics
+    }
+
+    /// What connections work from; the gateway listener gets it.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The heartbeat state of the peer named `name`, if it is one of our Peers.
-    pub fn peer_health(&self, name: &str) -> Option<Arc<PeerHealth>> {
-        self.health
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    /// The Import's sources in the order to try them: by `lbScheme`, then every reachable
-    /// peer before any unreachable one.
-    pub fn source_order<'a>(&self, key: &ObjectKey, import: &'a Import) -> Vec<&'a ImportSource> {
-        let mut sources: Vec<&ImportSource> = import.spec.sources.iter().collect();
-        match import.spec.lb_scheme {
-            LbScheme::Static => {}
-            LbScheme::RoundRobin => {
-                let mut rr = self.round_robin.lock().unwrap_or_else(|e| e.into_inner());
-                // Look up before inserting: the key is cloned once per Import, not per
-                // connection.
-                let turn = match rr.get_mut(key) {
-                    Some(next) => {
-                        *next = next.wrapping_add(1);
-                        *next - 1
-                    }
-                    None => {
-                        rr.insert(key.clone(), 1);
-                        0
-                    }
-                };
-                let start = turn % sources.len().max(1);
-                sources.rotate_left(start);
-            }
-            LbScheme::Random => fastrand::shuffle(&mut sources),
-        }
-        let reachable =
-            |s: &&ImportSource| self.peer_health(&s.peer).is_some_and(|h| h.reachable());
-        let (mut first, rest): (Vec<_>, Vec<_>) = sources.into_iter().partition(reachable);
-        first.extend(rest);
-        first
+        self.ctx.snapshot()
     }
 
     /// Makes `objects` the state the next connection sees, and tells the kernel data path.
     fn publish(&self, objects: BTreeMap<ObjectKey, Object>, runtime: &Runtime) {
         let snapshot = Arc::new(Snapshot::build(objects));
-        if let Some(hook) = &self.datapath.hook {
-            let ports = runtime
-                .listeners
-                .iter()
-                .map(|(k, l)| (k.clone(), l.port))
-                .collect();
-            hook.objects_changed(&snapshot, &ports);
-        }
-        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        let ports = runtime
+            .listeners
+            .iter()
+            .map(|(k, l)| (k.clone(), l.port))
+            .collect();
+        self.ctx.datapath.objects_changed(&snapshot, &ports);
+        self.ctx.snapshot.set(snapshot);
+    }
+
+    /// Applies what heartbeats report until the agent is gone.
+    fn spawn_status_task(self: &Arc<Self>) {
+        let pending = self
+            .pending_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(mut events) = pending else { return };
+        let agent: Weak<Agent> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(agent) = agent.upgrade() else { return };
+                agent.set_peer_status(event).await;
+            }
+        });
     }
 
     /// Loads the store at start-up. Objects that cannot run (an Import whose port is taken)
     /// are reported, in the log and in their status, and the others serve.
     pub async fn start(self: &Arc<Self>) -> std::io::Result<Vec<String>> {
+        self.spawn_status_task();
         let (objects, mut problems) = self.store.load_all()?;
         let mut runtime = self.runtime.lock().await;
         let mut set: BTreeMap<ObjectKey, Object> =
@@ -329,7 +200,7 @@ impl Agent {
         listener: TcpListener,
     ) {
         info!(import = %key, port, "listening for import");
-        let task = dataplane::serve_import(Arc::downgrade(self), key.clone(), listener);
+        let task = dataplane::serve_import(self.ctx.clone(), key.clone(), listener);
         runtime.failed_imports.remove(key);
         runtime.listeners.insert(
             key.clone(),
@@ -346,12 +217,11 @@ impl Agent {
         runtime: &mut Runtime,
         objects: &BTreeMap<ObjectKey, Object>,
     ) {
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         runtime.heartbeats.retain(|key, hb| {
             let keep = matches!(objects.get(key), Some(Object::Peer(p)) if p.spec == hb.spec);
             if !keep {
-                health.remove(&key.name);
-                self.metrics.peer_reachable.remove(&PeerLabels {
+                self.ctx.peers.remove(&key.name);
+                self.ctx.metrics.peer_reachable.remove(&PeerLabels {
                     peer: key.name.clone(),
                 });
             }
@@ -363,9 +233,14 @@ impl Agent {
                 continue;
             }
             let h = Arc::new(PeerHealth::default());
-            health.insert(key.name.clone(), h.clone());
-            let task =
-                peer::spawn_heartbeat(Arc::downgrade(self), key.clone(), peer.spec.clone(), h);
+            self.ctx.peers.insert(&key.name, h.clone());
+            let task = health::spawn_heartbeat(
+                Arc::downgrade(&self.ctx.dialer),
+                key.clone(),
+                peer.spec.clone(),
+                h,
+                self.events.clone(),
+            );
             runtime.heartbeats.insert(
                 key.clone(),
                 Heartbeat {
@@ -462,10 +337,7 @@ impl Agent {
             info!(import = %key, "stopped listening for import");
         }
         runtime.failed_imports.remove(key);
-        self.round_robin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        self.ctx.balancer.forget(key);
         self.sync_heartbeats(&mut runtime, &next);
         refresh_status(&mut next, &runtime);
         self.publish(next, &runtime);
@@ -474,21 +346,22 @@ impl Agent {
     }
 
     /// Records what heartbeats learned about a Peer: its reachability and/or its labels.
-    pub async fn set_peer_status(
-        &self,
-        key: &ObjectKey,
-        reachable: Option<(bool, String)>,
-        labels: Option<BTreeMap<String, String>>,
-    ) {
+    async fn set_peer_status(&self, event: PeerEvent) {
+        let PeerEvent {
+            key,
+            reachable,
+            labels,
+        } = event;
         let runtime = self.runtime.lock().await;
         let mut next = self.snapshot().objects.clone();
-        let Some(Object::Peer(peer)) = next.get_mut(key) else {
+        let Some(Object::Peer(peer)) = next.get_mut(&key) else {
             return;
         };
         if let Some((ok, message)) = &reachable {
             peer.status
                 .set_condition(api::PEER_REACHABLE, *ok, "Heartbeat", message);
-            self.metrics
+            self.ctx
+                .metrics
                 .peer_reachable
                 .get_or_create(&PeerLabels {
                     peer: key.name.clone(),

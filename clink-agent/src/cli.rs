@@ -83,7 +83,7 @@ enum Command {
     /// table, socket pairs, counters), each with the matching bpftool command. Needs root.
     Bpf {
         /// The agent's --bpf-pin-dir.
-        #[arg(long, value_name = "DIR", default_value = crate::ebpf::DEFAULT_PIN_DIR)]
+        #[arg(long, value_name = "DIR", default_value = crate::kernel::pins::DEFAULT_PIN_DIR)]
         bpf_pin_dir: PathBuf,
         /// json, or human terms when not given.
         #[arg(short = 'o', long, value_enum)]
@@ -293,7 +293,7 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(Output::Json) => true,
                 Some(Output::Yaml) => bail!("clink bpf: -o yaml is not supported; use -o json"),
             };
-            print!("{}", crate::sockmap::report(&bpf_pin_dir, json)?);
+            print!("{}", crate::kernel::render::report(&bpf_pin_dir, json)?);
         }
         Command::Status { output } => {
             let status = client.call(Method::GET, "/v1/status", None).await?;

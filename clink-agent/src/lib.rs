@@ -1,5 +1,5 @@
 //! ClusterLink-rs agent library: everything the `clink-agent` daemon and the `clink` CLI share.
-//! See ARCHITECTURE.md for how the modules fit together.
+//! See ARCHITECTURE.md for how the modules fit together and the flow of one connection.
 
 pub mod admin;
 pub mod agent;
@@ -7,11 +7,12 @@ pub mod api;
 pub mod cli;
 pub mod clients;
 pub mod dataplane;
-pub mod ebpf;
-pub mod flow;
+pub mod kernel;
+pub mod lb;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
-pub mod sockmap;
+pub mod state;
 pub mod store;
 pub mod tls;
+pub mod wire;

@@ -187,11 +187,59 @@ impl Metrics {
         out
     }
 
+    /// Connection totals over every label set, for `clink status`: read from the encoded
+    /// registry, so they are the very numbers `/metrics` shows.
+    pub fn connection_totals(&self) -> ConnectionTotals {
+        let text = self.encode();
+        let sum = |name: &str, keep: &dyn Fn(&str) -> bool| -> u64 {
+            samples(&text, name)
+                .filter(|(labels, _)| keep(labels))
+                .map(|(_, v)| v as u64)
+                .sum()
+        };
+        let all = |_: &str| true;
+        ConnectionTotals {
+            active: sum("clink_active_connections", &all),
+            opened: sum("clink_connections_opened_total", &all),
+            // Whole connections refused: egress once no source could carry it (each skipped
+            // source is counted by its own reason), ingress every refusal.
+            failed: sum("clink_connections_failed_total", &|l| {
+                l.contains("reason=\"no-source\"") || l.contains("direction=\"ingress\"")
+            }),
+            bytes_out: sum("clink_bytes_total", &|l| l.contains("flow=\"sent\"")),
+            bytes_in: sum("clink_bytes_total", &|l| l.contains("flow=\"received\"")),
+        }
+    }
+
     pub fn observe(latency: &Latency, direction: &'static str, d: Duration) {
         latency
             .get_or_create(&DirectionLabels { direction })
             .observe(d.as_secs_f64());
     }
+}
+
+/// Totals of the connection families, summed over their labels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionTotals {
+    pub active: u64,
+    pub opened: u64,
+    pub failed: u64,
+    /// Payload bytes sent towards remote sides, and received from them.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+/// The samples of the series `name` in an OpenMetrics text: (labels, value) for each line
+/// `name{labels} value` or `name value`.
+fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => rest.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels, value.trim().parse().ok()?))
+    })
 }
 
 /// Serves `GET /metrics` until the task is dropped.
@@ -274,5 +322,54 @@ mod tests {
             "clink_policy_decisions_total{direction=\"egress\",action=\"allow\",tier=\"namespaced\"} 1"
         ));
         assert!(text.contains("clink_connection_setup_seconds_count{direction=\"egress\"} 1"));
+    }
+
+    #[test]
+    fn status_totals_are_the_sums_of_the_families() {
+        let m = Metrics::default();
+        let conn = |direction, service: &str| ConnLabels {
+            direction,
+            service: service.into(),
+            peer: "peer-b".into(),
+        };
+        m.opened.get_or_create(&conn(EGRESS, "default/a")).inc();
+        m.opened.get_or_create(&conn(EGRESS, "default/b")).inc_by(2);
+        m.opened.get_or_create(&conn(INGRESS, "default/c")).inc();
+        m.active
+            .get_or_create(&DirectionLabels { direction: EGRESS })
+            .set(3);
+        let fail = |direction, reason| FailLabels {
+            direction,
+            service: "default/a".into(),
+            peer: "peer-b".into(),
+            reason,
+        };
+        m.failed.get_or_create(&fail(EGRESS, "denied")).inc();
+        m.failed.get_or_create(&fail(EGRESS, "no-source")).inc();
+        m.failed
+            .get_or_create(&fail(INGRESS, "no-export"))
+            .inc_by(2);
+        for (flow, n) in [("sent", 100), ("received", 7)] {
+            for service in ["default/a", "default/b"] {
+                m.bytes
+                    .get_or_create(&BytesLabels {
+                        direction: EGRESS,
+                        service: service.into(),
+                        peer: "peer-b".into(),
+                        flow,
+                    })
+                    .inc_by(n);
+            }
+        }
+        assert_eq!(
+            m.connection_totals(),
+            ConnectionTotals {
+                active: 3,
+                opened: 4,
+                failed: 3,
+                bytes_out: 200,
+                bytes_in: 14,
+            }
+        );
     }
 }

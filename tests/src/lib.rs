@@ -506,7 +506,7 @@ impl SockmapSandbox {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let root = clink_agent::ebpf::cgroup2_root()?;
+        let root = clink_agent::kernel::host::cgroup2_root()?;
         let cgroup = root.join(&name);
         fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         Ok(SockmapSandbox {

@@ -12,8 +12,10 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use clink_agent::ebpf::{
-    self, LoadedEbpf, DEFAULT_PIN_DIR, MAP_PINS, PIN_MAP_PORTS, PIN_MAP_SOCKS, PROGRAM_PINS,
+use clink_agent::kernel::{
+    host,
+    loader::{self, LoadedEbpf},
+    pins::{DEFAULT_PIN_DIR, MAP_PINS, PIN_MAP_PORTS, PIN_MAP_SOCKS, PROGRAM_PINS},
 };
 use clink_common::{PortFlags, BPF_OBJ_NAME_LEN};
 
@@ -46,7 +48,7 @@ impl PinDir {
     }
 
     fn load(&mut self) -> &mut LoadedEbpf {
-        let loaded = ebpf::load(&self.path).expect("load and pin the eBPF programs");
+        let loaded = loader::load(&self.path).expect("load and pin the eBPF programs");
         self.loaded.insert(loaded)
     }
 }
@@ -267,7 +269,7 @@ fn a_second_load_replaces_the_pins_and_keeps_them() {
         return;
     }
     let mut dir = PinDir::new();
-    let first = ebpf::load(&dir.path).expect("first load");
+    let first = loader::load(&dir.path).expect("first load");
     let second = dir.load();
     let pins: Vec<PathBuf> = second.pinned().map(Path::to_path_buf).collect();
     drop(first);
@@ -286,6 +288,6 @@ fn feature_check_reports_sockmap_support() {
         return;
     }
     // The build and test machines run a kernel with everything the splice needs (DESIGN §9).
-    let features = ebpf::feature_check().unwrap();
+    let features = host::feature_check().unwrap();
     assert!(features.sockmap(), "{features:?}");
 }

@@ -544,7 +544,7 @@ fn without_cgroup_v2_sockmap_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sandbox = SockmapSandbox::new("nocg").unwrap();
-    let root = clink_agent::ebpf::cgroup2_root().unwrap();
+    let root = clink_agent::kernel::host::cgroup2_root().unwrap();
     // In a mount namespace of its own, where cgroup v2 is not mounted.
     let unmounted = [
         "unshare",
@@ -628,7 +628,7 @@ fn a_slow_reader_holds_a_fast_sender_back_without_loss() {
         let mut buf = vec![0u8; 64 * 1024];
         while got < LEN {
             // FIONREAD: on a spliced socket, what was redirected into it and not read yet.
-            let unread = clink_agent::flow::redirected_unread(&stream).unwrap();
+            let unread = clink_agent::kernel::sockopt::redirected_unread(&stream).unwrap();
             most_queued = most_queued.max(unread as usize);
             let n = Patient(&mut stream)
                 .read(&mut buf[..(LEN - got).min(64 * 1024)])

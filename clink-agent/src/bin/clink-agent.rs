@@ -5,8 +5,15 @@ use std::{collections::BTreeMap, io::IsTerminal as _, net::SocketAddr, path::Pat
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
 use clink_agent::{
-    admin, agent::Agent, api, clients::ClientMap, dataplane, ebpf, metrics, sockmap,
-    store::FileStore, tls::Identity,
+    admin,
+    agent::Agent,
+    api,
+    clients::ClientMap,
+    dataplane::{self, Context},
+    kernel, metrics,
+    peer::Dialer,
+    store::FileStore,
+    tls::Identity,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -43,14 +50,14 @@ struct Args {
     /// what is missing); auto (userspace for now, logging whether sockmap could run: sockmap
     /// is opt-in until the kernel issues in ARCHITECTURE.md are resolved).
     #[arg(long, value_enum, default_value = "auto")]
-    datapath: sockmap::Choice,
+    datapath: kernel::Choice,
     /// cgroup v2 directory whose processes' connections the sockmap data path intercepts and
     /// splices [default: the cgroup v2 root, found in /proc/self/mountinfo].
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
     /// Where the sockmap data path pins its eBPF programs and maps (on bpffs, mounted if
     /// needed).
-    #[arg(long, value_name = "DIR", default_value = ebpf::DEFAULT_PIN_DIR)]
+    #[arg(long, value_name = "DIR", default_value = kernel::pins::DEFAULT_PIN_DIR)]
     bpf_pin_dir: PathBuf,
     /// Worker threads for connections [default: half the CPUs, at least 1: the agent shares
     /// the node with the workloads it serves, and one connection's relay stays on one
@@ -142,7 +149,7 @@ async fn run(args: Args) -> Result<()> {
     let labels = parse_labels(&args.labels)?;
     // First, so that a forced data path that cannot run fails before anything is bound. Its
     // programs are detached and unpinned on every way out (`shutdown` below, or drop).
-    let kernel = sockmap::select(&sockmap::Options {
+    let datapath = kernel::select(&kernel::Options {
         choice: args.datapath,
         cgroup: args.cgroup.clone(),
         pin_dir: args.bpf_pin_dir.clone(),
@@ -165,25 +172,30 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let agent = Arc::new(Agent::new(
-        identity,
-        labels,
-        args.listen,
-        Box::new(store),
-        clients,
-        metrics.clone(),
-        kernel.datapath.clone(),
-    ));
     metrics
         .datapath
         .get_or_create(&metrics::DatapathLabels {
-            datapath: agent.datapath.name.to_owned(),
+            datapath: datapath.name().to_owned(),
         })
         .set(1);
+    let client_ranges = clients.len();
+    let ctx = Context {
+        name: identity.name.clone(),
+        labels,
+        server: identity.server.clone(),
+        dialer: Arc::new(Dialer::new(identity.client.clone())),
+        snapshot: Default::default(),
+        peers: Default::default(),
+        balancer: Default::default(),
+        clients,
+        metrics: metrics.clone(),
+        datapath: datapath.clone(),
+    };
+    let agent = Arc::new(Agent::new(ctx, args.listen, Box::new(store)));
     for problem in agent.start().await.context("loading state")? {
         warn!("{problem}");
     }
-    let _gateway = dataplane::serve_gateway(agent.clone(), gateway);
+    let _gateway = dataplane::serve_gateway(agent.context().clone(), gateway);
     let _metrics = tokio::spawn(metrics::serve(metrics_listener, metrics));
     let admin_task = tokio::spawn(admin::serve(admin_listener, agent.clone()));
     info!(
@@ -191,8 +203,8 @@ async fn run(args: Args) -> Result<()> {
         gateway = %args.listen,
         admin = %args.admin.display(),
         metrics = %args.metrics,
-        client_ranges = agent.clients.len(),
-        datapath = agent.datapath.name,
+        client_ranges,
+        datapath = datapath.name(),
         threads = args.threads.map_or_else(default_threads, usize::from),
         labels = %args.labels.join(","),
         "agent ready"
@@ -205,6 +217,6 @@ async fn run(args: Args) -> Result<()> {
     }
     admin_task.abort();
     let _ = std::fs::remove_file(&args.admin);
-    kernel.shutdown();
+    datapath.shutdown();
     Ok(())
 }

@@ -15,24 +15,25 @@ use tokio::{
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{
-    local,
-    relay::{self, PeerIo},
-    wire, ConnGuard,
-};
+use super::{relay, ConnGuard, Context};
 use crate::{
-    agent::Agent,
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
+    peer::io::{peer_io, PeerIo},
     policy::{attr, insert_labels, Attributes},
     tls::dns_names,
+    wire,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer's connection may wait before sending its request. Importers keep a few
+/// handshaked connections ready (`peer::pool`) and drop them after
+/// [`POOL_MAX_IDLE`](crate::peer::pool::POOL_MAX_IDLE), which must stay below this.
+pub const REQUEST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
-pub async fn serve(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
+pub async fn serve(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
     let span = info_span!(
         "ingress",
         peer_addr = %from,
@@ -40,17 +41,17 @@ pub async fn serve(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream, fro
         export = field::Empty,
         import = field::Empty,
         decision = field::Empty,
-        datapath = agent.datapath.name,
+        datapath = ctx.datapath.name(),
     );
-    handle(agent, acceptor, tcp).instrument(span).await
+    handle(ctx, acceptor, tcp).instrument(span).await
 }
 
-async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
+async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(relay::peer_io(tcp))).await {
+    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
         Ok(Ok(tls)) => {
-            Metrics::observe(&agent.metrics.handshake, INGRESS, started.elapsed());
+            Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
             tls
         }
         Ok(Err(e)) => {
@@ -75,10 +76,10 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
     };
     Span::current().record("peer", field::display(&peer));
     let mut buf = BytesMut::with_capacity(4096);
-    // Importers keep a few handshaked connections ready (`peer::Pool`): wait for their
-    // request longer than for a handshake.
+    // Importers keep a few handshaked connections ready: wait for their request longer than
+    // for a handshake.
     let request = match timeout(
-        crate::peer::POOL_SERVER_IDLE,
+        REQUEST_IDLE_TIMEOUT,
         wire::read_head(&mut tls, &mut buf, wire::parse_request),
     )
     .await
@@ -95,8 +96,8 @@ async fn handle(agent: Arc<Agent>, acceptor: TlsAcceptor, tcp: TcpStream) {
         }
     };
     match (request.method.as_str(), request.target.as_str()) {
-        ("GET", "/healthz") => healthz(&agent, &mut tls).await,
-        ("CONNECT", _) => connect(agent, tls, peer, request, buf, started).await,
+        ("GET", "/healthz") => healthz(&ctx, &mut tls).await,
+        ("CONNECT", _) => connect(ctx, tls, peer, request, buf, started).await,
         (method, target) => {
             warn!(method, target, "unsupported request");
             refuse(&mut tls, 405, "only CONNECT and GET /healthz are served").await;
@@ -123,9 +124,9 @@ async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = timeout(LINGER_TIME, drain).await;
 }
 
-async fn healthz(agent: &Agent, tls: &mut TlsStream<PeerIo>) {
+async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>) {
     debug!("heartbeat");
-    let labels = wire::format_labels(&agent.labels);
+    let labels = wire::format_labels(&ctx.labels);
     let _ = tls
         .write_all(&wire::response(
             200,
@@ -137,7 +138,7 @@ async fn healthz(agent: &Agent, tls: &mut TlsStream<PeerIo>) {
 }
 
 async fn connect(
-    agent: Arc<Agent>,
+    ctx: Arc<Context>,
     mut tls: TlsStream<PeerIo>,
     peer: String,
     request: wire::Request,
@@ -151,8 +152,7 @@ async fn connect(
         .to_owned();
     Span::current().record("import", field::display(&import));
     let fail = |service: &str, reason: &'static str| {
-        agent
-            .metrics
+        ctx.metrics
             .failed
             .get_or_create(&FailLabels {
                 direction: INGRESS,
@@ -162,7 +162,7 @@ async fn connect(
             })
             .inc();
     };
-    let snapshot = agent.snapshot();
+    let snapshot = ctx.snapshot();
     let Some(peer_object) = snapshot.peers.get(&peer) else {
         warn!("refused: certificate of a fabric member that is not one of our Peers");
         fail("", "unknown-peer");
@@ -208,11 +208,10 @@ async fn connect(
     dst.insert(attr::EXPORT_NAME.to_owned(), export_name.to_owned());
     dst.insert(attr::EXPORT_NAMESPACE.to_owned(), export_ns.to_owned());
     insert_labels(&mut dst, attr::EXPORT_LABELS, &export.metadata.labels);
-    dst.insert(attr::PEER_NAME.to_owned(), agent.name().to_owned());
-    insert_labels(&mut dst, attr::PEER_LABELS, &agent.labels);
+    dst.insert(attr::PEER_NAME.to_owned(), ctx.name.clone());
+    insert_labels(&mut dst, attr::PEER_LABELS, &ctx.labels);
     let decision = snapshot.policies.decide(export_ns, &src, &dst);
-    agent
-        .metrics
+    ctx.metrics
         .decisions
         .get_or_create(&DecisionLabels {
             direction: INGRESS,
@@ -224,7 +223,6 @@ async fn connect(
     if !decision.is_allowed() {
         warn!("refused: ingress denied");
         fail(&export_id, "denied");
-        crate::agent::Stats::add(&agent.stats.failed, 1);
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
         return;
     }
@@ -250,7 +248,7 @@ async fn connect(
     };
     let _ = target.set_nodelay(true);
     let guard = ConnGuard::open(
-        &agent,
+        &ctx.metrics,
         ConnLabels {
             direction: INGRESS,
             service: export_id,
@@ -265,9 +263,9 @@ async fn connect(
         relay::arm_reset(tls.get_ref().0.get_ref());
         return;
     }
-    Metrics::observe(&agent.metrics.setup, INGRESS, started.elapsed());
+    Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
-    let target = local::local_leg(target, &agent);
+    let target = ctx.datapath.local_leg(target, &ctx.metrics);
     let outcome = relay::relay(tls, target).await;
     let received = outcome.a_to_b + early.len() as u64;
     let sent = outcome.b_to_a;

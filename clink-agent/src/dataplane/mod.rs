@@ -1,35 +1,60 @@
-//! The userspace data path: the gateway port peers connect to, the Import listeners local
-//! clients connect to, the wire protocol between peers and the byte relay.
+//! The connections: the gateway port peers connect to (`inbound`), the Import listeners
+//! local clients connect to (`outbound`), and the byte relay between their legs. Every
+//! connection works from a [`Context`]: what it may read of the agent, and nothing else.
 
 pub mod inbound;
-pub mod local;
 pub mod outbound;
 pub mod relay;
-pub mod wire;
 
-use std::sync::{Arc, Weak};
+use std::{collections::BTreeMap, sync::Arc};
 
+use rustls::ServerConfig;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, warn};
 
 use crate::{
-    agent::{Agent, Stats},
     api::ObjectKey,
-    metrics::{BytesLabels, ConnLabels, DirectionLabels},
+    clients::ClientMap,
+    kernel::Datapath,
+    lb::Balancer,
+    metrics::{BytesLabels, ConnLabels, DirectionLabels, Metrics},
+    peer::{Dialer, Peers},
+    state::{Snapshot, SnapshotCell},
 };
 
-/// The data path in use; the only one until the kernel paths land.
-pub const USERSPACE: &str = "userspace";
+/// What the data path needs of the agent: who we are, the current objects and policies,
+/// the peers' health and a dialer, the counters, and the data path in use. The agent owns
+/// it and changes only the snapshot (and the peers' health entries) behind it.
+pub struct Context {
+    /// This peer's name (its certificate's DNS name) and the labels it announces.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// TLS for the gateway port: our certificate, client certificates of the fabric required.
+    pub server: Arc<ServerConfig>,
+    pub dialer: Arc<Dialer>,
+    pub snapshot: SnapshotCell,
+    pub peers: Peers,
+    pub balancer: Balancer,
+    pub clients: ClientMap,
+    pub metrics: Arc<Metrics>,
+    pub datapath: Datapath,
+}
+
+impl Context {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.get()
+    }
+}
 
 /// Accepts peers on the gateway port until the task is dropped.
-pub fn serve_gateway(agent: Arc<Agent>, listener: TcpListener) -> JoinHandle<()> {
-    let acceptor = TlsAcceptor::from(agent.identity.server.clone());
+pub fn serve_gateway(ctx: Arc<Context>, listener: TcpListener) -> JoinHandle<()> {
+    let acceptor = TlsAcceptor::from(ctx.server.clone());
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, from)) => {
-                    tokio::spawn(inbound::serve(agent.clone(), acceptor.clone(), tcp, from));
+                    tokio::spawn(inbound::serve(ctx.clone(), acceptor.clone(), tcp, from));
                 }
                 Err(e) => accept_failed(e).await,
             }
@@ -37,15 +62,13 @@ pub fn serve_gateway(agent: Arc<Agent>, listener: TcpListener) -> JoinHandle<()>
     })
 }
 
-/// Accepts clients of one Import. It holds a weak reference so a listener task never keeps
-/// the agent alive.
-pub fn serve_import(agent: Weak<Agent>, key: ObjectKey, listener: TcpListener) -> JoinHandle<()> {
+/// Accepts clients of one Import until the task is dropped.
+pub fn serve_import(ctx: Arc<Context>, key: ObjectKey, listener: TcpListener) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, from)) => {
-                    let Some(agent) = agent.upgrade() else { return };
-                    tokio::spawn(outbound::serve(agent, key.clone(), tcp, from));
+                    tokio::spawn(outbound::serve(ctx.clone(), key.clone(), tcp, from));
                 }
                 Err(e) => accept_failed(e).await,
             }
@@ -64,35 +87,30 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 }
 
-/// Counts one tunneled connection from open to close, in `clink status` and in metrics.
+/// Counts one tunneled connection from open to close, in the metrics (which `clink status`
+/// reads too).
 struct ConnGuard<'a> {
-    agent: &'a Agent,
+    metrics: &'a Metrics,
     labels: ConnLabels,
 }
 
 impl<'a> ConnGuard<'a> {
-    fn open(agent: &'a Agent, labels: ConnLabels) -> Self {
-        Stats::add(&agent.stats.opened, 1);
-        Stats::add(&agent.stats.active, 1);
-        agent.metrics.opened.get_or_create(&labels).inc();
-        agent
-            .metrics
+    fn open(metrics: &'a Metrics, labels: ConnLabels) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        metrics
             .active
             .get_or_create(&DirectionLabels {
                 direction: labels.direction,
             })
             .inc();
-        ConnGuard { agent, labels }
+        ConnGuard { metrics, labels }
     }
 
     /// The connection ended after carrying `sent` bytes to the remote side and `received`
     /// from it.
     fn close(self, sent: u64, received: u64) {
-        let (stats, metrics) = (&self.agent.stats, &self.agent.metrics);
-        Stats::add(&stats.bytes_out, sent);
-        Stats::add(&stats.bytes_in, received);
         for (flow, n) in [("sent", sent), ("received", received)] {
-            metrics
+            self.metrics
                 .bytes
                 .get_or_create(&BytesLabels {
                     direction: self.labels.direction,
@@ -102,18 +120,13 @@ impl<'a> ConnGuard<'a> {
                 })
                 .inc_by(n);
         }
-        metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics.closed.get_or_create(&self.labels).inc();
     }
 }
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        self.agent
-            .stats
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        self.agent
-            .metrics
+        self.metrics
             .active
             .get_or_create(&DirectionLabels {
                 direction: self.labels.direction,

@@ -15,17 +15,14 @@ use tokio::{
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
-use super::{
-    local,
-    relay::{self, PeerIo},
-    wire, ConnGuard,
-};
+use super::{relay, ConnGuard, Context};
 use crate::{
-    agent::{Agent, Snapshot, Stats},
     api::{ImportSource, ObjectKey, Peer},
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
-    peer::{connect_tls, refill, DialError},
+    peer::{io::PeerIo, pool, DialError},
     policy::{attr, insert_labels, Attributes},
+    state::Snapshot,
+    wire,
 };
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +61,7 @@ impl SourceError {
     }
 }
 
-pub async fn serve(agent: Arc<Agent>, import: ObjectKey, client: TcpStream, from: SocketAddr) {
+pub async fn serve(ctx: Arc<Context>, import: ObjectKey, client: TcpStream, from: SocketAddr) {
     let span = info_span!(
         "egress",
         import = %format!("{}/{}", import.namespace, import.name),
@@ -72,22 +69,22 @@ pub async fn serve(agent: Arc<Agent>, import: ObjectKey, client: TcpStream, from
         source = field::Empty,
         peer = field::Empty,
         decision = field::Empty,
-        datapath = agent.datapath.name,
+        datapath = ctx.datapath.name(),
         service_addr = field::Empty,
     );
     // On the sockmap path, a client may have asked for the Import's service address.
-    if let (Some(flow), Ok(local)) = (&agent.datapath.flow, client.local_addr()) {
-        if let Some(service) = flow.original_destination(local, from) {
+    if let Ok(local) = client.local_addr() {
+        if let Some(service) = ctx.datapath.original_destination(local, from) {
             span.record("service_addr", field::display(service));
         }
     }
-    handle(agent, import, client, from).instrument(span).await
+    handle(ctx, import, client, from).instrument(span).await
 }
 
-fn source_attributes(agent: &Agent, client: SocketAddr) -> Attributes {
-    let mut src = agent.clients.attributes(client.ip());
-    src.insert(attr::PEER_NAME.to_owned(), agent.name().to_owned());
-    insert_labels(&mut src, attr::PEER_LABELS, &agent.labels);
+fn source_attributes(ctx: &Context, client: SocketAddr) -> Attributes {
+    let mut src = ctx.clients.attributes(client.ip());
+    src.insert(attr::PEER_NAME.to_owned(), ctx.name.clone());
+    insert_labels(&mut src, attr::PEER_LABELS, &ctx.labels);
     src
 }
 
@@ -103,24 +100,24 @@ fn destination_attributes(source: &ImportSource, peer: &Peer) -> Attributes {
     dst
 }
 
-async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: SocketAddr) {
+async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: SocketAddr) {
     let started = Instant::now();
-    let snapshot = agent.snapshot();
+    let snapshot = ctx.snapshot();
     let Some(import) = snapshot.imports.get(&key) else {
         debug!("import was removed; closing");
         return;
     };
     let _ = client.set_nodelay(true);
     let service = format!("{}/{}", key.namespace, key.name);
-    let src = source_attributes(&agent, from);
-    let metrics = &agent.metrics;
+    let src = source_attributes(&ctx, from);
+    let metrics = &ctx.metrics;
     let mut failures = Vec::new();
-    for source in agent.source_order(&key, import) {
+    for source in ctx.balancer.order(&key, import, &ctx.peers) {
         let target = format!(
             "{}/{}@{}",
             source.export_namespace, source.export_name, source.peer
         );
-        match try_source(&agent, &snapshot, source, &src, &key).await {
+        match try_source(&ctx, &snapshot, source, &src, &key).await {
             Ok((tunnel, early, decision)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
@@ -134,7 +131,7 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
                     service,
                     peer: source.peer.clone(),
                 };
-                carry(&agent, client, tunnel, early, labels, started).await;
+                carry(&ctx, client, tunnel, early, labels, started).await;
                 return;
             }
             Err(e) => {
@@ -152,7 +149,6 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
             }
         }
     }
-    Stats::add(&agent.stats.failed, 1);
     metrics
         .failed
         .get_or_create(&FailLabels {
@@ -170,7 +166,7 @@ async fn handle(agent: Arc<Agent>, key: ObjectKey, client: TcpStream, from: Sock
 }
 
 async fn try_source(
-    agent: &Arc<Agent>,
+    ctx: &Context,
     snapshot: &Snapshot,
     source: &ImportSource,
     src: &Attributes,
@@ -184,8 +180,7 @@ async fn try_source(
     // One snapshot per client connection: the sources and the policies it is checked
     // against come from the same configuration.
     let decision = snapshot.policies.decide(&import.namespace, src, &dst);
-    agent
-        .metrics
+    ctx.metrics
         .decisions
         .get_or_create(&DecisionLabels {
             direction: EGRESS,
@@ -197,7 +192,7 @@ async fn try_source(
         return Err(SourceError::Denied(decision.to_string()));
     }
     debug!(peer = %source.peer, %decision, "egress allowed");
-    let health = agent.peer_health(&source.peer);
+    let health = ctx.peers.get(&source.peer);
     let request = wire::connect_request(
         &source.export_name,
         &source.export_namespace,
@@ -210,10 +205,11 @@ async fn try_source(
         let mut tls = match pooled.take() {
             Some(tls) => tls,
             None => {
-                let (tls, handshake) =
-                    connect_tls(agent, &source.peer, &peer.spec.gateways, health.as_deref())
-                        .await?;
-                Metrics::observe(&agent.metrics.handshake, EGRESS, handshake);
+                let (tls, handshake) = ctx
+                    .dialer
+                    .connect_tls(&source.peer, &peer.spec.gateways, health.as_deref())
+                    .await?;
+                Metrics::observe(&ctx.metrics.handshake, EGRESS, handshake);
                 tls
             }
         };
@@ -233,7 +229,7 @@ async fn try_source(
         }
     };
     if let Some(health) = &health {
-        refill(agent, &source.peer, &peer.spec.gateways, health);
+        pool::refill(&ctx.dialer, &source.peer, &peer.spec.gateways, health);
     }
     if response.status != 200 {
         return Err(SourceError::Refused {
@@ -245,21 +241,21 @@ async fn try_source(
 }
 
 async fn carry(
-    agent: &Agent,
+    ctx: &Context,
     mut client: TcpStream,
     tunnel: TlsStream<PeerIo>,
     early: BytesMut,
     labels: ConnLabels,
     started: Instant,
 ) {
-    let guard = ConnGuard::open(agent, labels);
+    let guard = ConnGuard::open(&ctx.metrics, labels);
     if !early.is_empty() {
         if let Err(e) = client.write_all(&early).await {
             warn!(error = %e, "client went away");
             return;
         }
     }
-    let client = local::local_leg(client, agent);
+    let client = ctx.datapath.local_leg(client, &ctx.metrics);
     let outcome = relay::relay(client, tunnel).await;
     let sent = outcome.a_to_b;
     let received = outcome.b_to_a + early.len() as u64;

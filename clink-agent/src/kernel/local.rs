@@ -1,13 +1,13 @@
 //! The agent's end of a local hop (a client of an import, or an export target) on the
 //! sockmap path: a TCP stream that also keeps the agent's half of the flow control of
-//! spliced sockets (see [`crate::flow`]).
+//! spliced sockets (see [`super::flow`]).
 //!
 //! * Reads: the running total is published to `CLINK_READS` every
-//!   [`PUBLISH_EVERY`](crate::flow::PUBLISH_EVERY) bytes and whenever a read leaves the
+//!   [`PUBLISH_EVERY`] bytes and whenever a read leaves the
 //!   socket empty, so `clink_skmsg` redirects again as soon as the agent has caught up.
 //! * Writes: the agent looks at the other socket's queue whenever it could have filled the
 //!   window since the last look (the queue grows by at most what is written; at least every
-//!   [`MIN_CHECK`](crate::flow::MIN_CHECK) bytes) and, while it holds more than
+//!   [`MIN_CHECK`] bytes) and, while it holds more than
 //!   [`FLOW_WINDOW`], waits a millisecond at a time instead of writing: what TCP's window
 //!   would have done.
 //! * Demotion: a client (or target) that outruns the agent for good (bulk upload) ends up on
@@ -39,12 +39,11 @@ use tracing::{debug, info, warn};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
-use super::relay::OverTcp;
-use crate::{
-    agent::Agent,
-    flow::{self, FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY, READS_FROZEN},
-    metrics::DemotionLabels,
+use super::{
+    flow::{FlowControl, FLOW_WINDOW, MIN_CHECK, PUBLISH_EVERY, READS_FROZEN},
+    sock_diag, sockopt,
 };
+use crate::metrics::DemotionLabels;
 
 /// How long a write waits before looking at a full queue again.
 const PACE: Duration = Duration::from_millis(1);
@@ -123,16 +122,27 @@ enum Demotion {
     GaveUp,
 }
 
-/// Wraps the agent's end of a local hop. On the sockmap path, for a socket the programs
-/// spliced, the flow control runs (and counts demotions in the agent's metrics); otherwise
-/// this is the plain stream.
-pub fn local_leg(tcp: TcpStream, agent: &Agent) -> LocalLeg {
-    let flow = agent
-        .datapath
-        .flow
-        .as_ref()
-        .and_then(|control| spliced(&tcp, control, &agent.metrics.demotions));
-    LocalLeg { tcp, flow }
+impl LocalLeg {
+    /// A leg no kernel path touches.
+    pub fn plain(tcp: TcpStream) -> LocalLeg {
+        LocalLeg { tcp, flow: None }
+    }
+
+    /// A leg on the sockmap path: for a socket the programs spliced, the flow control runs
+    /// (and counts demotions in `demotions`); otherwise this is the plain stream.
+    pub fn new(
+        tcp: TcpStream,
+        control: &Arc<FlowControl>,
+        demotions: &Family<DemotionLabels, Counter>,
+    ) -> LocalLeg {
+        let flow = spliced(&tcp, control, demotions);
+        LocalLeg { tcp, flow }
+    }
+
+    /// The TCP stream underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
 }
 
 fn spliced(
@@ -140,7 +150,7 @@ fn spliced(
     control: &Arc<FlowControl>,
     demotions: &Family<DemotionLabels, Counter>,
 ) -> Option<Spliced> {
-    let cookie = flow::socket_cookie(tcp)
+    let cookie = sockopt::socket_cookie(tcp)
         .map_err(|e| warn!(error = %e, "no socket cookie: flow control off"))
         .ok()?;
     // The programs made the entry when the connection was established, before accept() or
@@ -220,7 +230,7 @@ impl Spliced {
         let Some(started) = self.demoting else {
             return Demotion::GaveUp;
         };
-        let own = flow::redirected_unread(tcp);
+        let own = sockopt::redirected_unread(tcp);
         if let Some(out) = self.other_out {
             if out.elapsed() < SETTLE || !matches!(own, Ok(0)) {
                 // Only the agent's own reads empty it now, and they do.
@@ -241,7 +251,7 @@ impl Spliced {
             self.count(self.why.label());
             return Demotion::Done;
         }
-        let other = flow::queued(self.other.0, self.other.1);
+        let other = sock_diag::queued(self.other.0, self.other.1);
         if let (Ok(0), Ok(0)) = (&own, &other) {
             match self.control.unsplice(&self.keys[1]) {
                 Ok(_) => {
@@ -280,7 +290,7 @@ impl Spliced {
             } else if self.written_since_check < self.next_check {
                 return Poll::Ready(());
             }
-            match flow::queued(self.other.0, self.other.1) {
+            match sock_diag::queued(self.other.0, self.other.1) {
                 Ok(queued) if queued > FLOW_WINDOW => {
                     self.pause = Some(Box::pin(tokio::time::sleep(PACE)));
                 }
@@ -375,11 +385,5 @@ impl AsyncWrite for LocalLeg {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-}
-
-impl OverTcp for LocalLeg {
-    fn tcp(&self) -> &TcpStream {
-        &self.tcp
     }
 }
