@@ -1,5 +1,5 @@
 //! Builds the eBPF programs of `clink-ebpf` and leaves the object at `$OUT_DIR/clink-ebpf`,
-//! where `src/ebpf.rs` embeds it.
+//! where `src/kernel/loader.rs` embeds it.
 //!
 //! aya-build runs `rustup run nightly cargo build --package clink-ebpf --bins --release
 //! --target bpfel-unknown-none -Z build-std=core` in its own target directory under
