@@ -193,11 +193,14 @@ mod tests {
     #[test]
     fn files_and_flags() {
         let dir = tempfile::tempdir().unwrap();
-        let files = AgentFiles::new("peer-a", Path::new("/certs/peer-a"), &dir.path().join("a"))
-            .unwrap();
+        let files =
+            AgentFiles::new("peer-a", Path::new("/certs/peer-a"), &dir.path().join("a")).unwrap();
         let mut cmd = Command::new("clink-agent");
         files.configure(&mut cmd).unwrap();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let a = dir.path().join("a");
         assert_eq!(
             args,
@@ -212,7 +215,10 @@ mod tests {
                 a.join("admin.sock").display().to_string(),
             ]
         );
-        assert!(files.log().exists(), "the log is opened before the agent starts");
+        assert!(
+            files.log().exists(),
+            "the log is opened before the agent starts"
+        );
     }
 
     #[test]

@@ -10,7 +10,14 @@ use anyhow::{bail, Context, Result};
 pub fn make_certificates(clink: &Path, dir: &Path, fabric: &str, peers: &[&str]) -> Result<()> {
     let mut commands = vec![vec!["fabric", "create", "--name", fabric]];
     for peer in peers {
-        commands.push(vec!["peer-cert", "create", "--name", peer, "--fabric", fabric]);
+        commands.push(vec![
+            "peer-cert",
+            "create",
+            "--name",
+            peer,
+            "--fabric",
+            fabric,
+        ]);
     }
     for args in commands {
         let mut cmd = Command::new(clink);

@@ -126,7 +126,11 @@ pub(crate) fn remove_stale() -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(&root).with_context(|| format!("read {}", root.display()))? {
         let path = entry?.path();
-        if path.file_name().and_then(OsStr::to_str).is_some_and(names::is_stale) {
+        if path
+            .file_name()
+            .and_then(OsStr::to_str)
+            .is_some_and(names::is_stale)
+        {
             remove(&path)?;
             removed.push(path);
         }
@@ -198,7 +202,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         let escaped = "35 24 0:30 / /my\\040cgroups rw shared:9 - cgroup2 cgroup2 rw";
         assert_eq!(cgroup2_mount(escaped), Some(PathBuf::from("/my cgroups")));
         assert_eq!(cgroup2_mount("36 34 0:31 / /x rw - cgroup cgroup rw"), None);
@@ -211,7 +218,12 @@ mod tests {
         assert_eq!(cmd.get_program(), "sh");
         assert_eq!(
             args[2..],
-            ["/cg/clk-1-0-x", "nsenter", "--net=/run/netns/clk-1-0-a", "iperf3"]
+            [
+                "/cg/clk-1-0-x",
+                "nsenter",
+                "--net=/run/netns/clk-1-0-a",
+                "iperf3"
+            ]
         );
     }
 

@@ -48,7 +48,10 @@ pub fn remove_stale() -> anyhow::Result<Vec<String>> {
         .into_iter()
         .map(|name| format!("namespace {name}"))
         .collect();
-    for path in cgroup::remove_stale()?.into_iter().chain(pins::remove_stale()?) {
+    for path in cgroup::remove_stale()?
+        .into_iter()
+        .chain(pins::remove_stale()?)
+    {
         removed.push(path.display().to_string());
     }
     Ok(removed)

@@ -55,7 +55,8 @@ impl Drop for PinDir {
             match fs::remove_dir(parent) {
                 Ok(()) => {}
                 // Another test or an agent still has its pins there, or it went already.
-                Err(e) if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::NotFound) => {}
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::DirectoryNotEmpty | ErrorKind::NotFound) => {}
                 Err(e) => eprintln!("testbed: remove {}: {e}", parent.display()),
             }
         }
@@ -73,7 +74,11 @@ pub(crate) fn remove_stale() -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for entry in entries {
         let path = entry?.path();
-        if path.file_name().and_then(OsStr::to_str).is_some_and(names::is_stale) {
+        if path
+            .file_name()
+            .and_then(OsStr::to_str)
+            .is_some_and(names::is_stale)
+        {
             fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
             removed.push(path);
         }
