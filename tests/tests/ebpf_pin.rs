@@ -6,10 +6,8 @@
 //! `/usr/sbin/bpftool`.
 
 use std::{
-    fs, io,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use clink_agent::kernel::{
@@ -18,69 +16,43 @@ use clink_agent::kernel::{
     pins::{DEFAULT_PIN_DIR, MAP_PINS, PIN_MAP_PORTS, PIN_MAP_SOCKS, PROGRAM_PINS},
 };
 use clink_common::{PortFlags, BPF_OBJ_NAME_LEN};
+use clink_testbed::{require_root, PinDir};
+use serde_json::{json, Value};
 
 const BPFTOOL: &str = "/usr/sbin/bpftool";
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true does not allow skipping it");
-    }
-    eprintln!("{test}: SKIPPED: loading eBPF programs needs root (run the tests as root)");
-    false
-}
-
-/// A pin directory of its own (tests run in parallel), removed with everything in it when the
-/// test ends, however it ends; the shared parent goes too once no test or agent uses it.
-struct PinDir {
-    path: PathBuf,
+/// A pin directory of its own under the default one (tests run in parallel), removed with
+/// everything in it when the test ends, however it ends; the shared parent goes too once no
+/// test or agent uses it.
+struct Pins {
+    /// Declared first: dropped, and so unpinned by the loader itself, before `dir` goes.
     loaded: Option<LoadedEbpf>,
+    dir: PinDir,
 }
 
-impl PinDir {
+impl Pins {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = Path::new(DEFAULT_PIN_DIR).join(format!("test-{}-{n}", std::process::id()));
-        Self { path, loaded: None }
+        Self {
+            loaded: None,
+            dir: PinDir::within(Path::new(DEFAULT_PIN_DIR), "test"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     fn load(&mut self) -> &mut LoadedEbpf {
-        let loaded = loader::load(&self.path).expect("load and pin the eBPF programs");
+        let loaded = loader::load(self.dir.path()).expect("load and pin the eBPF programs");
         self.loaded.insert(loaded)
     }
 }
 
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        drop(self.loaded.take());
-        if let Err(e) = fs::remove_dir_all(&self.path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                eprintln!("cleanup: removing {}: {e}", self.path.display());
-            }
-        }
-        remove_parent_if_unused();
-    }
-}
-
-fn remove_parent_if_unused() {
-    match fs::remove_dir(DEFAULT_PIN_DIR) {
-        Ok(()) => {}
-        // Another test (or an agent) still has its pins there, or it went already.
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::NotFound
-            ) => {}
-        Err(e) => panic!("removing {DEFAULT_PIN_DIR}: {e}"),
-    }
-}
-
-fn bpftool(args: &[&str]) -> String {
+/// `bpftool <args> --json`, parsed.
+fn bpftool(args: &[&str]) -> Value {
     let output = Command::new(BPFTOOL)
         .args(args)
+        .arg("--json")
         .output()
         .unwrap_or_else(|e| panic!("running {BPFTOOL}: {e}"));
     assert!(
@@ -89,7 +61,7 @@ fn bpftool(args: &[&str]) -> String {
         args.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).expect("bpftool prints UTF-8")
+    serde_json::from_slice(&output.stdout).expect("bpftool --json prints JSON")
 }
 
 /// The name as `bpftool` shows it: the kernel keeps `BPF_OBJ_NAME_LEN - 1` characters.
@@ -97,85 +69,41 @@ fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(BPF_OBJ_NAME_LEN - 1)]
 }
 
-/// The top-level objects of a JSON array as printed by `bpftool --json`.
-fn json_objects(json: &str) -> Vec<&str> {
-    let (mut depth, mut in_string, mut escaped, mut start) = (0usize, false, false, 0);
-    let mut objects = Vec::new();
-    for (i, c) in json.char_indices() {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_string = true,
-            '{' => {
-                if depth == 1 {
-                    start = i;
-                }
-                depth += 1;
-            }
-            '}' => {
-                depth -= 1;
-                if depth == 1 {
-                    objects.push(&json[start..=i]);
-                }
-            }
-            '[' if depth == 0 => depth = 1,
-            _ => {}
-        }
-    }
-    objects
-}
-
-/// A scalar field of a bpftool JSON object (its first occurrence, which for `id`, `name` and
-/// `type` is the object's own), without quotes.
-fn json_field<'a>(object: &'a str, key: &str) -> Option<&'a str> {
-    let pattern = format!("\"{key}\":");
-    let rest = object[object.find(&pattern)? + pattern.len()..].trim_start();
-    match rest.strip_prefix('"') {
-        Some(string) => string.split('"').next(),
-        None => rest.split([',', '}']).next().map(str::trim),
-    }
-}
-
 /// `bpftool <kind> show pinned <path>`: checks name and type and returns the id.
-fn show_pinned(kind: &str, path: &Path, name: &str, ty: &str) -> String {
-    let shown = bpftool(&[kind, "show", "pinned", path.to_str().unwrap(), "--json"]);
-    assert_eq!(
-        json_field(&shown, "name"),
-        Some(kernel_name(name)),
-        "{shown}"
-    );
-    assert_eq!(json_field(&shown, "type"), Some(ty), "{shown}");
-    json_field(&shown, "id").expect("id").to_owned()
+fn show_pinned(kind: &str, path: &Path, name: &str, ty: &str) -> u64 {
+    let shown = bpftool(&[kind, "show", "pinned", path.to_str().unwrap()]);
+    assert_eq!(shown["name"], kernel_name(name), "{shown}");
+    assert_eq!(shown["type"], ty, "{shown}");
+    shown["id"].as_u64().expect("id")
 }
 
 /// `bpftool <kind> show`: the object `id` is listed under `name`.
-fn assert_listed(kind: &str, id: &str, name: &str) {
-    let all = bpftool(&[kind, "show", "--json"]);
-    let object = json_objects(&all)
-        .into_iter()
-        .find(|o| json_field(o, "id") == Some(id))
+fn assert_listed(kind: &str, id: u64, name: &str) {
+    let all = bpftool(&[kind, "show"]);
+    let object = all
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .find(|o| o["id"] == id)
         .unwrap_or_else(|| panic!("bpftool {kind} show does not list id {id}"));
-    assert_eq!(
-        json_field(object, "name"),
-        Some(kernel_name(name)),
-        "{object}"
-    );
+    assert_eq!(object["name"], kernel_name(name), "{object}");
+}
+
+/// `bpftool map dump pinned <path>`: the entries.
+fn dump(path: &str) -> Vec<Value> {
+    match bpftool(&["map", "dump", "pinned", path]) {
+        Value::Array(entries) => entries,
+        other => panic!("bpftool map dump: not an array: {other}"),
+    }
 }
 
 #[test]
 fn programs_and_maps_are_pinned_and_listed_by_name() {
-    if !root_or_skip("programs_and_maps_are_pinned_and_listed_by_name") {
+    if !require_root("programs_and_maps_are_pinned_and_listed_by_name") {
         return;
     }
-    let mut dir = PinDir::new();
-    let pin_dir = dir.path.clone();
+    let mut dir = Pins::new();
+    let pin_dir = dir.path().to_owned();
     let loaded = dir.load();
     assert_eq!(loaded.pin_dir(), pin_dir);
 
@@ -191,11 +119,11 @@ fn programs_and_maps_are_pinned_and_listed_by_name() {
 
     for (name, pin, ty) in PROGRAM_PINS {
         let id = show_pinned("prog", &pin_dir.join(pin), name, ty);
-        assert_listed("prog", &id, name);
+        assert_listed("prog", id, name);
     }
     for (name, pin, ty) in MAP_PINS {
         let id = show_pinned("map", &pin_dir.join(pin), name, ty);
-        assert_listed("map", &id, name);
+        assert_listed("map", id, name);
     }
 
     assert_eq!(loaded.skmsg_counters().unwrap(), Default::default());
@@ -203,73 +131,82 @@ fn programs_and_maps_are_pinned_and_listed_by_name() {
 
 #[test]
 fn ports_are_visible_with_bpftool_map_dump() {
-    if !root_or_skip("ports_are_visible_with_bpftool_map_dump") {
+    if !require_root("ports_are_visible_with_bpftool_map_dump") {
         return;
     }
-    let mut dir = PinDir::new();
-    let ports_pin = dir.path.join(PIN_MAP_PORTS);
+    let mut dir = Pins::new();
+    let ports_pin = dir.path().join(PIN_MAP_PORTS);
     let ports_pin = ports_pin.to_str().unwrap();
     let loaded = dir.load();
 
     loaded.add_port(15001, PortFlags::BOTH).unwrap();
-    let dump = bpftool(&["map", "dump", "pinned", ports_pin, "--json"]);
-    let entries = json_objects(&dump);
-    assert_eq!(entries.len(), 1, "{dump}");
-    let compact: String = entries[0].split_whitespace().collect();
+    let entries = dump(ports_pin);
+    assert_eq!(entries.len(), 1, "{entries:?}");
     // The map carries BTF, so bpftool shows the entry with its field names...
-    assert!(
-        compact.contains(r#""formatted":{"key":{"port":15001},"value":{"bits":3}}"#),
-        "{dump}"
+    assert_eq!(
+        entries[0]["formatted"],
+        json!({"key": {"port": 15001}, "value": {"bits": 3}}),
+        "{entries:?}"
     );
     // ...next to the raw bytes: port 15001 = 0x3a99 and flags 3, in host byte order.
-    assert!(
-        compact.contains(r#""key":["0x99","0x3a","0x00","0x00"]"#),
-        "{dump}"
+    assert_eq!(
+        entries[0]["key"],
+        json!(["0x99", "0x3a", "0x00", "0x00"]),
+        "{entries:?}"
     );
-    assert!(
-        compact.contains(r#""value":["0x03","0x00","0x00","0x00"]"#),
-        "{dump}"
+    assert_eq!(
+        entries[0]["value"],
+        json!(["0x03", "0x00", "0x00", "0x00"]),
+        "{entries:?}"
     );
 
     loaded.remove_port(15001).unwrap();
     loaded.remove_port(15001).unwrap();
-    let dump = bpftool(&["map", "dump", "pinned", ports_pin, "--json"]);
-    assert!(json_objects(&dump).is_empty(), "{dump}");
+    let entries = dump(ports_pin);
+    assert!(entries.is_empty(), "{entries:?}");
 }
 
 #[test]
 fn remove_unpins_everything_and_removes_the_directory() {
-    if !root_or_skip("remove_unpins_everything_and_removes_the_directory") {
+    if !require_root("remove_unpins_everything_and_removes_the_directory") {
         return;
     }
-    let mut dir = PinDir::new();
+    let mut dir = Pins::new();
     dir.load();
-    assert!(dir.path.join(PIN_MAP_SOCKS).exists());
+    assert!(dir.path().join(PIN_MAP_SOCKS).exists());
 
     dir.loaded.take().unwrap().remove().unwrap();
-    assert!(!dir.path.exists(), "{} still exists", dir.path.display());
+    assert!(
+        !dir.path().exists(),
+        "{} still exists",
+        dir.path().display()
+    );
 }
 
 #[test]
 fn dropping_unpins_everything() {
-    if !root_or_skip("dropping_unpins_everything") {
+    if !require_root("dropping_unpins_everything") {
         return;
     }
-    let mut dir = PinDir::new();
+    let mut dir = Pins::new();
     dir.load();
     drop(dir.loaded.take());
-    assert!(!dir.path.exists(), "{} still exists", dir.path.display());
+    assert!(
+        !dir.path().exists(),
+        "{} still exists",
+        dir.path().display()
+    );
 }
 
 /// An agent that starts over the pins of one that did not shut down replaces them, and the
 /// old one, if it is still around, does not take them away when it goes.
 #[test]
 fn a_second_load_replaces_the_pins_and_keeps_them() {
-    if !root_or_skip("a_second_load_replaces_the_pins_and_keeps_them") {
+    if !require_root("a_second_load_replaces_the_pins_and_keeps_them") {
         return;
     }
-    let mut dir = PinDir::new();
-    let first = loader::load(&dir.path).expect("first load");
+    let mut dir = Pins::new();
+    let first = loader::load(dir.path()).expect("first load");
     let second = dir.load();
     let pins: Vec<PathBuf> = second.pinned().map(Path::to_path_buf).collect();
     drop(first);
@@ -284,7 +221,7 @@ fn a_second_load_replaces_the_pins_and_keeps_them() {
 
 #[test]
 fn feature_check_reports_sockmap_support() {
-    if !root_or_skip("feature_check_reports_sockmap_support") {
+    if !require_root("feature_check_reports_sockmap_support") {
         return;
     }
     // The build and test machines run a kernel with everything the splice needs (DESIGN §9).

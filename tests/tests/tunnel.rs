@@ -15,9 +15,11 @@ use std::{
 
 use sha2::Digest as _;
 
+use clink_testbed::Netns;
 use clink_tests::{
-    connect_in, exchange, listen_in, pattern_digest, read_hash, refused_at, require_root,
-    send_pattern, tree, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
+    connect_in, exchange, listen_in, pattern_digest, read_hash, refused_at, require_root, sample,
+    scrape, send_pattern, tree, wait_metric, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
+    METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -53,21 +55,50 @@ fn spliced(fabric: &Fabric) -> Option<(u64, u64)> {
 
 /// On the sockmap data path, both agents' `clink_skmsg` saw exactly `bytes` since `before`;
 /// or, where a sender outran its agent and the connection was demoted to plain TCP (which
-/// the agent logs), the bytes before that.
+/// the agent counts), the bytes before that.
 fn assert_spliced(fabric: &Fabric, before: Option<(u64, u64)>, bytes: usize) {
     if let (Some((a0, b0)), Some((a1, b1))) = (before, spliced(fabric)) {
         let seen = (a1 - a0, b1 - b0);
         let all = (bytes as u64, bytes as u64);
         if seen != all {
-            let demoted = [fabric.a(), fabric.b()]
-                .iter()
-                .any(|agent| agent.log().contains("demoted to plain TCP"));
+            let demoted = [fabric.ns_a(), fabric.ns_b()].iter().any(|ns| {
+                let metrics = scrape(ns).unwrap();
+                ["bulk", "sender-outran"].iter().any(|reason| {
+                    let series = format!("clink_sockmap_demotions_total{{reason=\"{reason}\"}}");
+                    sample(&metrics, &series) > 0.0
+                })
+            });
             assert!(
                 demoted && seen.0 > 0 && seen.1 > 0 && seen.0 <= all.0 && seen.1 <= all.1,
                 "spliced at a, b: {seen:?} of {all:?} without a demotion"
             );
         }
     }
+}
+
+/// Tunneled connections the importer closed after they carried data.
+const EGRESS_CLOSED: &str = "clink_connections_closed_total{direction=\"egress\"";
+
+/// One series of `clink_connections_failed_total`.
+fn failed_series(direction: &str, service: &str, peer: &str, reason: &str) -> String {
+    format!(
+        "clink_connections_failed_total{{direction=\"{direction}\",service=\"{service}\",\
+         peer=\"{peer}\",reason=\"{reason}\"}}"
+    )
+}
+
+/// Waits until the agent in `ns` has counted a connection it could not tunnel, for `reason`.
+fn wait_failed(ns: &Netns, direction: &str, service: &str, peer: &str, reason: &str) {
+    let series = failed_series(direction, service, peer, reason);
+    wait_metric(ns, METRICS_PORT, &series, 1.0).unwrap();
+}
+
+/// One series of `clink_policy_decisions_total`.
+fn decisions(direction: &str, action: &str, tier: &str) -> String {
+    format!(
+        "clink_policy_decisions_total{{direction=\"{direction}\",action=\"{action}\",\
+         tier=\"{tier}\"}}"
+    )
 }
 
 #[test]
@@ -111,10 +142,8 @@ fn transfers_256_mib_each_way(datapath: Datapath) {
 
     let status = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    fabric
-        .a()
-        .wait_log("closed")
-        .expect("the connection's close is logged");
+    wait_metric(fabric.ns_a(), METRICS_PORT, EGRESS_CLOSED, 1.0)
+        .expect("the connection's close is counted");
     let status_after = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
     let status_after: serde_json::Value = serde_json::from_str(&status_after).unwrap();
     assert_eq!(status["datapath"], datapath.name());
@@ -249,11 +278,12 @@ fn default_deny_on_both_sides() {
 
     // No policy anywhere: the importer refuses locally.
     assert!(refused_at(fabric.ns_a(), import_addr()));
-    fabric.a().wait_log("source skipped").unwrap();
-    assert!(fabric
-        .a()
-        .log()
-        .contains("deny by default (no policy matched)"));
+    wait_failed(fabric.ns_a(), "egress", "default/svc", "peer-b", "denied");
+    let metrics = scrape(fabric.ns_a()).unwrap();
+    assert!(
+        sample(&metrics, &decisions("egress", "deny", "default")) >= 1.0,
+        "{metrics}"
+    );
 
     // Egress allowed, ingress still default-deny: the exporter answers 403.
     fabric
@@ -261,11 +291,19 @@ fn default_deny_on_both_sides() {
         .clink_ok(&["create", "policy", "allow-all", "--action", "allow"])
         .unwrap();
     assert!(refused_at(fabric.ns_a(), import_addr()));
-    fabric.b().wait_log("refused: ingress denied").unwrap();
-    fabric
-        .a()
-        .wait_log("refused by peer with 403: ingress deny by default (no policy matched)")
-        .unwrap();
+    wait_failed(fabric.ns_b(), "ingress", "default/svc", "peer-a", "denied");
+    wait_failed(
+        fabric.ns_a(),
+        "egress",
+        "default/svc",
+        "peer-b",
+        "refused-403",
+    );
+    let metrics = scrape(fabric.ns_b()).unwrap();
+    assert!(
+        sample(&metrics, &decisions("ingress", "deny", "default")) >= 1.0,
+        "{metrics}"
+    );
 
     // A deny policy beats an allow policy in the same namespace.
     fabric
@@ -315,25 +353,7 @@ fn peer_with_certificate_of_another_fabric_is_rejected() {
     // An impostor named peer-a, with a certificate from its own CA, in cluster a.
     let evil = fabric.dir.path().join("evil");
     let clink = clink_testbed::bin_path("clink").unwrap();
-    for args in [
-        vec!["fabric", "create", "--name", "evil-fabric"],
-        vec![
-            "peer-cert",
-            "create",
-            "--name",
-            "peer-a",
-            "--fabric",
-            "evil-fabric",
-        ],
-    ] {
-        let out = std::process::Command::new(&clink)
-            .args(args)
-            .arg("--path")
-            .arg(&evil)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    }
+    clink_testbed::make_certificates(&clink, &evil, "evil-fabric", &["peer-a"]).unwrap();
     let mut impostor = Agent::new(
         "peer-a",
         fabric.ns_a(),
@@ -361,7 +381,8 @@ fn peer_with_certificate_of_another_fabric_is_rejected() {
     assert!(refused_at(fabric.ns_a(), ([127, 0, 0, 1], 7001).into()));
     fabric.b().wait_log("TLS handshake failed").unwrap();
     // It failed for the certificate, on both ends.
-    impostor.wait_log("TLS with").unwrap();
+    let failed = failed_series("egress", "default/svc", "peer-b", "tls");
+    wait_metric(fabric.ns_a(), 9091, &failed, 1.0).unwrap();
     assert!(
         impostor.log().contains("UnknownIssuer")
             || impostor.log().contains("invalid peer certificate"),
@@ -385,10 +406,20 @@ fn unknown_export_is_404_and_unreachable_target_is_502() {
         ])
         .unwrap();
     assert!(refused_at(fabric.ns_a(), ([127, 0, 0, 1], 7002).into()));
-    fabric
-        .a()
-        .wait_log("refused by peer with 404: no export default/ghost")
-        .unwrap();
+    wait_failed(
+        fabric.ns_a(),
+        "egress",
+        "default/ghost",
+        "peer-b",
+        "refused-404",
+    );
+    wait_failed(
+        fabric.ns_b(),
+        "ingress",
+        "default/ghost",
+        "peer-a",
+        "no-export",
+    );
 
     // An export whose target nobody listens on.
     let closed = listen_in(fabric.ns_b()).unwrap();
@@ -396,14 +427,20 @@ fn unknown_export_is_404_and_unreachable_target_is_502() {
     drop(closed);
     fabric.export_import("gone", closed_addr, 7003).unwrap();
     assert!(refused_at(fabric.ns_a(), ([127, 0, 0, 1], 7003).into()));
-    fabric
-        .a()
-        .wait_log(&format!(
-            "refused by peer with 502: cannot reach 127.0.0.1:{}",
-            closed_addr.port()
-        ))
-        .unwrap();
-    fabric.b().wait_log("refused: target unreachable").unwrap();
+    wait_failed(
+        fabric.ns_a(),
+        "egress",
+        "default/gone",
+        "peer-b",
+        "refused-502",
+    );
+    wait_failed(
+        fabric.ns_b(),
+        "ingress",
+        "default/gone",
+        "peer-a",
+        "unreachable",
+    );
 }
 
 /// A fabric member speaking TLS correctly but sending garbage, or an endless head, instead

@@ -13,13 +13,12 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use clink_testbed::{two_clusters, ChildGuard, Cluster, Topology};
+use clink_testbed::{
+    last_lines, read_from, strip_ansi, two_clusters, AgentFiles, ChildGuard, Cluster, Topology,
+};
 use tempfile::TempDir;
 
-use crate::clink::{
-    build_release, iperf_report, last_lines, listening, make_certificates, read_from, stderr,
-    strip_ansi, Agent, AgentFiles,
-};
+use crate::clink::{build_release, iperf_report, listening, make_certificates, stderr, Agent};
 use crate::run::{self, check_interrupt, interruptible, show, step, wait_until};
 
 const FABRIC: &str = "demo-fabric";
@@ -38,8 +37,8 @@ pub fn demo() -> Result<ExitCode> {
     run::catch_interrupts()?;
     crate::setup::setup()?;
     let bins = build_release()?;
-    for name in clink_testbed::remove_stale_namespaces()? {
-        println!("    removed namespace {name}, left by an earlier run that was killed");
+    for what in clink_testbed::remove_stale()? {
+        println!("    removed {what}, left by an earlier run that was killed");
     }
 
     step("creating clusters A and B: two network namespaces joined by a veth pair");
@@ -168,7 +167,7 @@ impl Demo {
 
     fn start_agent(&mut self, side: Side, peer: &str) -> Result<()> {
         let label = ["A", "B"][side as usize];
-        let files = AgentFiles::new(peer, &self.path(peer), self.dir.path())?;
+        let files = AgentFiles::new(peer, &self.path(peer), &self.path("agents").join(peer))?;
         let mut cmd = self
             .cluster(side)
             .netns()
@@ -180,7 +179,7 @@ impl Demo {
             show(&cmd)
         ));
         println!("    log: {}", files.log().display());
-        let agent = Agent::start(label, &mut cmd, files, &self.bins.join("clink"))?;
+        let agent = Agent::start(label, &mut cmd, &files, &self.bins.join("clink"))?;
         for line in agent.clink(&["status"])?.lines() {
             println!("    {line}");
         }

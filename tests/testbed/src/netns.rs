@@ -3,22 +3,13 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// Every namespace this crate makes is called `clk-<pid>-<n>-<role>`.
-const PREFIX: &str = "clk-";
-
-static NEXT_ID: AtomicU32 = AtomicU32::new(0);
-
-/// A number unique within this process; with the pid it makes names unique on the machine.
-pub(crate) fn next_id() -> u32 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
+use crate::names;
 
 /// A named network namespace (`/run/netns/<name>`) with `lo` up.
 ///
@@ -31,11 +22,11 @@ pub struct Netns {
 impl Netns {
     /// Creates `clk-<pid>-<n>-<role>` with a fresh `n`.
     pub fn new(role: &str) -> Result<Self> {
-        Self::with_id(next_id(), role)
+        Self::with_id(names::next_id(), role)
     }
 
     pub(crate) fn with_id(id: u32, role: &str) -> Result<Self> {
-        let name = format!("{PREFIX}{}-{id}-{role}", std::process::id());
+        let name = names::with_id(id, role);
         ip(["netns", "add", &name])?;
         // From here on, Drop removes the namespace even if the next step fails.
         let netns = Self { name };
@@ -163,42 +154,20 @@ pub fn remove_stale_namespaces() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for entry in entries {
         let name = entry.context("read /run/netns")?.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(pid) = owner_pid(name) else { continue };
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let Some(name) = name.to_str().filter(|name| names::is_stale(name)) else {
             continue;
-        }
-        let netns = Netns {
-            name: name.to_owned(),
         };
-        drop(netns);
+        drop(Netns {
+            name: name.to_owned(),
+        });
         removed.push(name.to_owned());
     }
     Ok(removed)
 }
 
-/// The pid in `clk-<pid>-<n>-<role>`, if `name` has that form.
-fn owner_pid(name: &str) -> Option<u32> {
-    let mut parts = name.strip_prefix(PREFIX)?.splitn(3, '-');
-    let pid = parts.next()?.parse().ok()?;
-    parts.next()?.parse::<u32>().ok()?;
-    parts.next().filter(|role| !role.is_empty())?;
-    Some(pid)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn owner_pid_reads_only_testbed_names() {
-        assert_eq!(owner_pid("clk-1234-7-a"), Some(1234));
-        assert_eq!(owner_pid("clk-1234-7-wan"), Some(1234));
-        assert_eq!(owner_pid("clk-1234-7-"), None);
-        assert_eq!(owner_pid("clk-x-7-a"), None);
-        assert_eq!(owner_pid("clk-1234-a"), None);
-        assert_eq!(owner_pid("blue"), None);
-    }
 
     #[test]
     fn parse_pids_skips_noise() {

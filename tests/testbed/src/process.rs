@@ -1,4 +1,4 @@
-//! Child processes that cannot outlive a test, waits with a deadline, root checks.
+//! Child processes that cannot outlive a test, and waits with a deadline.
 
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
@@ -7,25 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{geteuid, Pid};
+use nix::unistd::Pid;
 
 /// How long a child gets to exit after SIGTERM before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(2);
-
-/// Whether a test that needs root can run.
-///
-/// True when running as root. Otherwise, in CI (`CI=true`) it panics so that a skipped test
-/// cannot pass unnoticed; elsewhere it prints that `what` is skipped and returns false.
-pub fn require_root(what: &str) -> bool {
-    if geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what} needs root (network namespaces, eBPF), and CI=true forbids skipping it");
-    }
-    eprintln!("skipping {what}: it needs root (network namespaces, eBPF)");
-    false
-}
 
 /// Polls `f` until it returns true, or fails after `timeout` naming `what` it waited for.
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {

@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use crate::netns::{ip, next_id, Netns};
+use crate::names::next_id;
+use crate::netns::{ip, Netns};
 
 /// One cluster: a namespace with one interface towards the others.
 #[derive(Debug)]

@@ -210,14 +210,8 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
         None => run::Workspace::locate()?.target_dir.join("bench"),
     };
     raise_nofile_limit()?;
-    for name in clink_testbed::remove_stale_namespaces()? {
-        println!("    removed namespace {name}, left by an earlier run that was killed");
-    }
-    for path in place::remove_stale()? {
-        println!(
-            "    removed {}, left by an earlier run that was killed",
-            path.display()
-        );
+    for what in clink_testbed::remove_stale()? {
+        println!("    removed {what}, left by an earlier run that was killed");
     }
 
     let help = run::output(Command::new(bins.join("clink-agent")).arg("--help"))?;
@@ -515,7 +509,8 @@ impl Bench {
                     process.log.display(),
                     route.kind.label()
                 );
-                for line in crate::clink::last_lines(&crate::clink::read_from(&process.log, 0), 10)
+                for line in
+                    clink_testbed::last_lines(&clink_testbed::read_from(&process.log, 0), 10)
                 {
                     eprintln!("{line}");
                 }

@@ -17,10 +17,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clink_testbed::{ChildGuard, Netns, Topology};
+use clink_testbed::{
+    last_lines, read_from, AgentFiles, Cgroup, ChildGuard, Netns, PinDir, Topology,
+};
 
-use super::place::{Cgroup, PinDir, Place};
-use crate::clink::{last_lines, listening, read_from, Agent, AgentFiles};
+use super::place::Place;
+use crate::clink::{listening, Agent};
 use crate::run::wait_until;
 
 pub const FABRIC: &str = "bench-fabric";
@@ -202,7 +204,7 @@ impl Route {
     pub fn start(kind: RouteKind, env: &Env) -> Result<Self, SetupError> {
         let cgroup = kind
             .needs_cgroup()
-            .then(|| Cgroup::create(kind.slug()))
+            .then(|| Cgroup::new(kind.slug()))
             .transpose()
             .map_err(|error| SetupError {
                 error,
@@ -363,7 +365,7 @@ impl Route {
             .iter()
             .zip([("A", PEERS[0]), ("B", PEERS[1])])
         {
-            let files = AgentFiles::new(peer, &env.dir.join(peer), &dir)?;
+            let files = AgentFiles::new(peer, &env.dir.join(peer), &dir.join(peer))?;
             let mut cmd = self
                 .place(cluster.netns())
                 .command(env.bins.join("clink-agent"));
@@ -389,7 +391,7 @@ impl Route {
             let agent = Agent::start(
                 &format!("{} {label}", self.kind.label()),
                 &mut cmd,
-                files,
+                &files,
                 &clink,
             )?;
             processes.push(Process {

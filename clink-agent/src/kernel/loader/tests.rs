@@ -6,58 +6,37 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc,
-    },
+    process::{Command, Stdio},
+    sync::mpsc,
     thread,
     time::Duration,
 };
 
-use std::path::PathBuf;
-
 use aya::maps::{MapData, SockHash};
+use clink_testbed::{require_root, ChildGuard, PinDir};
 
 use super::*;
-use crate::kernel::{host::cgroup2_root, pins::DEFAULT_PIN_DIR};
+use crate::kernel::pins::DEFAULT_PIN_DIR;
 
-static N: AtomicU32 = AtomicU32::new(0);
-
-fn unique(prefix: &str) -> String {
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{}-{n}", std::process::id())
+/// Loads into a pin directory of its own; the programs are unpinned before the directory
+/// (and its parent, when nobody else uses it) is removed, also when the test fails.
+struct Loaded {
+    loaded: LoadedEbpf,
+    _dir: PinDir,
 }
 
-/// Loads into a pin directory of its own and cleans up, parent included if empty, even
-/// when the test fails.
-struct Loaded(Option<LoadedEbpf>);
-
 impl Loaded {
-    fn new() -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "eBPF tests need root in CI"
-            );
-            eprintln!("skipped: loading eBPF programs needs root");
+    fn new(test: &str) -> Option<Self> {
+        if !require_root(test) {
             return None;
         }
-        let dir = Path::new(DEFAULT_PIN_DIR).join(unique("unit"));
-        Some(Self(Some(load(&dir).expect("load eBPF programs"))))
+        let dir = PinDir::within(Path::new(DEFAULT_PIN_DIR), "unit");
+        let loaded = load(dir.path()).expect("load eBPF programs");
+        Some(Self { loaded, _dir: dir })
     }
 
     fn get(&mut self) -> &mut LoadedEbpf {
-        self.0.as_mut().expect("loaded")
-    }
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        drop(self.0.take());
-        // Shared by concurrent tests and the agent: only removed when nobody uses it.
-        let _ = fs::remove_dir(DEFAULT_PIN_DIR);
+        &mut self.loaded
     }
 }
 
@@ -92,7 +71,7 @@ fn transfer(from: &TcpStream, to: &mut TcpStream, data: &[u8]) -> Vec<u8> {
 /// Puts both ends of a connection into CLINK_SOCKS, as `clink_sockops` would once attached,
 /// and checks that sends in both directions are redirected and arrive intact.
 fn assert_redirected(listen: &str, connect: &str) {
-    let Some(mut loaded) = Loaded::new() else {
+    let Some(mut loaded) = Loaded::new(&format!("skmsg redirects {listen} <- {connect}")) else {
         return;
     };
     let loaded = loaded.get();
@@ -154,7 +133,7 @@ fn skmsg_redirects_ipv4_client_of_dual_stack_listener() {
 
 #[test]
 fn skmsg_passes_sends_without_a_peer() {
-    let Some(mut loaded) = Loaded::new() else {
+    let Some(mut loaded) = Loaded::new("skmsg_passes_sends_without_a_peer") else {
         return;
     };
     let loaded = loaded.get();
@@ -172,37 +151,6 @@ fn skmsg_passes_sends_without_a_peer() {
     assert_eq!(loaded.skmsg_counters().unwrap(), SkMsgCounters::default());
 }
 
-/// A cgroup of its own under the cgroup v2 mount, removed at the end of the test.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new() -> Self {
-        let path = cgroup2_root()
-            .expect("a cgroup v2 mount")
-            .join(unique("clink-test"));
-        fs::create_dir(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir(&self.0) {
-            eprintln!("removing {}: {e}", self.0.display());
-        }
-    }
-}
-
-/// The helper process, killed if the test ends early.
-struct Helper(Child);
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
@@ -217,18 +165,18 @@ const HELPER_ENV: &str = "CLINK_SOCKOPS_HELPER_PORTS";
 /// spliced.
 #[test]
 fn sockops_adds_only_sockets_on_owned_ports() {
-    let Some(mut loaded) = Loaded::new() else {
+    let Some(mut loaded) = Loaded::new("sockops_adds_only_sockets_on_owned_ports") else {
         return;
     };
     let loaded = loaded.get();
-    let cgroup = TestCgroup::new();
+    let cgroup = clink_testbed::Cgroup::new("sockops").expect("a test cgroup");
     let (owned, other, target) = (free_port(), free_port(), free_port());
     loaded.add_port(owned, PortFlags::LISTENER).unwrap();
     loaded.add_port(target, PortFlags::TARGET).unwrap();
-    loaded.attach_cgroup(&cgroup.0).unwrap();
-    assert_eq!(loaded.cgroup(), Some(cgroup.0.as_path()));
+    loaded.attach_cgroup(cgroup.path()).unwrap();
+    assert_eq!(loaded.cgroup(), Some(cgroup.path()));
 
-    let mut helper = Helper(
+    let mut helper = ChildGuard(
         Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -242,7 +190,11 @@ fn sockops_adds_only_sockets_on_owned_ports() {
             .spawn()
             .unwrap(),
     );
-    fs::write(cgroup.0.join("cgroup.procs"), helper.0.id().to_string()).unwrap();
+    fs::write(
+        cgroup.path().join("cgroup.procs"),
+        helper.0.id().to_string(),
+    )
+    .unwrap();
     let mut to_helper = helper.0.stdin.take().unwrap();
     writeln!(to_helper, "go").unwrap();
     let helper_out = BufReader::new(helper.0.stdout.take().unwrap());
@@ -285,7 +237,7 @@ fn sockops_adds_only_sockets_on_owned_ports() {
 
 #[test]
 fn attaching_to_a_directory_that_is_no_cgroup_fails() {
-    let Some(mut loaded) = Loaded::new() else {
+    let Some(mut loaded) = Loaded::new("attaching_to_a_directory_that_is_no_cgroup_fails") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,232 @@
+//! One `clink-agent` process of a test, on either data path, and its CLI.
+
+use std::{
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clink_testbed::{
+    bin_path, command_in, peer_reachable, start_agent, wait_for, AgentFiles, ChildGuard, Clink,
+    Netns,
+};
+
+use crate::sockmap::SockmapSetup;
+
+/// One agent process in one cluster, with its certificates, state, admin socket and log.
+pub struct Agent {
+    pub name: String,
+    netns: String,
+    files: AgentFiles,
+    clink: Clink,
+    child: Option<ChildGuard>,
+    gateway_port: u16,
+    /// More `clink-agent` flags.
+    pub args: Vec<String>,
+    /// Run on the sockmap data path, inside this cgroup (see [`SockmapSetup`]); `None`: the
+    /// userspace data path.
+    pub sockmap: Option<SockmapSetup>,
+}
+
+impl Agent {
+    /// An agent named `name` in `ns`, keeping its files in `dir`, with certificates from
+    /// `certs/<name>/` (not started).
+    pub fn new(
+        name: &str,
+        ns: &Netns,
+        dir: &Path,
+        certs: &Path,
+        gateway_port: u16,
+    ) -> Result<Agent> {
+        let files = AgentFiles::new(name, &certs.join(name), dir)?;
+        Ok(Agent {
+            name: name.to_owned(),
+            netns: ns.name().to_owned(),
+            clink: files.clink(&bin_path("clink")?),
+            files,
+            child: None,
+            gateway_port,
+            args: Vec::new(),
+            sockmap: None,
+        })
+    }
+
+    pub fn admin(&self) -> PathBuf {
+        self.files.admin()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.files.state()
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.files.certs().to_owned()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.files.log()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the agent and waits until its admin API answers.
+    pub fn start(&mut self) -> Result<()> {
+        let agent = bin_path("clink-agent")?;
+        let mut cmd = match &self.sockmap {
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.netns]).arg(agent);
+                cmd
+            }
+            Some(setup) => command_in(&setup.cgroup, &self.netns, agent),
+        };
+        self.files.configure(&mut cmd)?;
+        cmd.args(["--listen", &format!("0.0.0.0:{}", self.gateway_port)])
+            .args(["--log-level", "info,clink_agent=debug,clink_ebpf=debug"])
+            .args(self.datapath_args())
+            .args(&self.args);
+        let child = start_agent(&mut cmd, &self.files, Duration::from_secs(15), || {
+            self.clink(&["status"]).is_ok_and(|o| o.status.success())
+        })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM (SIGKILL after a grace period).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            child.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `--datapath` and friends: tests never let an agent pick by itself, since `auto` would
+    /// attach to the machine's root cgroup.
+    fn datapath_args(&self) -> Vec<String> {
+        if self.args.iter().any(|a| a == "--datapath") {
+            return Vec::new();
+        }
+        match &self.sockmap {
+            None => vec!["--datapath".into(), "userspace".into()],
+            Some(setup) => vec![
+                "--datapath".into(),
+                "sockmap".into(),
+                "--cgroup".into(),
+                setup.cgroup.display().to_string(),
+                "--bpf-pin-dir".into(),
+                setup.pin_dir.display().to_string(),
+            ],
+        }
+    }
+
+    /// `clink bpf -o json` for this agent's pin directory.
+    pub fn bpf(&self) -> Result<serde_json::Value> {
+        let setup = self
+            .sockmap
+            .as_ref()
+            .context("not on the sockmap data path")?;
+        let out = self.clink_ok(&[
+            "bpf",
+            "--bpf-pin-dir",
+            &setup.pin_dir.display().to_string(),
+            "-o",
+            "json",
+        ])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Bytes `clink_skmsg` has spliced for this agent so far.
+    pub fn skmsg_bytes(&self) -> Result<u64> {
+        self.skmsg("bytes")
+    }
+
+    /// Bytes that went through `clink_skmsg`: redirected, or passed to the TCP stack by the
+    /// flow control.
+    pub fn skmsg_seen(&self) -> Result<u64> {
+        Ok(self.skmsg("bytes")? + self.skmsg("passed_bytes")?)
+    }
+
+    /// A counter of `clink_skmsg` (`bytes`, `messages`, `passed_bytes`, `fallbacks`,
+    /// `resumes`), from `clink bpf -o json`.
+    pub fn skmsg(&self, counter: &str) -> Result<u64> {
+        self.bpf()?["skmsg"][counter]
+            .as_u64()
+            .with_context(|| format!("clink bpf: no skmsg.{counter}"))
+    }
+
+    /// Runs `clink --admin <socket> args...`.
+    pub fn clink(&self, args: &[&str]) -> Result<Output> {
+        self.clink.run(args)
+    }
+
+    /// Runs clink and fails with its stderr unless it succeeds; returns stdout.
+    pub fn clink_ok(&self, args: &[&str]) -> Result<String> {
+        self.clink
+            .ok(args)
+            .with_context(|| format!("on {}", self.name))
+    }
+
+    /// `clink status -o json`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.clink_ok(&["status", "-o", "json"])?,
+        )?)
+    }
+
+    /// `clink apply -f -` with `yaml` on stdin; returns the whole output.
+    pub fn apply(&self, yaml: &str) -> Result<Output> {
+        let mut child = self
+            .clink
+            .command(&["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(yaml.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Waits until this agent reports `peer` as reachable (`true`) or not.
+    pub fn wait_reachable(&self, peer: &str, reachable: bool, within: Duration) -> Result<()> {
+        wait_for(
+            &format!("{} to see {peer} PeerReachable={reachable}", self.name),
+            within,
+            || {
+                self.clink_ok(&["get", "peer", peer, "-o", "json"])
+                    .ok()
+                    .and_then(|out| serde_json::from_str(&out).ok())
+                    .and_then(|peer| peer_reachable(&peer))
+                    == Some(reachable)
+            },
+        )
+    }
+
+    /// Waits until the agent's log contains `needle`: for what neither a metric nor a typed
+    /// CLI output tells.
+    pub fn wait_log(&self, needle: &str) -> Result<()> {
+        wait_for(
+            &format!("{needle:?} in the log of {}", self.name),
+            Duration::from_secs(10),
+            || self.log().contains(needle),
+        )
+        .with_context(|| format!("log of {}:\n{}", self.name, self.log()))
+    }
+}

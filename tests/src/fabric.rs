@@ -1,0 +1,183 @@
+//! A fabric of test clusters: one agent per cluster, each knowing the others as Peers.
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener, TcpStream},
+};
+
+use anyhow::Result;
+use clink_testbed::{bin_path, make_certificates, Netns, Topology};
+
+use crate::agent::Agent;
+use crate::sockmap::{Datapath, Sockets, SockmapSandbox};
+use crate::traffic::{connect_in, listen_in};
+
+pub const GATEWAY_PORT: u16 = 443;
+
+/// Clusters with one agent each, all of one fabric, each knowing the others as Peers.
+pub struct Fabric {
+    pub agents: Vec<Agent>,
+    /// Per cluster on the sockmap data path: the process that makes sockets in its cgroup.
+    sockets: Vec<Sockets>,
+    pub topo: Topology,
+    pub dir: tempfile::TempDir,
+    /// The data path every agent runs.
+    pub datapath: Datapath,
+    /// Per cluster on the sockmap data path: its cgroup and pin directory. Declared last, so
+    /// they go after every process in them.
+    pub sandboxes: Vec<SockmapSandbox>,
+}
+
+pub const FABRIC: &str = "test-fabric";
+
+impl Fabric {
+    /// Two clusters (agents `peer-a` and `peer-b`) joined by a veth pair.
+    pub fn two_clusters() -> Result<Fabric> {
+        Self::on(clink_testbed::two_clusters()?, Datapath::Userspace)
+    }
+
+    /// Two clusters whose agents run `datapath`; on the sockmap data path each cluster gets a
+    /// cgroup of its own, with its agent in it, and [`Fabric::listen`] and
+    /// [`Fabric::connect`] make their sockets inside it.
+    pub fn two_clusters_on(datapath: Datapath) -> Result<Fabric> {
+        Self::on(clink_testbed::two_clusters()?, datapath)
+    }
+
+    /// Three clusters (`peer-a`, `peer-b`, `peer-c`) on one bridged "wan".
+    pub fn three_clusters() -> Result<Fabric> {
+        Self::on(clink_testbed::three_clusters()?, Datapath::Userspace)
+    }
+
+    pub fn c(&self) -> &Agent {
+        &self.agents[2]
+    }
+
+    pub fn ns_c(&self) -> &Netns {
+        self.topo.c().netns()
+    }
+
+    /// Every agent is labelled `cluster=<its letter>`.
+    fn on(topo: Topology, datapath: Datapath) -> Result<Fabric> {
+        let dir = tempfile::Builder::new().prefix("clink-e2e-").tempdir()?;
+        let certs = dir.path().join("certs");
+        let names: Vec<String> = (0..topo.clusters().len())
+            .map(|i| format!("peer-{}", (b'a' + i as u8) as char))
+            .collect();
+        let peers: Vec<&str> = names.iter().map(String::as_str).collect();
+        make_certificates(&bin_path("clink")?, &certs, FABRIC, &peers)?;
+        let mut agents = Vec::new();
+        for (name, cluster) in names.iter().zip(topo.clusters()) {
+            let mut agent = Agent::new(
+                name,
+                cluster.netns(),
+                &dir.path().join(name),
+                &certs,
+                GATEWAY_PORT,
+            )?;
+            agent.args = vec!["--label".into(), format!("cluster={}", &name[5..])];
+            agents.push(agent);
+        }
+        let mut fabric = Fabric {
+            agents,
+            sockets: Vec::new(),
+            topo,
+            dir,
+            datapath,
+            sandboxes: Vec::new(),
+        };
+        if datapath == Datapath::Sockmap {
+            for (i, agent) in fabric.agents.iter_mut().enumerate() {
+                let sandbox = SockmapSandbox::new(&agent.name)?;
+                agent.sockmap = Some(sandbox.setup.clone());
+                let sockets =
+                    Sockets::start(fabric.topo.clusters()[i].netns(), &sandbox.setup.cgroup);
+                fabric.sandboxes.push(sandbox);
+                fabric.sockets.push(sockets?);
+            }
+        }
+        for agent in &mut fabric.agents {
+            agent.start()?;
+        }
+        for (i, agent) in fabric.agents.iter().enumerate() {
+            for (j, other) in fabric.agents.iter().enumerate() {
+                if i != j {
+                    let ip = fabric.topo.clusters()[j].ip().to_string();
+                    agent.clink_ok(&["create", "peer", &other.name, "--host", &ip])?;
+                }
+            }
+        }
+        Ok(fabric)
+    }
+
+    pub fn a(&self) -> &Agent {
+        &self.agents[0]
+    }
+
+    /// A listener on `127.0.0.1`, port chosen by the kernel, in cluster `i` (0 = a): inside
+    /// the cluster's cgroup on the sockmap data path, so that its accepted sockets are too.
+    pub fn listen(&self, i: usize) -> Result<TcpListener> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        match self.sockets.get(i) {
+            Some(sockets) => Ok(sockets.listen(any)?),
+            None => listen_in(self.topo.clusters()[i].netns()),
+        }
+    }
+
+    /// A client connection from cluster `i` (0 = a): from inside the cluster's cgroup on the
+    /// sockmap data path.
+    pub fn connect(&self, i: usize, addr: SocketAddr) -> io::Result<TcpStream> {
+        match self.sockets.get(i) {
+            Some(sockets) => sockets.connect(addr),
+            None => connect_in(self.topo.clusters()[i].netns(), addr),
+        }
+    }
+
+    /// The socket maker inside cluster `i`'s cgroup (sockmap data path only).
+    pub fn sockets(&self, i: usize) -> Option<&Sockets> {
+        self.sockets.get(i)
+    }
+
+    pub fn b(&self) -> &Agent {
+        &self.agents[1]
+    }
+
+    pub fn ns_a(&self) -> &Netns {
+        self.topo.a().netns()
+    }
+
+    pub fn ns_b(&self) -> &Netns {
+        self.topo.b().netns()
+    }
+
+    /// An allow-everything AccessPolicy on every agent.
+    pub fn allow_all(&self) -> Result<()> {
+        for agent in &self.agents {
+            agent.clink_ok(&["create", "policy", "allow-all", "--action", "allow"])?;
+        }
+        Ok(())
+    }
+
+    /// Exports `target` (an address inside cluster b) from b as `name` and imports it into a
+    /// on `port`.
+    pub fn export_import(&self, name: &str, target: SocketAddr, port: u16) -> Result<()> {
+        self.b().clink_ok(&[
+            "create",
+            "export",
+            name,
+            "--host",
+            &target.ip().to_string(),
+            "--port",
+            &target.port().to_string(),
+        ])?;
+        self.a().clink_ok(&[
+            "create",
+            "import",
+            name,
+            "--port",
+            &port.to_string(),
+            "--peer",
+            &self.b().name,
+        ])?;
+        Ok(())
+    }
+}
