@@ -371,7 +371,7 @@ impl Object {
     }
 
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(&self.to_json()).expect("JSON values always serialize to YAML")
+        yaml_serde::to_string(&self.to_json()).expect("JSON values always serialize to YAML")
     }
 
     /// Parses one object from a JSON value (the admin API's and the store's wire form) and
@@ -584,8 +584,8 @@ impl ApiError {
 /// names the file in errors. Empty documents are skipped.
 pub fn parse_yaml(source: &str, text: &str) -> Result<Vec<Object>, ApiError> {
     let mut objects = Vec::new();
-    for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
+    for (n, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        let value = yaml_serde::Value::deserialize(doc)
             .map_err(|e| ApiError::new(source, &format!("document {}", n + 1), &e.to_string()))?;
         if value.is_null() {
             continue;

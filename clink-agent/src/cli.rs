@@ -257,7 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
                         if i > 0 {
                             println!("---");
                         }
-                        print!("{}", serde_yaml::to_string(item)?);
+                        print!("{}", yaml_serde::to_string(item)?);
                     }
                 }
                 (None, _) => print_table(kind, &items),
@@ -299,7 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
             let status = client.call(Method::GET, "/v1/status", None).await?;
             match output {
                 Some(Output::Json) => println!("{status:#}"),
-                Some(Output::Yaml) => print!("{}", serde_yaml::to_string(&status)?),
+                Some(Output::Yaml) => print!("{}", yaml_serde::to_string(&status)?),
                 None => print_status(&status),
             }
         }

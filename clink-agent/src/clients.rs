@@ -89,7 +89,7 @@ impl ClientMap {
     }
 
     pub fn parse(text: &str) -> Result<ClientMap, String> {
-        let entries: Vec<Entry> = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let entries: Vec<Entry> = yaml_serde::from_str(text).map_err(|e| e.to_string())?;
         let mut ranges = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
             let range = Range::parse(&e.cidr).map_err(|m| format!("[{i}].cidr: {m}"))?;
