@@ -175,6 +175,19 @@ pub struct Resource<S> {
     pub status: Status,
 }
 
+impl<S> Resource<S> {
+    /// An object as a user writes it: this API version, no status.
+    pub fn new(kind: Kind, metadata: ObjectMeta, spec: S) -> Resource<S> {
+        Resource {
+            api_version: API_VERSION.to_owned(),
+            kind: kind.as_str().to_owned(),
+            metadata,
+            spec,
+            status: Status::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
@@ -361,17 +374,11 @@ impl Object {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let value = match self {
-            Object::Peer(o) => serde_json::to_value(o),
-            Object::Export(o) => serde_json::to_value(o),
-            Object::Import(o) => serde_json::to_value(o),
-            Object::AccessPolicy(o) | Object::PrivilegedAccessPolicy(o) => serde_json::to_value(o),
-        };
-        value.expect("API objects are plain data and always serialize")
+        serde_json::to_value(self).expect("API objects are plain data and always serialize")
     }
 
     pub fn to_yaml(&self) -> String {
-        serde_yaml::to_string(&self.to_json()).expect("JSON values always serialize to YAML")
+        yaml_serde::to_string(&self.to_json()).expect("JSON values always serialize to YAML")
     }
 
     /// Parses one object from a JSON value (the admin API's and the store's wire form) and
@@ -550,6 +557,26 @@ impl Object {
     }
 }
 
+impl Serialize for Object {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Object::Peer(o) => o.serialize(serializer),
+            Object::Export(o) => o.serialize(serializer),
+            Object::Import(o) => o.serialize(serializer),
+            Object::AccessPolicy(o) | Object::PrivilegedAccessPolicy(o) => o.serialize(serializer),
+        }
+    }
+}
+
+/// The kind comes from the object's `kind` field, and the object is validated as
+/// [`Object::from_value`] does: whatever deserializes is a valid object.
+impl<'de> Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Object, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Object::from_value(value).map_err(serde::de::Error::custom)
+    }
+}
+
 fn typed<T: serde::de::DeserializeOwned>(
     value: serde_json::Value,
     what: &str,
@@ -584,8 +611,8 @@ impl ApiError {
 /// names the file in errors. Empty documents are skipped.
 pub fn parse_yaml(source: &str, text: &str) -> Result<Vec<Object>, ApiError> {
     let mut objects = Vec::new();
-    for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc)
+    for (n, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        let value = yaml_serde::Value::deserialize(doc)
             .map_err(|e| ApiError::new(source, &format!("document {}", n + 1), &e.to_string()))?;
         if value.is_null() {
             continue;
@@ -762,6 +789,21 @@ spec:
         let objects = parse_yaml("x", text).unwrap();
         let again = parse_yaml("y", &objects[0].to_yaml()).unwrap();
         assert_eq!(objects, again);
+    }
+
+    #[test]
+    fn objects_round_trip_through_serde_and_are_validated() {
+        let text = "apiVersion: clusterlink.net/v1alpha1\nkind: PrivilegedAccessPolicy\nmetadata: \
+                    {name: deny-all}\nspec: {action: deny, from: [{workloadSelector: {}}], to: \
+                    [{workloadSelector: {}}]}\n";
+        let objects = parse_yaml("x", text).unwrap();
+        let json = serde_json::to_string(&objects).unwrap();
+        let again: Vec<Object> = serde_json::from_str(&json).unwrap();
+        assert_eq!(objects, again);
+        assert_eq!(again[0].kind(), Kind::PrivilegedAccessPolicy);
+        let invalid = json.replace("deny-all", "Deny_All");
+        let err = serde_json::from_str::<Vec<Object>>(&invalid).unwrap_err();
+        assert!(err.to_string().contains("metadata.name"), "{err}");
     }
 
     fn error_of(text: &str) -> String {

@@ -8,12 +8,16 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hyper::Method;
-use serde_json::{json, Value};
+use serde::{de::IntoDeserializer as _, Serialize};
+use serde_json::Value;
 
 use crate::{
-    admin::{self, Client},
-    api::{self, Kind, Object, API_VERSION, DEFAULT_NAMESPACE},
+    admin::{self, Client, StatusResponse},
+    api::{
+        self, AccessPolicySpec, Action, Endpoint, ExportSpec, ImportSource, ImportSpec, Kind,
+        LabelSelector, LbScheme, Object, ObjectKey, ObjectMeta, PeerSpec, Resource,
+        WorkloadSetOrSelector, DEFAULT_NAMESPACE,
+    },
     tls,
 };
 
@@ -165,16 +169,18 @@ enum CreateCommand {
         /// The export's namespace at the peer [default: the import's namespace].
         #[arg(long)]
         export_namespace: Option<String>,
-        #[arg(long, default_value = "round-robin")]
-        lb_scheme: String,
+        /// round-robin, random or static.
+        #[arg(long, default_value = "round-robin", value_parser = from_name::<LbScheme>)]
+        lb_scheme: LbScheme,
         #[command(flatten)]
         ns: NamespaceArg,
     },
     /// An access policy; without --from/--to it applies to all traffic.
     Policy {
         name: String,
-        #[arg(long, value_parser = ["allow", "deny"])]
-        action: String,
+        /// allow or deny.
+        #[arg(long, value_parser = from_name::<Action>)]
+        action: Action,
         /// Cluster-wide PrivilegedAccessPolicy instead of a namespaced AccessPolicy.
         #[arg(long)]
         privileged: bool,
@@ -187,6 +193,11 @@ enum CreateCommand {
         #[command(flatten)]
         ns: NamespaceArg,
     },
+}
+
+/// A flag value parsed by the name the API gives it (`round-robin`, `deny`).
+fn from_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -230,7 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
             if objects.is_empty() {
                 bail!("no objects found in {}", files.join(", "));
             }
-            apply(&client, objects).await?;
+            apply(&client, &objects).await?;
         }
         Command::Get {
             kind,
@@ -240,24 +251,18 @@ async fn run(cli: Cli) -> Result<()> {
             output,
         } => {
             let kind = parse_kind(&kind)?;
-            let mut uri = format!("/v1/objects/{kind}?");
-            if !all_namespaces {
-                uri.push_str(&format!("namespace={}&", ns.namespace));
-            }
-            if let Some(name) = &name {
-                uri.push_str(&format!("name={name}"));
-            }
-            let items = client.call(Method::GET, &uri, None).await?;
-            let items = items.as_array().cloned().unwrap_or_default();
-            match (output, &name) {
-                (Some(Output::Json), Some(_)) => println!("{:#}", items[0]),
-                (Some(Output::Json), None) => println!("{:#}", Value::Array(items)),
+            let namespace = (!all_namespaces).then_some(ns.namespace.as_str());
+            let items = client.list(kind, namespace, name.as_deref()).await?;
+            match (output, items.first()) {
+                // The agent answers "not found" rather than no object for a name.
+                (Some(Output::Json), Some(item)) if name.is_some() => print_json(item)?,
+                (Some(Output::Json), _) => print_json(&items)?,
                 (Some(Output::Yaml), _) => {
                     for (i, item) in items.iter().enumerate() {
                         if i > 0 {
                             println!("---");
                         }
-                        print!("{}", serde_yaml::to_string(item)?);
+                        print_yaml(item)?;
                     }
                 }
                 (None, _) => print_table(kind, &items),
@@ -265,24 +270,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Delete { kind, name, ns } => {
             let kind = parse_kind(&kind)?;
-            let ns = if kind.namespaced() {
-                ns.namespace.as_str()
-            } else {
-                "_"
+            let key = ObjectKey {
+                kind,
+                namespace: if kind.namespaced() {
+                    ns.namespace
+                } else {
+                    String::new()
+                },
+                name,
             };
-            let answer = client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/objects/{kind}/{ns}/{name}"),
-                    None,
-                )
-                .await?;
-            println!("{} deleted", answer["deleted"].as_str().unwrap_or(&name));
+            let answer = client.delete(&key).await?;
+            println!("{} deleted", answer.deleted);
         }
         Command::Create { what } => {
             let object = build(what)?;
-            let object = Object::from_value(object)?;
-            apply(&client, vec![object]).await?;
+            object.validate()?;
+            apply(&client, &[object]).await?;
         }
         Command::Bpf {
             bpf_pin_dir,
@@ -296,10 +299,10 @@ async fn run(cli: Cli) -> Result<()> {
             print!("{}", crate::kernel::render::report(&bpf_pin_dir, json)?);
         }
         Command::Status { output } => {
-            let status = client.call(Method::GET, "/v1/status", None).await?;
+            let status = client.status().await?;
             match output {
-                Some(Output::Json) => println!("{status:#}"),
-                Some(Output::Yaml) => print!("{}", serde_yaml::to_string(&status)?),
+                Some(Output::Json) => print_json(&status)?,
+                Some(Output::Yaml) => print_yaml(&status)?,
                 None => print_status(&status),
             }
         }
@@ -316,16 +319,26 @@ fn parse_kind(s: &str) -> Result<Kind> {
     })
 }
 
-async fn apply(client: &Client, objects: Vec<Object>) -> Result<()> {
-    let body = Value::Array(objects.iter().map(Object::to_json).collect());
-    let answer = client.call(Method::POST, "/v1/apply", Some(body)).await?;
-    for r in answer["results"].as_array().into_iter().flatten() {
-        println!(
-            "{} {}",
-            r["object"].as_str().unwrap_or("?"),
-            r["change"].as_str().unwrap_or("?")
-        );
+async fn apply(client: &Client, objects: &[Object]) -> Result<()> {
+    for r in client.apply(objects).await?.results {
+        println!("{} {}", r.object, r.change);
     }
+    Ok(())
+}
+
+/// Printed through a JSON value, whose maps are sorted: the output's key order is the same
+/// for every type and does not follow field declarations.
+fn sorted(value: &impl Serialize) -> Result<Value> {
+    Ok(serde_json::to_value(value)?)
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{:#}", sorted(value)?);
+    Ok(())
+}
+
+fn print_yaml(value: &impl Serialize) -> Result<()> {
+    print!("{}", yaml_serde::to_string(&sorted(value)?)?);
     Ok(())
 }
 
@@ -362,52 +375,55 @@ fn read_objects(source: &str) -> Result<Vec<Object>> {
     Ok(objects)
 }
 
-fn selector(pairs: &[String], flag: &str) -> Result<Value> {
-    let mut labels = BTreeMap::new();
+fn selector(pairs: &[String], flag: &str) -> Result<Vec<WorkloadSetOrSelector>> {
+    let mut match_labels = BTreeMap::new();
     for pair in pairs {
         let (k, v) = pair
             .split_once('=')
             .with_context(|| format!("--{flag} {pair:?}: expected KEY=VALUE"))?;
-        labels.insert(k.to_owned(), v.to_owned());
+        match_labels.insert(k.to_owned(), v.to_owned());
     }
-    Ok(if labels.is_empty() {
-        json!([{ "workloadSelector": {} }])
-    } else {
-        json!([{ "workloadSelector": { "matchLabels": labels } }])
-    })
+    Ok(vec![WorkloadSetOrSelector {
+        workload_sets: Vec::new(),
+        workload_selector: Some(LabelSelector {
+            match_labels,
+            match_expressions: Vec::new(),
+        }),
+    }])
 }
 
-fn build(what: CreateCommand) -> Result<Value> {
-    let object = |kind: &str, name: &str, ns: Option<&str>, spec: Value| {
-        let mut metadata = json!({ "name": name });
-        if let Some(ns) = ns {
-            metadata["namespace"] = json!(ns);
-        }
-        json!({ "apiVersion": API_VERSION, "kind": kind, "metadata": metadata, "spec": spec })
-    };
+fn metadata(name: String, namespace: Option<String>) -> ObjectMeta {
+    ObjectMeta {
+        name,
+        namespace,
+        ..ObjectMeta::default()
+    }
+}
+
+fn build(what: CreateCommand) -> Result<Object> {
     Ok(match what {
         CreateCommand::Peer {
             name,
             host,
             port,
             ns,
-        } => object(
-            "Peer",
-            &name,
-            Some(&ns.namespace),
-            json!({ "gateways": [{ "host": host, "port": port }] }),
-        ),
+        } => Object::Peer(Resource::new(
+            Kind::Peer,
+            metadata(name, Some(ns.namespace)),
+            PeerSpec {
+                gateways: vec![Endpoint { host, port }],
+            },
+        )),
         CreateCommand::Export {
             name,
             host,
             port,
             ns,
-        } => object(
-            "Export",
-            &name,
-            Some(&ns.namespace),
-            json!({ "host": host, "port": port }),
-        ),
+        } => Object::Export(Resource::new(
+            Kind::Export,
+            metadata(name, Some(ns.namespace)),
+            ExportSpec { host, port },
+        )),
         CreateCommand::Import {
             name,
             port,
@@ -418,19 +434,21 @@ fn build(what: CreateCommand) -> Result<Value> {
             lb_scheme,
             ns,
         } => {
-            let mut spec = json!({
-                "port": port,
-                "sources": [{
-                    "peer": peer,
-                    "exportName": export_name.unwrap_or_else(|| name.clone()),
-                    "exportNamespace": export_namespace.unwrap_or_else(|| ns.namespace.clone()),
+            let spec = ImportSpec {
+                port,
+                target_port: target_port.unwrap_or(0),
+                sources: vec![ImportSource {
+                    peer,
+                    export_name: export_name.unwrap_or_else(|| name.clone()),
+                    export_namespace: export_namespace.unwrap_or_else(|| ns.namespace.clone()),
                 }],
-                "lbScheme": lb_scheme,
-            });
-            if let Some(t) = target_port {
-                spec["targetPort"] = json!(t);
-            }
-            object("Import", &name, Some(&ns.namespace), spec)
+                lb_scheme,
+            };
+            Object::Import(Resource::new(
+                Kind::Import,
+                metadata(name, Some(ns.namespace)),
+                spec,
+            ))
         }
         CreateCommand::Policy {
             name,
@@ -440,59 +458,59 @@ fn build(what: CreateCommand) -> Result<Value> {
             to,
             ns,
         } => {
-            let spec = json!({
-                "action": action,
-                "from": selector(&from, "from")?,
-                "to": selector(&to, "to")?,
-            });
+            let spec = AccessPolicySpec {
+                action,
+                from: selector(&from, "from")?,
+                to: selector(&to, "to")?,
+            };
             if privileged {
-                object("PrivilegedAccessPolicy", &name, None, spec)
+                Object::PrivilegedAccessPolicy(Resource::new(
+                    Kind::PrivilegedAccessPolicy,
+                    metadata(name, None),
+                    spec,
+                ))
             } else {
-                object("AccessPolicy", &name, Some(&ns.namespace), spec)
+                Object::AccessPolicy(Resource::new(
+                    Kind::AccessPolicy,
+                    metadata(name, Some(ns.namespace)),
+                    spec,
+                ))
             }
         }
     })
 }
 
-fn summary(kind: Kind, item: &Value) -> String {
-    let spec = &item["spec"];
-    match kind {
-        Kind::Peer => spec["gateways"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|g| format!("{}:{}", g["host"].as_str().unwrap_or("?"), g["port"]))
+fn summary(object: &Object) -> String {
+    match object {
+        Object::Peer(p) => p
+            .spec
+            .gateways
+            .iter()
+            .map(|g| format!("{}:{}", g.host, g.port))
             .collect::<Vec<_>>()
             .join(","),
-        Kind::Export => format!("{}:{}", spec["host"].as_str().unwrap_or(""), spec["port"]),
-        Kind::Import => {
-            let port = match spec["targetPort"].as_u64() {
-                Some(t) => format!("{}->{t}", spec["port"]),
-                None => spec["port"].to_string(),
+        Object::Export(e) => format!("{}:{}", e.spec.host, e.spec.port),
+        Object::Import(i) => {
+            let port = match i.spec.target_port {
+                0 => i.spec.port.to_string(),
+                t => format!("{}->{t}", i.spec.port),
             };
-            let sources = spec["sources"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| {
-                    format!(
-                        "{}/{}@{}",
-                        s["exportNamespace"].as_str().unwrap_or("?"),
-                        s["exportName"].as_str().unwrap_or("?"),
-                        s["peer"].as_str().unwrap_or("?")
-                    )
-                })
+            let sources = i
+                .spec
+                .sources
+                .iter()
+                .map(|s| format!("{}/{}@{}", s.export_namespace, s.export_name, s.peer))
                 .collect::<Vec<_>>()
                 .join(",");
             format!("port {port}  sources {sources}")
         }
-        Kind::AccessPolicy | Kind::PrivilegedAccessPolicy => {
-            spec["action"].as_str().unwrap_or("?").to_owned()
+        Object::AccessPolicy(p) | Object::PrivilegedAccessPolicy(p) => {
+            p.spec.action.as_str().to_owned()
         }
     }
 }
 
-fn print_table(kind: Kind, items: &[Value]) {
+fn print_table(kind: Kind, items: &[Object]) {
     if items.is_empty() {
         println!("No {kind} objects found.");
         return;
@@ -500,13 +518,11 @@ fn print_table(kind: Kind, items: &[Value]) {
     let rows: Vec<[String; 3]> = items
         .iter()
         .map(|item| {
+            let meta = item.metadata();
             [
-                item["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_owned(),
-                item["metadata"]["name"].as_str().unwrap_or("").to_owned(),
-                summary(kind, item),
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone(),
+                summary(item),
             ]
         })
         .collect();
@@ -524,45 +540,39 @@ fn print_table(kind: Kind, items: &[Value]) {
     }
 }
 
-fn print_status(s: &Value) {
-    println!("agent:      {}", s["name"].as_str().unwrap_or("?"));
-    println!("version:    {}", s["version"].as_str().unwrap_or("?"));
-    println!("gateway:    {}", s["gateway"].as_str().unwrap_or("?"));
-    println!("data path:  {}", s["datapath"].as_str().unwrap_or("?"));
-    println!("uptime:     {}s", s["uptimeSeconds"]);
-    let objects = s["objects"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k} {v}"))
+fn print_status(s: &StatusResponse) {
+    println!("agent:      {}", s.name);
+    println!("version:    {}", s.version);
+    println!("gateway:    {}", s.gateway);
+    println!("data path:  {}", s.datapath);
+    println!("uptime:     {}s", s.uptime_seconds);
+    let objects = s
+        .objects
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
         .collect::<Vec<_>>()
         .join(", ");
     println!("objects:    {objects}");
-    for p in s["peers"].as_array().into_iter().flatten() {
-        let labels = p["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+    for p in &s.peers {
+        let labels = p
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");
         println!(
             "peer:       {} reachable={} labels={}",
-            p["name"].as_str().unwrap_or("?"),
-            p["reachable"].as_str().unwrap_or("?"),
+            p.name,
+            p.reachable,
             if labels.is_empty() { "-" } else { &labels }
         );
     }
-    for i in s["imports"].as_array().into_iter().flatten() {
-        println!(
-            "import:     {} listening on port {}",
-            i["import"].as_str().unwrap_or("?"),
-            i["port"]
-        );
+    for i in &s.imports {
+        println!("import:     {} listening on port {}", i.import, i.port);
     }
-    let c = &s["connections"];
+    let c = &s.connections;
     println!(
         "connections: {} active, {} opened, {} failed; {} bytes out, {} bytes in",
-        c["active"], c["opened"], c["failed"], c["bytes_out"], c["bytes_in"]
+        c.active, c.opened, c.failed, c.bytes_out, c.bytes_in
     );
 }

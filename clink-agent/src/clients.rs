@@ -12,6 +12,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::{attr, insert_labels, Attributes};
@@ -28,58 +29,34 @@ struct Entry {
     labels: BTreeMap<String, String>,
 }
 
-/// An address range, kept as an IPv6 prefix (IPv4 as IPv4-mapped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Range {
-    base: u128,
-    len: u32,
+fn parse_range(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>().map_err(|_| {
+        format!("{s:?} is not a CIDR range (ADDRESS/LENGTH, e.g. 10.1.0.0/16 or fd00::/8)")
+    })
 }
 
-fn to_v6(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
+/// An IPv6 range also holds the IPv4 addresses whose IPv4-mapped form it contains (`::/0`
+/// holds every client), as it would for a dual-stack listener that never unmapped them.
+fn contains(range: &IpNet, ip: IpAddr) -> bool {
+    match (range, ip) {
+        (IpNet::V6(range), IpAddr::V4(v4)) => range.contains(&v4.to_ipv6_mapped()),
+        _ => range.contains(&ip),
     }
 }
 
-impl Range {
-    fn parse(s: &str) -> Result<Range, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR range (ADDRESS/LENGTH)"))?;
-        let ip: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        let len: u32 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{len:?} is not a prefix length (0-{max})"))?;
-        let len = if ip.is_ipv4() { len + 96 } else { len };
-        Ok(Range {
-            base: to_v6(ip) & mask(len),
-            len,
-        })
-    }
-
-    fn contains(&self, ip: IpAddr) -> bool {
-        to_v6(ip) & mask(self.len) == self.base
-    }
-}
-
-fn mask(len: u32) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - len)
+/// Prefix length in the IPv6 address space (IPv4 ranges as IPv4-mapped), so that an IPv4
+/// range sorts as more specific than an IPv6 range that holds it.
+fn specificity(range: &IpNet) -> u8 {
+    match range {
+        IpNet::V4(v4) => v4.prefix_len() + 96,
+        IpNet::V6(v6) => v6.prefix_len(),
     }
 }
 
 #[derive(Debug, Default)]
 pub struct ClientMap {
     /// Most specific first.
-    ranges: Vec<(Range, Attributes)>,
+    ranges: Vec<(IpNet, Attributes)>,
 }
 
 impl ClientMap {
@@ -89,10 +66,10 @@ impl ClientMap {
     }
 
     pub fn parse(text: &str) -> Result<ClientMap, String> {
-        let entries: Vec<Entry> = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        let entries: Vec<Entry> = yaml_serde::from_str(text).map_err(|e| e.to_string())?;
         let mut ranges = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
-            let range = Range::parse(&e.cidr).map_err(|m| format!("[{i}].cidr: {m}"))?;
+            let range = parse_range(&e.cidr).map_err(|m| format!("[{i}].cidr: {m}"))?;
             let mut attrs = Attributes::new();
             if let Some(ns) = e.namespace {
                 attrs.insert(attr::CLIENT_NAMESPACE.to_owned(), ns);
@@ -106,7 +83,7 @@ impl ClientMap {
             insert_labels(&mut attrs, attr::CLIENT_LABELS, &e.labels);
             ranges.push((range, attrs));
         }
-        ranges.sort_by_key(|(r, _)| std::cmp::Reverse(r.len));
+        ranges.sort_by_key(|(r, _)| std::cmp::Reverse(specificity(r)));
         Ok(ClientMap { ranges })
     }
 
@@ -118,7 +95,7 @@ impl ClientMap {
         };
         self.ranges
             .iter()
-            .find(|(r, _)| r.contains(ip))
+            .find(|(r, _)| contains(r, ip))
             .map(|(_, a)| a.clone())
             .unwrap_or_default()
     }
@@ -160,10 +137,30 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_ranges_hold_ipv4_mapped_clients() {
+        let map = ClientMap::parse(
+            "- cidr: ::/0\n  namespace: any\n- cidr: ::ffff:10.0.0.0/104\n  namespace: mapped\n\
+             - cidr: 10.1.0.0/16\n  namespace: v4\n",
+        )
+        .unwrap();
+        let ns = |ip: &str| {
+            map.attributes(ip.parse().unwrap())["client.clusterlink.net/namespace"].clone()
+        };
+        assert_eq!(ns("10.1.2.3"), "v4");
+        assert_eq!(ns("::ffff:10.1.2.3"), "v4");
+        assert_eq!(ns("10.2.0.1"), "mapped");
+        assert_eq!(ns("192.168.0.1"), "any");
+        assert_eq!(ns("2001:db8::1"), "any");
+    }
+
+    #[test]
     fn bad_ranges_are_named() {
         assert!(ClientMap::parse("- cidr: 10.0.0.0/33\n")
             .unwrap_err()
             .starts_with("[0].cidr: "));
+        assert!(ClientMap::parse("- cidr: 10.0.0.1\n")
+            .unwrap_err()
+            .contains("ADDRESS/LENGTH"));
         assert!(ClientMap::parse("- cidr: nope\n")
             .unwrap_err()
             .contains("CIDR"));

@@ -218,8 +218,9 @@ impl Metrics {
     }
 }
 
-/// Totals of the connection families, summed over their labels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Totals of the connection families, summed over their labels: what `clink status` shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionTotals {
     pub active: u64,
     pub opened: u64,

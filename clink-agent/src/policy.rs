@@ -272,7 +272,7 @@ mod tests {
     }
 
     fn selector(yaml: &str) -> LabelSelector {
-        serde_yaml::from_str(yaml).unwrap()
+        yaml_serde::from_str(yaml).unwrap()
     }
 
     fn decide(set: &PolicySet) -> Decision {

@@ -171,8 +171,8 @@ fn both_local_hops_are_spliced_in_the_kernel() {
     let status: Value =
         serde_json::from_str(&fabric.a().clink_ok(&["status", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(status["datapath"], "sockmap");
-    assert_eq!(status["connections"]["bytes_out"], (1 + LEN) as u64);
-    assert_eq!(status["connections"]["bytes_in"], (1 + LEN) as u64);
+    assert_eq!(status["connections"]["bytesOut"], (1 + LEN) as u64);
+    assert_eq!(status["connections"]["bytesIn"], (1 + LEN) as u64);
     let metrics = scrape(fabric.ns_a()).unwrap();
     assert_eq!(
         sample(&metrics, "clink_datapath{datapath=\"sockmap\"}"),

@@ -147,8 +147,8 @@ fn transfers_256_mib_each_way(datapath: Datapath) {
     let status_after = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
     let status_after: serde_json::Value = serde_json::from_str(&status_after).unwrap();
     assert_eq!(status["datapath"], datapath.name());
-    assert_eq!(status_after["connections"]["bytes_out"], len as u64);
-    assert_eq!(status_after["connections"]["bytes_in"], len as u64);
+    assert_eq!(status_after["connections"]["bytesOut"], len as u64);
+    assert_eq!(status_after["connections"]["bytesIn"], len as u64);
     assert_spliced(&fabric, before, 2 * len);
 }
 
