@@ -139,57 +139,35 @@ pub(crate) fn remove_stale() -> Result<Vec<PathBuf>> {
 }
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified` on
-/// hybrid ones.
+/// hybrid ones. The mount table is read with procfs, as the agent reads it; unlike the agent,
+/// the test bed takes the mount point as written (test hosts mount cgroup v2 at paths that
+/// need no octal escapes).
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
-    match cgroup2_mount(&mountinfo) {
+    let mounts = procfs::process::Process::myself()
+        .and_then(|me| me.mountinfo())
+        .context("read /proc/self/mountinfo")?;
+    match cgroup2_mount(&mounts) {
         Some(path) => Ok(path),
         None => bail!("cgroup v2 is not mounted (no cgroup2 line in /proc/self/mountinfo)"),
     }
 }
 
-/// The first cgroup2 mount point in a mountinfo text: field 5 is the mount point, the first
-/// field after the lone `-` is the file system type.
-fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        (fs.split_whitespace().next()? == "cgroup2").then_some(())?;
-        mount
-            .split_whitespace()
-            .nth(4)
-            .map(|p| PathBuf::from(unescape_mountinfo(p)))
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash in paths as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = (bytes[i] == b'\\')
-            .then(|| bytes.get(i + 1..i + 4))
-            .flatten()
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(|d| u8::from_str_radix(d, 8).ok());
-        match octal {
-            Some(byte) => {
-                out.push(byte);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn cgroup2_mount(mounts: &procfs::process::MountInfos) -> Option<PathBuf> {
+    mounts
+        .iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{require_root, Netns};
+
+    fn cgroup2_mount(text: &str) -> Option<PathBuf> {
+        use procfs::FromBufRead as _;
+        super::cgroup2_mount(&procfs::process::MountInfos::from_buf_read(text.as_bytes()).unwrap())
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
@@ -206,8 +184,6 @@ mod tests {
             cgroup2_mount(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
-        let escaped = "35 24 0:30 / /my\\040cgroups rw shared:9 - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount(escaped), Some(PathBuf::from("/my cgroups")));
         assert_eq!(cgroup2_mount("36 34 0:31 / /x rw - cgroup cgroup rw"), None);
     }
 
