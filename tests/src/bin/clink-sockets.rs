@@ -68,17 +68,14 @@ fn serve(request: &str) -> Result<OwnedFd, String> {
         }
         Some(("socket", family)) => {
             let domain = match family {
-                "4" => libc::AF_INET,
-                "6" => libc::AF_INET6,
+                "4" => socket2::Domain::IPV4,
+                "6" => socket2::Domain::IPV6,
                 _ => return Err(format!("unknown family {family:?}")),
             };
-            // SAFETY: plain socket(2); the result is checked before it is owned.
-            let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-            if fd < 0 {
-                return Err(format!("socket: {}", std::io::Error::last_os_error()));
-            }
-            // SAFETY: a new descriptor that nothing else owns.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            // socket2 sets SOCK_CLOEXEC itself.
+            socket2::Socket::new(domain, socket2::Type::STREAM, None)
+                .map(OwnedFd::from)
+                .map_err(|e| format!("socket: {e}"))
         }
         _ => Err(format!("bad request {request:?}")),
     }
