@@ -1,5 +1,5 @@
 //! The figures of one run and their Markdown report: medians, spread, ratios to direct and
-//! to haproxy, and the targets of issue 5.
+//! to haproxy, and the project's performance targets (docs/performance.md).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -274,7 +274,8 @@ impl Results {
         columns
     }
 
-    /// Issue 5's targets for each ClusterLink-rs route, read off this run.
+    /// The performance targets (docs/performance.md) for each ClusterLink-rs route, read off
+    /// this run.
     fn targets(&self) -> String {
         let clink: Vec<_> = self
             .routes
@@ -285,7 +286,7 @@ impl Results {
         if clink.is_empty() {
             return String::new();
         }
-        let mut md = String::from("\nTargets (issue 5), read off this run:\n\n| target |");
+        let mut md = String::from("\nTargets, read off this run:\n\n| target |");
         for route in &clink {
             let _ = write!(md, " {} |", route.label());
         }
