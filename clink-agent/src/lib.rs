@@ -14,5 +14,7 @@ pub mod peer;
 pub mod policy;
 pub mod state;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod wire;

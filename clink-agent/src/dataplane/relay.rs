@@ -187,17 +187,8 @@ pub async fn relay<A: OverTcp, B: OverTcp>(mut a: A, mut b: B) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::{
-        io::{AsyncReadExt as _, AsyncWriteExt as _},
-        net::TcpListener,
-    };
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
+    use crate::testing::tcp_pair as pair;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// client <-> (a relay b) <-> server, with half-close in both orders and a payload
     /// large enough to grow the buffers.
