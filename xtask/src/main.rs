@@ -5,6 +5,7 @@ mod clink;
 mod demo;
 mod run;
 mod setup;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's kTLS-capable 6.1 kernel in qemu (virtme-ng, software emulation) and run
+    /// COMMAND there as root after `modprobe tls`, with CLINK_REQUIRE_KTLS=1; fails if it
+    /// fails, or if the VM does not boot or finish in time.
+    VmTest(vm::Options),
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
     /// policy removal that denies the next connection. Needs root.
     Demo,
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
         Task::Build { args } => build(&args),
         Task::Test { args } => test(&args),
+        Task::VmTest(opts) => vm::vm_test(opts),
         Task::Demo => demo::demo(),
         Task::Bench(opts) => bench::bench(opts),
         Task::BenchTool { tool } => bench::run_tool(tool).map(|()| ExitCode::SUCCESS),
@@ -148,6 +154,39 @@ mod tests {
         ] {
             assert_eq!(test_args(&strings(args)), strings(args));
         }
+    }
+
+    #[test]
+    fn vm_test_takes_a_command_or_test_binaries_after_the_separator() {
+        let cli = Cli::try_parse_from(["xtask", "vm-test", "--", "sh", "-c", "exit 1"]).unwrap();
+        let Task::VmTest(opts) = cli.task else {
+            panic!("not the vm-test task")
+        };
+        assert_eq!(opts.command, ["sh", "-c", "exit 1"]);
+        assert_eq!((opts.cargo_test, opts.timeout), (None, 900));
+
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "vm-test",
+            "--timeout",
+            "60",
+            "--cargo-test",
+            "--workspace --test kernel_tls",
+            "--",
+            "--nocapture",
+        ])
+        .unwrap();
+        let Task::VmTest(opts) = cli.task else {
+            panic!("not the vm-test task")
+        };
+        assert_eq!(
+            opts.cargo_test.as_deref(),
+            Some("--workspace --test kernel_tls")
+        );
+        assert_eq!(
+            (opts.command, opts.timeout),
+            (vec!["--nocapture".to_owned()], 60)
+        );
     }
 
     #[test]
