@@ -8,6 +8,7 @@ mod setup;
 mod vm;
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,7 +34,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Setup, build the binaries, then `cargo test --workspace [ARGS]` (needs root for the
-    /// network-namespace tests).
+    /// network-namespace tests); without ARGS, then the kernel-TLS tests in a VM.
     Test {
         /// Passed on to cargo test, e.g. `-p clink-tests -- --nocapture`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -114,8 +115,41 @@ fn test(args: &[String]) -> Result<ExitCode> {
         .args(test_args(args))
         .env("CLINK_BIN_DIR", &bin_dir)
         .status()?;
-    Ok(run::exit_code(status))
+    if !args.is_empty() {
+        println!("(the kernel-TLS tests in a VM run without ARGS, or with `cargo xtask vm-test`)");
+        return Ok(run::exit_code(status));
+    }
+    // Run even after a host failure: the VM's verdict costs about a minute, and CI wants both.
+    let started = Instant::now();
+    let vm = vm::vm_test_with_env(
+        vm::Options {
+            kernel: None,
+            timeout: VM_TIMEOUT.as_secs(),
+            cargo_test: Some(VM_TESTS.to_owned()),
+            command: Vec::new(),
+        },
+        &[("CLINK_BIN_DIR", &bin_dir)],
+    );
+    step(&format!(
+        "VM part (build, boot, tests, power-off) took {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    if !status.success() {
+        if let Err(e) = &vm {
+            eprintln!("error: {e:#}");
+        }
+        step("host tests FAILED");
+        return Ok(run::exit_code(status));
+    }
+    vm
 }
+
+/// The tests `cargo xtask test` runs in the VM (`cargo xtask vm-test --cargo-test ...`).
+/// `--workspace` keeps cargo's feature resolution that of the host run, so nothing rebuilds.
+const VM_TESTS: &str = "--workspace --test kernel_tls";
+
+/// The VM part must stay well inside CI's budget: boot is about a minute under emulation.
+const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// `--workspace` unless the caller chose packages.
 fn test_args(args: &[String]) -> Vec<String> {
