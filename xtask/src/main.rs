@@ -119,7 +119,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
         println!("(the kernel-TLS tests in a VM run without ARGS, or with `cargo xtask vm-test`)");
         return Ok(run::exit_code(status));
     }
-    // Run even after a host failure: the VM's verdict costs about a minute, and CI wants both.
+    // Run even after a host failure: the VM part costs under a minute, and CI wants both verdicts.
     let started = Instant::now();
     let vm = vm::vm_test_with_env(
         vm::Options {
@@ -148,7 +148,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
 /// `--workspace` keeps cargo's feature resolution that of the host run, so nothing rebuilds.
 const VM_TESTS: &str = "--workspace --test kernel_tls";
 
-/// The VM part must stay well inside CI's budget: boot is about a minute under emulation.
+/// The VM part must stay well inside CI's budget: boot takes 20-50 s under emulation.
 const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// `--workspace` unless the caller chose packages.

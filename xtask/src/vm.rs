@@ -35,8 +35,9 @@ const PASSED_ENV: &[&str] = &[
     "CLINK_BIN_DIR",
 ];
 
-/// Exit status the script reports when `modprobe tls` fails (no command ran).
-const NO_KTLS_MODULE: i32 = 125;
+/// What the script reports instead of an exit status when `modprobe tls` fails (and no
+/// command ran): a word, so no command's status can be mistaken for it.
+const NO_KTLS_MODULE: &str = "no-tls-module";
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -118,7 +119,7 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
 
     let mut vng = vng_command(&kernel, dir.path(), &script)?;
     step(&format!(
-        "{} (boots in about a minute under emulation; killed after {} s)",
+        "{} (boots in about half a minute under emulation; killed after {} s)",
         show(&vng),
         opts.timeout
     ));
@@ -131,7 +132,7 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
             step(&format!("vm-test passed: {timing}"));
             Ok(ExitCode::SUCCESS)
         }
-        Outcome::Finished(NO_KTLS_MODULE) => bail!(
+        Outcome::NoKtlsModule => bail!(
             "`modprobe tls` failed in the VM: {} has no kTLS module ({timing})",
             kernel.display()
         ),
@@ -276,6 +277,8 @@ fn quote(s: &str) -> String {
 enum Outcome {
     /// The script ran to its end: the first non-zero exit status of its commands, else 0.
     Finished(i32),
+    /// `modprobe tls` failed; no command ran.
+    NoKtlsModule,
     /// vng exited (this status) without the script's result.
     NoStatus(String),
 }
@@ -348,9 +351,13 @@ fn boot(vng: &mut Command, dir: &Path, timeout: Duration) -> Result<Run> {
     };
     let total = start.elapsed();
     let status = fs::read_to_string(dir.join("status")).ok();
-    let outcome = match status.as_deref().map(str::trim).map(str::parse::<i32>) {
-        Some(Ok(code)) => Outcome::Finished(code),
-        Some(Err(_)) | None => Outcome::NoStatus(exit.to_string()),
+    let outcome = match status.as_deref().map(str::trim) {
+        Some(NO_KTLS_MODULE) => Outcome::NoKtlsModule,
+        Some(code) => match code.parse() {
+            Ok(code) => Outcome::Finished(code),
+            Err(_) => Outcome::NoStatus(format!("{exit}, status file says {code:?}")),
+        },
+        None => Outcome::NoStatus(exit.to_string()),
     };
     let finished = finished.or(status.is_some().then_some(total));
     Ok(Run {
