@@ -5,8 +5,10 @@ mod clink;
 mod demo;
 mod run;
 mod setup;
+mod vm;
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,12 +34,16 @@ enum Task {
         args: Vec<String>,
     },
     /// Setup, build the binaries, then `cargo test --workspace [ARGS]` (needs root for the
-    /// network-namespace tests).
+    /// network-namespace tests); without ARGS, then the kernel-TLS tests in a VM.
     Test {
         /// Passed on to cargo test, e.g. `-p clink-tests -- --nocapture`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's kTLS-capable 6.1 kernel in qemu (virtme-ng, software emulation) and run
+    /// COMMAND there as root after `modprobe tls`, with CLINK_REQUIRE_KTLS=1; fails if it
+    /// fails, or if the VM does not boot or finish in time.
+    VmTest(vm::Options),
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
     /// policy removal that denies the next connection. Needs root.
     Demo,
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
         Task::Build { args } => build(&args),
         Task::Test { args } => test(&args),
+        Task::VmTest(opts) => vm::vm_test(opts),
         Task::Demo => demo::demo(),
         Task::Bench(opts) => bench::bench(opts),
         Task::BenchTool { tool } => bench::run_tool(tool).map(|()| ExitCode::SUCCESS),
@@ -108,8 +115,41 @@ fn test(args: &[String]) -> Result<ExitCode> {
         .args(test_args(args))
         .env("CLINK_BIN_DIR", &bin_dir)
         .status()?;
-    Ok(run::exit_code(status))
+    if !args.is_empty() {
+        println!("(the kernel-TLS tests in a VM run without ARGS, or with `cargo xtask vm-test`)");
+        return Ok(run::exit_code(status));
+    }
+    // Run even after a host failure: the VM part costs under a minute, and CI wants both verdicts.
+    let started = Instant::now();
+    let vm = vm::vm_test_with_env(
+        vm::Options {
+            kernel: None,
+            timeout: VM_TIMEOUT.as_secs(),
+            cargo_test: Some(VM_TESTS.to_owned()),
+            command: Vec::new(),
+        },
+        &[("CLINK_BIN_DIR", &bin_dir)],
+    );
+    step(&format!(
+        "VM part (build, boot, tests, power-off) took {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    if !status.success() {
+        if let Err(e) = &vm {
+            eprintln!("error: {e:#}");
+        }
+        step("host tests FAILED");
+        return Ok(run::exit_code(status));
+    }
+    vm
 }
+
+/// The tests `cargo xtask test` runs in the VM (`cargo xtask vm-test --cargo-test ...`).
+/// `--workspace` keeps cargo's feature resolution that of the host run, so nothing rebuilds.
+const VM_TESTS: &str = "--workspace --test kernel_tls";
+
+/// The VM part must stay well inside CI's budget: boot takes 20-50 s under emulation.
+const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// `--workspace` unless the caller chose packages.
 fn test_args(args: &[String]) -> Vec<String> {
@@ -148,6 +188,39 @@ mod tests {
         ] {
             assert_eq!(test_args(&strings(args)), strings(args));
         }
+    }
+
+    #[test]
+    fn vm_test_takes_a_command_or_test_binaries_after_the_separator() {
+        let cli = Cli::try_parse_from(["xtask", "vm-test", "--", "sh", "-c", "exit 1"]).unwrap();
+        let Task::VmTest(opts) = cli.task else {
+            panic!("not the vm-test task")
+        };
+        assert_eq!(opts.command, ["sh", "-c", "exit 1"]);
+        assert_eq!((opts.cargo_test, opts.timeout), (None, 900));
+
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "vm-test",
+            "--timeout",
+            "60",
+            "--cargo-test",
+            "--workspace --test kernel_tls",
+            "--",
+            "--nocapture",
+        ])
+        .unwrap();
+        let Task::VmTest(opts) = cli.task else {
+            panic!("not the vm-test task")
+        };
+        assert_eq!(
+            opts.cargo_test.as_deref(),
+            Some("--workspace --test kernel_tls")
+        );
+        assert_eq!(
+            (opts.command, opts.timeout),
+            (vec!["--nocapture".to_owned()], 60)
+        );
     }
 
     #[test]

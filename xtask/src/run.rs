@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -126,13 +127,20 @@ pub fn exit_code(status: ExitStatus) -> ExitCode {
 
 /// From now on Ctrl-C (and SIGTERM, SIGHUP) only raise a flag that [`interruptible`] waits
 /// and [`check_interrupt`] turn into an error, so guards unwind and clean up.
+/// Calling it again is a no-op (`cargo xtask test` runs the VM tests after its own).
 pub fn catch_interrupts() -> Result<()> {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
     ctrlc::set_handler(|| {
         if !INTERRUPTED.swap(true, Ordering::SeqCst) {
             eprintln!("\ninterrupted: cleaning up");
         }
     })
-    .context("install the Ctrl-C handler")
+    .context("install the Ctrl-C handler")?;
+    let _ = INSTALLED.set(());
+    Ok(())
 }
 
 pub fn interrupted() -> bool {

@@ -31,7 +31,20 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "stunnel4",
         "the bench compares the agent with a stunnel mTLS pair",
     ),
+    (
+        "linux-image-amd64",
+        "the kTLS-capable kernel (CONFIG_TLS=m) that `cargo xtask vm-test` boots; \
+         it is not made the host's boot kernel",
+    ),
+    ("busybox-static", "virtme-ng builds the VM's init from it"),
+    (
+        "python3-venv",
+        "the virtual environment virtme-ng is installed into",
+    ),
 ];
+
+/// The virtme-ng release `cargo xtask vm-test` drives (its flags are in DESIGN.md §9).
+const VIRTME_NG: &str = "1.42";
 
 /// bpf-linker releases that work with the pinned aya (DESIGN.md §9).
 const BPF_LINKER_SERIES: &str = "0.13";
@@ -39,6 +52,8 @@ const BPF_LINKER_SERIES: &str = "0.13";
 pub fn setup() -> Result<()> {
     step("setup: checking what the build and the tests need");
     debian_packages()?;
+    qemu()?;
+    virtme_ng()?;
     nightly_rust_src()?;
     bpf_linker()?;
     step("setup: done");
@@ -61,11 +76,148 @@ fn debian_packages() -> Result<()> {
     step("apt-get update");
     check(apt_get().args(["update", "-q"]))?;
     step(&format!("apt-get install {}", missing.join(" ")));
-    check(
-        apt_get()
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )
+    check(apt_install().args(&missing))
+}
+
+/// `apt-get install` that never removes a package: setup adds to the host, it does not
+/// trade one of the host's packages for one of ours.
+fn apt_install() -> Command {
+    let mut cmd = apt_get();
+    cmd.args([
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "--no-remove",
+    ]);
+    cmd
+}
+
+/// qemu-system-x86, the emulator `cargo xtask vm-test` boots the kTLS kernel in. It must
+/// match an installed qemu-utils: qemu 8.0 and later Break older qemu-system-common, so a
+/// host that has qemu-utils from backports (the build machines have 10.0) gets the same
+/// version from the same backports suite, through a temporary source list that leaves the
+/// host's apt configuration alone.
+fn qemu() -> Result<()> {
+    const PACKAGE: &str = "qemu-system-x86";
+    if dpkg_installed(PACKAGE)? {
+        println!("    {PACKAGE}: installed");
+        return Ok(());
+    }
+    println!("    {PACKAGE}: missing (runs the VM of `cargo xtask vm-test`)");
+    let utils = dpkg_installed("qemu-utils")?
+        .then(|| dpkg_version("qemu-utils"))
+        .transpose()?;
+    let Some(version) = utils.filter(|v| v.contains("~bpo")) else {
+        step("apt-get update");
+        check(apt_get().args(["update", "-q"]))?;
+        step(&format!("apt-get install {PACKAGE}"));
+        return check(apt_install().arg(PACKAGE));
+    };
+    let codename = os_codename()?;
+    println!("    qemu-utils {version} is from {codename}-backports: taking {PACKAGE} from there");
+    let dir = tempfile::Builder::new()
+        .prefix("clink-apt-")
+        .tempdir()
+        .context("create a temporary apt directory")?;
+    let sources = dir.path().join("sources.list");
+    fs::write(&sources, backports_sources(&codename))
+        .with_context(|| format!("write {}", sources.display()))?;
+    for sub in ["lists/partial", "archives/partial"] {
+        fs::create_dir_all(dir.path().join(sub))?;
+    }
+    let with_backports = |cmd: &mut Command| {
+        let d = dir.path().display();
+        cmd.args([
+            format!("-o=Dir::Etc::sourcelist={}", sources.display()),
+            "-o=Dir::Etc::sourceparts=-".to_owned(),
+            format!("-o=Dir::State::lists={d}/lists"),
+            format!("-o=Dir::Cache::archives={d}/archives"),
+        ]);
+    };
+    let mut update = apt_get();
+    with_backports(&mut update);
+    update.args(["update", "-q"]);
+    step(&format!(
+        "{} (a temporary source list with {codename}-backports)",
+        show(&update)
+    ));
+    check(&mut update)?;
+    let mut install = apt_get();
+    with_backports(&mut install);
+    install
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "--no-remove",
+        ])
+        .args(["-t", &format!("{codename}-backports")])
+        .arg(format!("{PACKAGE}={version}"));
+    step(&show(&install));
+    check(&mut install)
+}
+
+/// The Debian suites of this release, plus its backports, signed by Debian's archive key.
+fn backports_sources(codename: &str) -> String {
+    let key = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
+    [
+        format!("deb {key} http://deb.debian.org/debian {codename} main"),
+        format!("deb {key} http://deb.debian.org/debian {codename}-updates main"),
+        format!("deb {key} http://deb.debian.org/debian-security {codename}-security main"),
+        format!("deb {key} http://deb.debian.org/debian {codename}-backports main"),
+    ]
+    .map(|line| line + "\n")
+    .concat()
+}
+
+fn os_codename() -> Result<String> {
+    let release = fs::read_to_string("/etc/os-release").context("read /etc/os-release")?;
+    release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_owned())
+        .filter(|c| !c.is_empty())
+        .context("/etc/os-release names no VERSION_CODENAME")
+}
+
+fn dpkg_version(package: &str) -> Result<String> {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
+}
+
+/// virtme-ng from PyPI in a virtual environment of its own, so no system Python package is
+/// touched. `vng` runs `virtme-run` from the same bin/, which `vm-test` puts on PATH.
+fn virtme_ng() -> Result<()> {
+    let venv = crate::vm::venv_dir();
+    let vng = venv.join("bin/vng");
+    if let Ok(out) = Command::new(&vng).arg("--version").output() {
+        let version = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && version.split_whitespace().any(|w| w == VIRTME_NG) {
+            println!("    virtme-ng {VIRTME_NG}: installed in {}", venv.display());
+            return Ok(());
+        }
+    }
+    println!("    virtme-ng {VIRTME_NG}: missing (boots the kernel of `cargo xtask vm-test`)");
+    if !venv.join("bin/pip").exists() {
+        let mut create = Command::new(system_python());
+        create.args(["-m", "venv"]).arg(&venv);
+        step(&show(&create));
+        check(&mut create)?;
+    }
+    let mut install = Command::new(venv.join("bin/pip"));
+    install.args(["install", "-q", &format!("virtme-ng=={VIRTME_NG}")]);
+    step(&show(&install));
+    check(&mut install)
+}
+
+/// Debian's python3 (which python3-venv serves), not whichever one PATH finds first.
+fn system_python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
 }
 
 fn dpkg_installed(package: &str) -> Result<bool> {
@@ -216,7 +368,7 @@ fn llvm_prefix(prefix: &Path, llvm_lib: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".cache"))
@@ -254,6 +406,14 @@ mod tests {
         assert!(version_in_series("0.13", "0.13"));
         assert!(!version_in_series("0.130.0", "0.13"));
         assert!(!version_in_series("0.12.9", "0.13"));
+    }
+
+    #[test]
+    fn backports_sources_add_backports_to_the_release() {
+        let sources = backports_sources("bookworm");
+        assert_eq!(sources.lines().count(), 4);
+        assert!(sources.contains("/debian bookworm-backports main\n"));
+        assert!(sources.contains("/debian-security bookworm-security main\n"));
     }
 
     #[test]

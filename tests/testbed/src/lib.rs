@@ -22,6 +22,7 @@
 mod agent;
 mod certs;
 mod cgroup;
+mod ktls;
 mod logs;
 mod names;
 mod netns;
@@ -33,6 +34,7 @@ mod topology;
 pub use agent::{checked, peer_reachable, start_agent, AgentFiles, Clink};
 pub use certs::make_certificates;
 pub use cgroup::{cgroup2_root, command_in, Cgroup};
+pub use ktls::{ktls_available, require_ktls, set_tls_ulp, REQUIRE_KTLS};
 pub use logs::{last_lines, read_from, strip_ansi};
 pub use names::unique_name;
 pub use netns::{remove_stale_namespaces, Netns};
