@@ -28,6 +28,8 @@ pub struct Options {
 }
 
 pub fn fuzz(opts: &Options) -> Result<()> {
+    // Each run is in its own process group (`interruptible`): Ctrl-C reaches us, and we stop it.
+    crate::run::catch_interrupts()?;
     let ws = Workspace::locate()?;
     let targets = if opts.targets.is_empty() {
         list()?
@@ -99,7 +101,11 @@ fn run_target(target: &str, scratch: &Path, seconds: u64) -> Result<()> {
         for line in log.lines().filter(|l| !is_progress(l)) {
             eprintln!("{line}");
         }
-        bail!("fuzz target {target} failed ({}): see above", out.status);
+        bail!(
+            "fuzz target {target} failed ({}): the input is in fuzz/artifacts/{target}/, replay \
+             it with `AYA_BUILD_SKIP=1 cargo +nightly fuzz run -a {target} <file>`",
+            out.status
+        );
     }
     println!("    {}", summary(&log));
     Ok(())

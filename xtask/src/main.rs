@@ -32,9 +32,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, `cargo deny check`, build the binaries, `cargo clippy`, `cargo test --workspace
-    /// [ARGS]` (needs root for the network-namespace tests), then a short run of every fuzz
-    /// target. When ARGS pick packages, only their tests run.
+    /// Setup, `cargo deny check`, build the binaries, `cargo clippy`, a short run of every
+    /// fuzz target, then `cargo test --workspace [ARGS]` (needs root for the network-namespace
+    /// tests). When ARGS pick packages, only their tests run.
     Test {
         /// Passed on to cargo test, e.g. `-p clink-tests -- --nocapture`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -128,6 +128,11 @@ fn test(args: &[String]) -> Result<ExitCode> {
         if !status.success() {
             return Ok(run::exit_code(status));
         }
+        // Before the tests, so that a passing run ends with cargo test's summary.
+        fuzz::fuzz(&fuzz::Options {
+            seconds: fuzz::SECONDS_IN_TEST,
+            targets: Vec::new(),
+        })?;
     }
     let bin_dir = ws.target_dir.join("debug");
     step(&format!(
@@ -140,14 +145,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
         .args(test_args(args))
         .env("CLINK_BIN_DIR", &bin_dir)
         .status()?;
-    if !status.success() || !guards {
-        return Ok(run::exit_code(status));
-    }
-    fuzz::fuzz(&fuzz::Options {
-        seconds: fuzz::SECONDS_IN_TEST,
-        targets: Vec::new(),
-    })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(run::exit_code(status))
 }
 
 /// Whether the cargo arguments (before `--`) choose packages.
