@@ -340,6 +340,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i32> {
 /// `sa` must be the `bpf_sock_addr` context of the running program.
 #[inline(always)]
 unsafe fn connect_key(sa: *const bpf_sock_addr, v6: bool) -> ServiceKey {
+    // SAFETY: the caller passes the running program's context; every field read is in it.
     unsafe {
         let port = rd(&raw const (*sa).user_port);
         if v6 {
@@ -444,6 +445,7 @@ fn count(index: u32, n: u64) {
 /// `ops` must be the `bpf_sock_ops` context of the running program.
 #[inline(always)]
 unsafe fn sock_ops_key(ops: *const bpf_sock_ops) -> SockKey {
+    // SAFETY: the caller passes the running program's context; every field read is in it.
     unsafe {
         SockKey::from_ctx(
             rd(&raw const (*ops).family),
@@ -461,6 +463,7 @@ unsafe fn sock_ops_key(ops: *const bpf_sock_ops) -> SockKey {
 /// `msg` must be the `sk_msg_md` context of the running program.
 #[inline(always)]
 unsafe fn sk_msg_key(msg: *const sk_msg_md) -> SockKey {
+    // SAFETY: the caller passes the running program's context; every field read is in it.
     unsafe {
         SockKey::from_ctx(
             rd(&raw const (*msg).family),
@@ -478,6 +481,7 @@ unsafe fn sk_msg_key(msg: *const sk_msg_md) -> SockKey {
 /// `field` must point into the program's context.
 #[inline(always)]
 unsafe fn rd(field: *const u32) -> u32 {
+    // SAFETY: the caller guarantees `field` points into the context, which is readable.
     unsafe { core::ptr::read_volatile(field) }
 }
 
@@ -485,6 +489,7 @@ unsafe fn rd(field: *const u32) -> u32 {
 /// `field` must point into the program's context, at a field the program may write.
 #[inline(always)]
 unsafe fn wr(field: *mut u32, value: u32) {
+    // SAFETY: the caller guarantees `field` is a writable field of the context.
     unsafe { core::ptr::write_volatile(field, value) }
 }
 
@@ -493,6 +498,7 @@ unsafe fn wr(field: *mut u32, value: u32) {
 #[inline(always)]
 unsafe fn rd_ip6(field: *const [u32; 4]) -> [u32; 4] {
     let field = field.cast::<u32>();
+    // SAFETY: the caller guarantees `field` points at four u32 words of the context.
     unsafe {
         [
             rd(field),

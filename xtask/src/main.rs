@@ -3,6 +3,7 @@
 mod bench;
 mod clink;
 mod demo;
+mod fuzz;
 mod run;
 mod setup;
 mod vm;
@@ -33,8 +34,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Setup, build the binaries, then `cargo test --workspace [ARGS]` (needs root for the
-    /// network-namespace tests); without ARGS, then the kernel-TLS tests in a VM.
+    /// Setup, `cargo deny check`, build the binaries, `cargo clippy`, a short run of every
+    /// fuzz target, then `cargo test --workspace [ARGS]` (needs root for the network-namespace
+    /// tests); without ARGS, then the kernel-TLS tests in a VM. When ARGS pick packages, only
+    /// their tests run.
     Test {
         /// Passed on to cargo test, e.g. `-p clink-tests -- --nocapture`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -44,6 +47,8 @@ enum Task {
     /// COMMAND there as root after `modprobe tls`, with CLINK_REQUIRE_KTLS=1; fails if it
     /// fails, or if the VM does not boot or finish in time.
     VmTest(vm::Options),
+    /// Run the cargo-fuzz targets in fuzz/ (nightly), each for a fixed time.
+    Fuzz(fuzz::Options),
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
     /// policy removal that denies the next connection. Needs root.
     Demo,
@@ -67,6 +72,9 @@ fn main() -> ExitCode {
         Task::Build { args } => build(&args),
         Task::Test { args } => test(&args),
         Task::VmTest(opts) => vm::vm_test(opts),
+        Task::Fuzz(opts) => setup::setup()
+            .and_then(|()| fuzz::fuzz(&opts))
+            .map(|()| ExitCode::SUCCESS),
         Task::Demo => demo::demo(),
         Task::Bench(opts) => bench::bench(opts),
         Task::BenchTool { tool } => bench::run_tool(tool).map(|()| ExitCode::SUCCESS),
@@ -93,6 +101,20 @@ fn build(args: &[String]) -> Result<ExitCode> {
 
 fn test(args: &[String]) -> Result<ExitCode> {
     setup::setup()?;
+    // The guards look at the whole tree, so a run of a few packages' tests skips them.
+    let guards = !picks_packages(args);
+    if guards {
+        // Advisories are left out: their database is fetched from GitHub, which CI cannot
+        // reach (deny.toml).
+        step("cargo deny check bans licenses sources");
+        let status = cargo()
+            .args(["deny", "check", "--hide-inclusion-graph"])
+            .args(["bans", "licenses", "sources"])
+            .status()?;
+        if !status.success() {
+            return Ok(run::exit_code(status));
+        }
+    }
     let ws = Workspace::locate()?;
     if nix::unistd::geteuid().is_root() {
         for name in clink_testbed::remove_stale_namespaces()? {
@@ -103,6 +125,22 @@ fn test(args: &[String]) -> Result<ExitCode> {
     let status = cargo().args(["build", "--workspace", "--bins"]).status()?;
     if !status.success() {
         return Ok(run::exit_code(status));
+    }
+    if guards {
+        // Only the lints the workspace denies ([workspace.lints]) fail the run; clippy's other
+        // warnings are shown.
+        step("cargo clippy --workspace --all-targets");
+        let status = cargo()
+            .args(["clippy", "--workspace", "--all-targets"])
+            .status()?;
+        if !status.success() {
+            return Ok(run::exit_code(status));
+        }
+        // Before the tests, so that a passing run ends with cargo test's summary.
+        fuzz::fuzz(&fuzz::Options {
+            seconds: fuzz::SECONDS_IN_TEST,
+            targets: Vec::new(),
+        })?;
     }
     let bin_dir = ws.target_dir.join("debug");
     step(&format!(
@@ -150,14 +188,16 @@ const VM_TESTS: &str = "--workspace --test kernel_tls";
 
 /// The VM part must stay well inside CI's budget: boot takes 20-50 s under emulation.
 const VM_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Whether the cargo arguments (before `--`) choose packages.
+fn picks_packages(args: &[String]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2))
+}
 
 /// `--workspace` unless the caller chose packages.
 fn test_args(args: &[String]) -> Vec<String> {
-    let cargo_args = args.iter().take_while(|a| *a != "--");
-    let picks_packages = cargo_args
-        .into_iter()
-        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2));
-    let workspace = (!picks_packages).then(|| "--workspace".to_owned());
+    let workspace = (!picks_packages(args)).then(|| "--workspace".to_owned());
     workspace.into_iter().chain(args.iter().cloned()).collect()
 }
 
@@ -221,6 +261,17 @@ mod tests {
             (opts.command, opts.timeout),
             (vec!["--nocapture".to_owned()], 60)
         );
+    }
+
+    #[test]
+    fn fuzz_takes_seconds_and_targets() {
+        let cli =
+            Cli::try_parse_from(["xtask", "fuzz", "--seconds", "5", "labels_header"]).unwrap();
+        let Task::Fuzz(opts) = cli.task else {
+            panic!("not the fuzz task")
+        };
+        assert_eq!(opts.seconds, 5);
+        assert_eq!(opts.targets, ["labels_header"]);
     }
 
     #[test]

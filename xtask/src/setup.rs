@@ -49,6 +49,31 @@ const VIRTME_NG: &str = "1.42";
 /// bpf-linker releases that work with the pinned aya (DESIGN.md §9).
 const BPF_LINKER_SERIES: &str = "0.13";
 
+/// A cargo subcommand installed from crates.io.
+struct CargoTool {
+    package: &'static str,
+    subcommand: &'static str,
+    /// The release series installed; `--version` of another one reinstalls.
+    series: &'static str,
+    why: &'static str,
+}
+
+/// The tools behind the checks `cargo xtask test` runs besides the tests.
+const CARGO_TOOLS: &[CargoTool] = &[
+    CargoTool {
+        package: "cargo-deny",
+        subcommand: "deny",
+        series: "0.20",
+        why: "checks licenses, sources and duplicates of the dependency tree (deny.toml)",
+    },
+    CargoTool {
+        package: "cargo-fuzz",
+        subcommand: "fuzz",
+        series: "0.13",
+        why: "builds and runs the fuzz targets in fuzz/",
+    },
+];
+
 pub fn setup() -> Result<()> {
     step("setup: checking what the build and the tests need");
     debian_packages()?;
@@ -56,6 +81,10 @@ pub fn setup() -> Result<()> {
     virtme_ng()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    clippy()?;
+    for tool in CARGO_TOOLS {
+        cargo_tool(tool)?;
+    }
     step("setup: done");
     Ok(())
 }
@@ -311,6 +340,60 @@ fn bpf_linker() -> Result<()> {
         Some(version) if version_in_series(&version, BPF_LINKER_SERIES) => Ok(()),
         other => bail!("bpf-linker still not usable after installing it (version: {other:?})"),
     }
+}
+
+fn clippy() -> Result<()> {
+    let found = crate::run::cargo()
+        .args(["clippy", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if found {
+        println!("    clippy: installed");
+        return Ok(());
+    }
+    println!("    clippy: missing (checks the workspace's lints)");
+    step("rustup component add clippy");
+    check(Command::new("rustup").args(["component", "add", "clippy"]))
+}
+
+fn cargo_tool(tool: &CargoTool) -> Result<()> {
+    let CargoTool {
+        package,
+        subcommand,
+        series,
+        why,
+    } = tool;
+    match cargo_tool_version(subcommand) {
+        Some(version) if version_in_series(&version, series) => {
+            println!("    {package} {version}: installed");
+            return Ok(());
+        }
+        Some(version) => println!("    {package} {version}: wrong version, want {series}"),
+        None => println!("    {package}: missing ({why})"),
+    }
+    let mut install = crate::run::cargo();
+    install
+        .args(["install", package, "--locked", "--force"])
+        .args(["--version", &format!("^{series}")]);
+    step(&format!("{} (a few minutes)", show(&install)));
+    check(&mut install)?;
+    match cargo_tool_version(subcommand) {
+        Some(version) if version_in_series(&version, series) => Ok(()),
+        other => bail!("{package} still not usable after installing it (version: {other:?})"),
+    }
+}
+
+/// The version `cargo <subcommand> --version` prints (`cargo-deny 0.20.2`), if it runs.
+fn cargo_tool_version(subcommand: &str) -> Option<String> {
+    let out = crate::run::cargo()
+        .args([subcommand, "--version"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
 }
 
 /// The real `libLLVM.so.<version>` file in the nightly's lib directory (next to it sits a
