@@ -14,6 +14,8 @@ use clink_testbed::{
     Netns,
 };
 
+use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
+
 use crate::sockmap::SockmapSetup;
 
 /// One agent process in one cluster, with its certificates, state, admin socket and log.
@@ -134,7 +136,7 @@ impl Agent {
     }
 
     /// `clink bpf -o json` for this agent's pin directory.
-    pub fn bpf(&self) -> Result<serde_json::Value> {
+    pub fn bpf(&self) -> Result<Inspection> {
         let setup = self
             .sockmap
             .as_ref()
@@ -151,21 +153,14 @@ impl Agent {
 
     /// Bytes `clink_skmsg` has spliced for this agent so far.
     pub fn skmsg_bytes(&self) -> Result<u64> {
-        self.skmsg("bytes")
+        Ok(self.bpf()?.skmsg.bytes)
     }
 
     /// Bytes that went through `clink_skmsg`: redirected, or passed to the TCP stack by the
     /// flow control.
     pub fn skmsg_seen(&self) -> Result<u64> {
-        Ok(self.skmsg("bytes")? + self.skmsg("passed_bytes")?)
-    }
-
-    /// A counter of `clink_skmsg` (`bytes`, `messages`, `passed_bytes`, `fallbacks`,
-    /// `resumes`), from `clink bpf -o json`.
-    pub fn skmsg(&self, counter: &str) -> Result<u64> {
-        self.bpf()?["skmsg"][counter]
-            .as_u64()
-            .with_context(|| format!("clink bpf: no skmsg.{counter}"))
+        let skmsg = self.bpf()?.skmsg;
+        Ok(skmsg.bytes + skmsg.passed_bytes)
     }
 
     /// Runs `clink --admin <socket> args...`.
@@ -181,7 +176,7 @@ impl Agent {
     }
 
     /// `clink status -o json`.
-    pub fn status(&self) -> Result<serde_json::Value> {
+    pub fn status(&self) -> Result<StatusResponse> {
         Ok(serde_json::from_str(
             &self.clink_ok(&["status", "-o", "json"])?,
         )?)

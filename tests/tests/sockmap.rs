@@ -23,6 +23,7 @@ use std::{
 
 use serde_json::Value;
 
+use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
 use clink_tests::{
     connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath, Fabric, Patient,
     SockmapSandbox, Transfer, METRICS_PORT,
@@ -64,17 +65,10 @@ fn import_yaml(ips: Option<&str>) -> String {
 }
 
 /// `(local, remote)` of every socket in an agent's `CLINK_SOCKS`.
-fn sockets(bpf: &Value) -> Vec<(String, String)> {
-    bpf["sockets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| {
-            (
-                s["local"].as_str().unwrap_or_default().to_owned(),
-                s["remote"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
+fn sockets(bpf: &Inspection) -> Vec<(String, String)> {
+    bpf.sockets
+        .iter()
+        .map(|s| (s.local.to_string(), s.remote.to_string()))
         .collect()
 }
 
@@ -84,7 +78,7 @@ fn canonical(addr: SocketAddr) -> String {
 }
 
 /// Whether both ends of the connection `stream` is one end of are in the map.
-fn pair_in(bpf: &Value, stream: &TcpStream) -> bool {
+fn pair_in(bpf: &Inspection, stream: &TcpStream) -> bool {
     let local = canonical(stream.local_addr().unwrap());
     let remote = canonical(stream.peer_addr().unwrap());
     let socks = sockets(bpf);
@@ -144,12 +138,12 @@ fn both_local_hops_are_spliced_in_the_kernel() {
     let a_bpf = fabric.a().bpf().unwrap();
     assert!(
         pair_in(&a_bpf, &client),
-        "client pair not in a's CLINK_SOCKS: {a_bpf:#}"
+        "client pair not in a's CLINK_SOCKS: {a_bpf:#?}"
     );
     let b_bpf = fabric.b().bpf().unwrap();
     assert!(
         pair_in(&b_bpf, &at_service),
-        "service pair not in b's CLINK_SOCKS: {b_bpf:#}"
+        "service pair not in b's CLINK_SOCKS: {b_bpf:#?}"
     );
 
     let at_client = exchange(client, 1, LEN, 100_003).unwrap();
@@ -168,11 +162,10 @@ fn both_local_hops_are_spliced_in_the_kernel() {
     // The agent still counts what it relays; the data path is visible everywhere.
     let closed = "clink_connections_closed_total{direction=\"egress\"";
     wait_metric(fabric.ns_a(), METRICS_PORT, closed, 1.0).unwrap();
-    let status: Value =
-        serde_json::from_str(&fabric.a().clink_ok(&["status", "-o", "json"]).unwrap()).unwrap();
-    assert_eq!(status["datapath"], "sockmap");
-    assert_eq!(status["connections"]["bytesOut"], (1 + LEN) as u64);
-    assert_eq!(status["connections"]["bytesIn"], (1 + LEN) as u64);
+    let status = fabric.a().status().unwrap();
+    assert_eq!(status.datapath, "sockmap");
+    assert_eq!(status.connections.bytes_out, (1 + LEN) as u64);
+    assert_eq!(status.connections.bytes_in, (1 + LEN) as u64);
     let metrics = scrape(fabric.ns_a()).unwrap();
     assert_eq!(
         sample(&metrics, "clink_datapath{datapath=\"sockmap\"}"),
@@ -202,22 +195,16 @@ fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
         .apply(&import_yaml(Some(&format!("{VIP4}, {VIP6}"))));
     assert!(applied.unwrap().status.success());
     let bpf = fabric.a().bpf().unwrap();
-    let services: Vec<(String, u64)> = bpf["services"]
-        .as_array()
-        .unwrap()
+    let services: Vec<(String, u16)> = bpf
+        .services
         .iter()
-        .map(|s| {
-            (
-                s["service"].as_str().unwrap().to_owned(),
-                s["listener_port"].as_u64().unwrap(),
-            )
-        })
+        .map(|s| (s.service.to_string(), s.listener_port))
         .collect();
     assert_eq!(
         services,
         [
-            (format!("{VIP4}:{SERVICE_PORT}"), u64::from(IMPORT_PORT)),
-            (format!("[{VIP6}]:{SERVICE_PORT}"), u64::from(IMPORT_PORT)),
+            (format!("{VIP4}:{SERVICE_PORT}"), IMPORT_PORT),
+            (format!("[{VIP6}]:{SERVICE_PORT}"), IMPORT_PORT),
         ]
     );
 
@@ -235,14 +222,13 @@ fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
         // The connect went to the import listener; the agent can tell which address it was.
         assert_eq!(client.peer_addr().unwrap().port(), IMPORT_PORT, "{vip}");
         let bpf = fabric.a().bpf().unwrap();
-        let redirect = bpf["redirects"]
-            .as_array()
-            .unwrap()
+        let redirect = bpf
+            .redirects
             .iter()
-            .find(|r| r["client"] == canonical(client.local_addr().unwrap()).as_str())
-            .unwrap_or_else(|| panic!("no redirect for {vip}: {bpf:#}"));
-        assert_eq!(redirect["service"], canonical(*vip).as_str());
-        assert!(pair_in(&bpf, &client), "{vip}: not spliced: {bpf:#}");
+            .find(|r| r.client.to_string() == canonical(client.local_addr().unwrap()))
+            .unwrap_or_else(|| panic!("no redirect for {vip}: {bpf:#?}"));
+        assert_eq!(redirect.service.to_string(), canonical(*vip));
+        assert!(pair_in(&bpf, &client), "{vip}: not spliced: {bpf:#?}");
         at_clients.push(exchange(client, i as u64, LEN, 65_537).unwrap());
     }
 
@@ -261,7 +247,7 @@ fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
         !sockets(&bpf)
             .iter()
             .any(|(l, r)| *l == local || *r == local),
-        "a socket outside the cgroup is in CLINK_SOCKS: {bpf:#}"
+        "a socket outside the cgroup is in CLINK_SOCKS: {bpf:#?}"
     );
     at_clients.push(exchange(client, 3, LEN, 4096).unwrap());
     let at_servers = server.join().unwrap();
@@ -289,10 +275,7 @@ fn service_address_reaches_the_import_from_inside_the_cgroup_only() {
         .unwrap()
         .status
         .success());
-    assert_eq!(
-        fabric.a().bpf().unwrap()["services"],
-        Value::Array(Vec::new())
-    );
+    assert_eq!(fabric.a().bpf().unwrap().services.len(), 0);
     assert!(sockets_a.connect(vips[0]).is_err());
 }
 
@@ -386,17 +369,13 @@ fn sigkill_leaves_no_attachment_and_a_restart_works() {
     }
     // What is pinned is what is attached.
     let bpf = fabric.a().bpf().unwrap();
-    for program in bpf["programs"].as_array().unwrap() {
-        if program["name"] != "clink_skmsg" {
+    for program in &bpf.programs {
+        if program.name != "clink_skmsg" {
             assert!(
-                after.iter().any(|(_, _, id)| program["id"] == *id),
-                "{program}"
+                after.iter().any(|(_, _, id)| u64::from(program.id) == *id),
+                "{program:?}"
             );
-            assert_eq!(
-                program["attached"].as_array().unwrap().len(),
-                1,
-                "{program}"
-            );
+            assert_eq!(program.attached.len(), 1, "{program:?}");
         }
     }
     let spliced = fabric.a().skmsg_bytes().unwrap();
@@ -515,8 +494,8 @@ fn without_privileges_sockmap_is_refused_and_auto_falls_back() {
         status().is_some()
     })
     .unwrap();
-    let status: Value = serde_json::from_slice(&status().unwrap().stdout).unwrap();
-    assert_eq!(status["datapath"], "userspace");
+    let status: StatusResponse = serde_json::from_slice(&status().unwrap().stdout).unwrap();
+    assert_eq!(status.datapath, "userspace");
     let log = std::fs::read_to_string(dir.path().join("auto.log")).unwrap();
     assert!(
         log.contains("using the userspace data path")
@@ -634,19 +613,19 @@ fn a_slow_reader_holds_a_fast_sender_back_without_loss() {
         stream.write_all(b"!").unwrap();
         (hash.finalize().to_vec(), most_queued, again)
     });
-    let fallbacks_before = fabric.a().skmsg("fallbacks").unwrap();
+    let fallbacks_before = fabric.a().bpf().unwrap().skmsg.fallbacks;
     let data = sample_bytes(LEN);
     let mut client = fabric.connect(0, import_addr()).unwrap();
     client.write_all(&data).unwrap();
     let mut ok = [0u8; 1];
     Patient(&mut client).read_exact(&mut ok).unwrap();
     assert_eq!(&ok, b"k");
-    let fallbacks = fabric.a().skmsg("fallbacks").unwrap() - fallbacks_before;
+    let fallbacks = fabric.a().bpf().unwrap().skmsg.fallbacks - fallbacks_before;
     // Demoted: the pair is out of a's map while the connection is open.
     let a_bpf = fabric.a().bpf().unwrap();
     assert!(
         !pair_in(&a_bpf, &client),
-        "client pair still spliced: {a_bpf:#}"
+        "client pair still spliced: {a_bpf:#?}"
     );
     let demotions = |metrics: &str| {
         ["sender-outran", "bulk"]

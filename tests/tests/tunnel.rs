@@ -140,15 +140,13 @@ fn transfers_256_mib_each_way(datapath: Datapath) {
     );
     assert_eq!(at_client.sent, pattern_digest(1, len));
 
-    let status = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let status = fabric.a().status().unwrap();
     wait_metric(fabric.ns_a(), METRICS_PORT, EGRESS_CLOSED, 1.0)
         .expect("the connection's close is counted");
-    let status_after = fabric.a().clink_ok(&["status", "-o", "json"]).unwrap();
-    let status_after: serde_json::Value = serde_json::from_str(&status_after).unwrap();
-    assert_eq!(status["datapath"], datapath.name());
-    assert_eq!(status_after["connections"]["bytesOut"], len as u64);
-    assert_eq!(status_after["connections"]["bytesIn"], len as u64);
+    let status_after = fabric.a().status().unwrap();
+    assert_eq!(status.datapath, datapath.name());
+    assert_eq!(status_after.connections.bytes_out, len as u64);
+    assert_eq!(status_after.connections.bytes_in, len as u64);
     assert_spliced(&fabric, before, 2 * len);
 }
 

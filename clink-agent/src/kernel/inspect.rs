@@ -16,12 +16,13 @@ use clink_common::{
     map, PortFlags, PortKey, Redirect, ServiceKey, ServiceTarget, SockKey, SKMSG_BYTES_IDX,
     SKMSG_FALLBACKS_IDX, SKMSG_MSGS_IDX, SKMSG_PASSED_IDX, SKMSG_RESUMES_IDX,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{host, loader, pins::*, syscall, EbpfError};
 
 /// What `clink_skmsg` did, summed over all CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SkMsgCounters {
     /// Bytes redirected into a peer socket's receive queue.
     pub bytes: u64,
@@ -53,8 +54,10 @@ pub(super) fn sum_counters<T: std::borrow::Borrow<MapData>>(
     })
 }
 
-/// What is pinned in a pin directory, read back from the kernel: `clink bpf`.
-#[derive(Debug, Serialize)]
+/// What is pinned in a pin directory, read back from the kernel: `clink bpf` (its `-o json`
+/// is this type, camelCase, which tests read back typed).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Inspection {
     pub pin_dir: PathBuf,
     pub programs: Vec<PinnedProgram>,
@@ -70,18 +73,20 @@ pub struct Inspection {
     pub skmsg: SkMsgCounters,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PinnedProgram {
-    pub name: &'static str,
+    pub name: String,
     pub pin: PathBuf,
     /// As `bpftool prog show` names it.
-    pub kind: &'static str,
+    pub kind: String,
     pub id: u32,
     pub attached: Vec<Attachment>,
 }
 
 /// A cgroup bpf_link of a program.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Attachment {
     pub link_id: u32,
     /// As `bpftool cgroup show` names it (`cgroup_sock_ops`, `cgroup_inet4_connect`, ...).
@@ -91,26 +96,30 @@ pub struct Attachment {
     pub cgroup: Option<PathBuf>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PortEntry {
     pub port: u16,
     pub listener: bool,
     pub target: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     pub service: SocketAddr,
     pub listener_port: u16,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SocketEntry {
     pub local: SocketAddr,
     pub remote: SocketAddr,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RedirectEntry {
     /// The client's address, as the agent's accepted socket sees it.
     pub client: SocketAddr,
@@ -131,9 +140,9 @@ pub fn inspect(pin_dir: &Path) -> Result<Inspection, EbpfError> {
         let info =
             ProgramInfo::from_pin(&path).map_err(|source| EbpfError::Program { name, source })?;
         programs.push(PinnedProgram {
-            name,
+            name: name.to_owned(),
             pin: path,
-            kind,
+            kind: kind.to_owned(),
             id: info.id(),
             attached: Vec::new(),
         });

@@ -171,9 +171,9 @@ mod tests {
         let inspection = Inspection {
             pin_dir: PathBuf::from("/sys/fs/bpf/clusterlink"),
             programs: vec![PinnedProgram {
-                name: "clink_sockops",
+                name: "clink_sockops".to_owned(),
                 pin: PathBuf::from("/sys/fs/bpf/clusterlink/prog_clink_sockops"),
-                kind: "sock_ops",
+                kind: "sock_ops".to_owned(),
                 id: 7,
                 attached: vec![Attachment {
                     link_id: 3,
