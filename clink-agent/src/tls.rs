@@ -253,6 +253,25 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The configurations for the kTLS data path: rustls may hand its traffic secrets to
+    /// the kernel, and the gateway sends no TLS 1.3 session tickets, so no handshake record
+    /// follows the hand-off (`kernel::ktls`). Importers then do full handshakes (no
+    /// resumption); the connection pool keeps them off the connection's critical path.
+    pub fn for_ktls(&self) -> Identity {
+        let mut server = (*self.server).clone();
+        server.enable_secret_extraction = true;
+        server.send_tls13_tickets = 0;
+        let mut client = (*self.client).clone();
+        client.enable_secret_extraction = true;
+        Identity {
+            name: self.name.clone(),
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }
+    }
+}
+
 /// The DNS subject alternative names of a DER certificate.
 pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
