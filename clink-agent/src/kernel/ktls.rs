@@ -578,6 +578,228 @@ fn classify(record_type: u8, payload: Vec<u8>, client: bool) -> io::Result<Contr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        peer::io::peer_io,
+        tls::{create_fabric, create_peer_cert, Identity},
+    };
+    use rustls::{crypto::ring::cipher_suite, pki_types::ServerName, SupportedCipherSuite};
+    use sha2::{Digest as _, Sha256};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+    use tokio_rustls::{client, server, TlsAcceptor, TlsConnector};
+
+    /// The kernel's kTLS, or `None` (and a line saying why the test is skipped) where it has
+    /// none. With `CLINK_REQUIRE_KTLS=1` (the VM harness) a kernel without it fails the test.
+    fn ktls_or_skip(test: &str) -> Option<Ktls> {
+        match Ktls::probe() {
+            Ok(ktls) => Some(ktls),
+            Err(e) if std::env::var("CLINK_REQUIRE_KTLS").as_deref() == Ok("1") => {
+                panic!("{test}: CLINK_REQUIRE_KTLS=1 but {e}")
+            }
+            Err(e) => {
+                eprintln!("{test}: kernel part skipped: {e}");
+                None
+            }
+        }
+    }
+
+    /// A client and a server TLS stream over loopback, configured as the kTLS path
+    /// configures them, with `suite` the only cipher suite.
+    async fn tls_pair(
+        suite: SupportedCipherSuite,
+    ) -> (client::TlsStream<PeerIo>, server::TlsStream<PeerIo>) {
+        let dir = tempfile::tempdir().unwrap();
+        create_fabric("f", dir.path()).unwrap();
+        create_peer_cert("peer-a", "f", dir.path()).unwrap();
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::ring::default_provider()
+        });
+        let identity = Identity::load_with(&dir.path().join("peer-a"), "peer-a", provider)
+            .unwrap()
+            .for_ktls();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::from(identity.server.clone());
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(peer_io(tcp)).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("peer-a").unwrap();
+        let client = TlsConnector::from(identity.client.clone())
+            .connect(name, peer_io(tcp))
+            .await
+            .unwrap();
+        (client, accept.await.unwrap())
+    }
+
+    use std::sync::Arc;
+
+    const SUITES: [SupportedCipherSuite; 3] = [
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+
+    /// rustls's secrets become the kernel's crypto info for every suite we offer; the two
+    /// ends' secrets mirror each other (one side's TX is the other's RX, sequence included).
+    #[tokio::test]
+    async fn secrets_become_kernel_crypto_info_for_every_suite() {
+        fn key_of(secrets: &rustls::ConnectionTrafficSecrets) -> Vec<u8> {
+            match secrets {
+                rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+                | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+                | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                    [key.as_ref(), iv.as_ref()].concat()
+                }
+                _ => unreachable!("only AEADs the kernel has"),
+            }
+        }
+        for suite in SUITES {
+            let (mut client, mut server) = tls_pair(suite).await;
+            server.write_all(b"200").await.unwrap();
+            server.flush().await.unwrap();
+            let mut answer = [0u8; 3];
+            client.read_exact(&mut answer).await.unwrap();
+            let (_, client) = client.into_parts();
+            let (_, server) = server.into_parts();
+            let client = client.dangerous_extract_secrets().unwrap();
+            let server = server.dangerous_extract_secrets().unwrap();
+            assert_eq!(client.rx.0, server.tx.0, "{suite:?}");
+            assert_eq!(client.tx.0, server.rx.0, "{suite:?}");
+            assert_eq!(key_of(&client.rx.1), key_of(&server.tx.1), "{suite:?}");
+            assert_eq!(key_of(&client.tx.1), key_of(&server.rx.1), "{suite:?}");
+            let converted = ktls_core::ExtractedSecrets::try_from(client).unwrap();
+            let (seq, tx) = converted.tx;
+            TlsCryptoInfoTx::new(ProtocolVersion::TLSv1_3, tx, seq).unwrap();
+            let (seq, rx) = converted.rx;
+            TlsCryptoInfoRx::new(ProtocolVersion::TLSv1_3, rx, seq).unwrap();
+        }
+    }
+
+    /// Plaintext rustls decrypted past the answer is not lost by a hand-off: without kernel
+    /// TLS the stream carries on in userspace and still yields it; with it, the hand-off
+    /// returns it, and then 64 MiB each way go through two kTLS sockets and the splice pump
+    /// (content by SHA-256, half-close passed on as close_notify + FIN).
+    #[tokio::test]
+    async fn a_handoff_keeps_every_byte_in_the_kernel_or_in_userspace() {
+        let ktls = ktls_or_skip("a_handoff_keeps_every_byte_in_the_kernel_or_in_userspace");
+        for suite in SUITES {
+            let (mut client, mut server) = tls_pair(suite).await;
+            let early: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+            // The answer and early payload in one record: rustls decrypts both at once.
+            server
+                .write_all(&[b"200\n".as_slice(), &early].concat())
+                .await
+                .unwrap();
+            server.flush().await.unwrap();
+            let mut answer = [0u8; 4];
+            client.read_exact(&mut answer).await.unwrap();
+            let Some(ktls) = &ktls else {
+                let fake = Ktls {
+                    aes_128_gcm: true,
+                    aes_256_gcm: true,
+                    chacha20_poly1305: true,
+                };
+                let Handoff::Userspace(mut client, why) = fake.handoff(client).await else {
+                    panic!("a kernel without kTLS took a session");
+                };
+                assert_eq!(why.label(), "fallback-no-ktls", "{why}");
+                let mut got = vec![0u8; early.len()];
+                client.read_exact(&mut got).await.unwrap();
+                assert_eq!(got, early);
+                client.write_all(b"still rustls").await.unwrap();
+                client.flush().await.unwrap();
+                let mut back = [0u8; 12];
+                server.read_exact(&mut back).await.unwrap();
+                assert_eq!(&back, b"still rustls");
+                continue;
+            };
+            if !ktls.takes(suite.suite()) {
+                eprintln!("{suite:?}: the kernel does not take it; skipped");
+                continue;
+            }
+            let (client, plaintext) = match ktls.handoff(client).await {
+                Handoff::Kernel(tunnel, plaintext) => (tunnel, plaintext),
+                Handoff::Userspace(_, why) => panic!("{suite:?}: stayed in userspace: {why}"),
+                Handoff::Failed(e) => panic!("{suite:?}: {e}"),
+            };
+            assert_eq!(plaintext, early, "{suite:?}");
+            let server = match ktls.handoff(server).await {
+                Handoff::Kernel(tunnel, plaintext) => {
+                    assert!(plaintext.is_empty());
+                    tunnel
+                }
+                Handoff::Userspace(_, why) => panic!("{suite:?}: stayed in userspace: {why}"),
+                Handoff::Failed(e) => panic!("{suite:?}: {e}"),
+            };
+            through_two_kernel_tunnels(client, server).await;
+        }
+    }
+
+    async fn local_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    async fn send(mut w: tokio::net::tcp::OwnedWriteHalf, seed: u8, len: usize) -> [u8; 32] {
+        let mut hash = Sha256::new();
+        let chunk: Vec<u8> = (0..65_521u32).map(|i| (i as u8) ^ seed).collect();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            w.write_all(&chunk[..n]).await.unwrap();
+            hash.update(&chunk[..n]);
+            left -= n;
+        }
+        w.shutdown().await.unwrap();
+        hash.finalize().into()
+    }
+
+    async fn receive(mut r: tokio::net::tcp::OwnedReadHalf) -> (usize, [u8; 32]) {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0;
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (total, hash.finalize().into());
+            }
+            hash.update(&buf[..n]);
+            total += n;
+        }
+    }
+
+    /// app <-> pump <-> kTLS client socket <-> kTLS server socket <-> pump <-> service.
+    async fn through_two_kernel_tunnels(client: Tunnel, server: Tunnel) {
+        const LEN: usize = 64 * 1024 * 1024;
+        let (app, app_local) = local_pair().await;
+        let (service_local, service) = local_pair().await;
+        let a = tokio::spawn(async move {
+            super::super::splice::pump(&app_local, client.tcp(), Some(&client)).await
+        });
+        let b = tokio::spawn(async move {
+            super::super::splice::pump(&service_local, server.tcp(), Some(&server)).await
+        });
+        let (app_r, app_w) = app.into_split();
+        let (service_r, service_w) = service.into_split();
+        let up = tokio::spawn(send(app_w, 1, LEN));
+        let down = tokio::spawn(send(service_w, 2, LEN));
+        let at_service = tokio::spawn(receive(service_r));
+        let at_app = tokio::spawn(receive(app_r));
+        let (sent_up, sent_down) = (up.await.unwrap(), down.await.unwrap());
+        assert_eq!(at_service.await.unwrap(), (LEN, sent_up));
+        assert_eq!(at_app.await.unwrap(), (LEN, sent_down));
+        for pump in [a.await.unwrap(), b.await.unwrap()] {
+            assert!(pump.error.is_none(), "{:?}", pump.error);
+            assert_eq!((pump.to_tunnel, pump.from_tunnel), (LEN as u64, LEN as u64));
+        }
+    }
 
     #[test]
     fn records_that_are_not_data() {
