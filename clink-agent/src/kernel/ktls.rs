@@ -33,8 +33,10 @@
 //!   (`KernelConnection`, only on rustls's unbuffered connections) and a kernel that accepts
 //!   new keys on a live socket (Linux 6.13 and later); Debian 6.1 refuses with `EBUSY`. No
 //!   peer of ours sends one early: rustls updates keys only near the AES-GCM
-//!   confidentiality limit (about 2^24.5 records, ~370 GiB one way), and the kernel never
-//!   does; a tunnel that carries that much in one direction is reset instead.
+//!   confidentiality limit (about 2^24.5 records, ~370 GiB one way), so a tunnel to a
+//!   userspace peer that carries that much one way is reset. The kernel never updates keys
+//!   and this path does not count records, so a tunnel between two kTLS agents is not held
+//!   to that limit (a known gap).
 //!
 //! Sending side: the kernel closes a record per `splice` into the socket. On half-close a
 //! `close_notify` goes out as a control record, then FIN; but the kernel may still hold
