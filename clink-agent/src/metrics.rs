@@ -80,6 +80,13 @@ pub struct DemotionLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    pub direction: &'static str,
+    /// `kernel`, `failed` (reset), or `fallback-<why>` (stayed in userspace).
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -100,6 +107,7 @@ pub struct Metrics {
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub datapath: Family<DatapathLabels, Gauge>,
     pub demotions: Family<DemotionLabels, Counter>,
+    pub ktls_handoffs: Family<HandoffLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -117,6 +125,7 @@ impl Default for Metrics {
             peer_reachable: Family::default(),
             datapath: Family::default(),
             demotions: Family::default(),
+            ktls_handoffs: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -174,6 +183,12 @@ impl Default for Metrics {
             "Connections taken off the sockmap splice to plain TCP, by reason (gave-up: an \
              attempt that found the redirect queues not emptying in time)",
             m.demotions.clone(),
+        );
+        registry.register(
+            "ktls_handoffs",
+            "Tunnels offered to kernel TLS, by result (kernel; failed: reset; fallback-*: \
+             carried on in userspace, and why)",
+            m.ktls_handoffs.clone(),
         );
         Metrics { registry, ..m }
     }

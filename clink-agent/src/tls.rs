@@ -182,6 +182,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl Identity {
     /// Loads `<dir>/{cert.pem,key.pem,ca.pem}`; the certificate's DNS name must be `name`.
     pub fn load(dir: &Path, name: &str) -> Result<Identity, TlsError> {
+        Self::load_with(dir, name, provider())
+    }
+
+    /// [`Identity::load`] with the cipher suites of `provider` (tests pin one suite).
+    pub(crate) fn load_with(
+        dir: &Path,
+        name: &str,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Identity, TlsError> {
         let read = |file: &str| {
             let p = dir.join(file);
             fs::read(&p).map_err(io_err(&p)).map(|data| (p, data))
@@ -225,20 +234,20 @@ impl Identity {
         let rustls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
 
         let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider())
+        let server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(rustls_err)?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| invalid(&key_path, format!("does not match the certificate: {e}")))?;
 
-        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        let client = ClientConfig::builder_with_provider(provider())
+        let client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(rustls_err)?
             .with_webpki_verifier(server_verifier)
@@ -250,6 +259,25 @@ impl Identity {
             server: Arc::new(server),
             client: Arc::new(client),
         })
+    }
+}
+
+impl Identity {
+    /// The configurations for the kTLS data path: rustls may hand its traffic secrets to
+    /// the kernel, and the gateway sends no TLS 1.3 session tickets, so no handshake record
+    /// follows the hand-off (`kernel::ktls`). Importers then do full handshakes (no
+    /// resumption); the connection pool keeps them off the connection's critical path.
+    pub fn for_ktls(&self) -> Identity {
+        let mut server = (*self.server).clone();
+        server.enable_secret_extraction = true;
+        server.send_tls13_tickets = 0;
+        let mut client = (*self.client).clone();
+        client.enable_secret_extraction = true;
+        Identity {
+            name: self.name.clone(),
+            server: Arc::new(server),
+            client: Arc::new(client),
+        }
     }
 }
 

@@ -92,7 +92,9 @@ impl Agent {
             .args(["--log-level", "info,clink_agent=debug,clink_ebpf=debug"])
             .args(self.datapath_args())
             .args(&self.args);
-        let child = start_agent(&mut cmd, &self.files, Duration::from_secs(15), || {
+        // Generous: a debug build in a VM under software emulation (the kTLS tests) takes
+        // well over 15 s to start and answer.
+        let child = start_agent(&mut cmd, &self.files, Duration::from_secs(90), || {
             self.clink(&["status"]).is_ok_and(|o| o.status.success())
         })?;
         self.child = Some(child);

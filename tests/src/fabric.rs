@@ -75,6 +75,9 @@ impl Fabric {
                 GATEWAY_PORT,
             )?;
             agent.args = vec!["--label".into(), format!("cluster={}", &name[5..])];
+            if datapath == Datapath::Ktls {
+                agent.args.extend(["--datapath".into(), "ktls".into()]);
+            }
             agents.push(agent);
         }
         let mut fabric = Fabric {

@@ -16,6 +16,8 @@ use clink_testbed::{bin_path, Cgroup, ChildGuard, Netns, PinDir};
 pub enum Datapath {
     Userspace,
     Sockmap,
+    /// `--datapath ktls`: needs a kernel with kernel TLS.
+    Ktls,
 }
 
 impl Datapath {
@@ -24,6 +26,7 @@ impl Datapath {
         match self {
             Datapath::Userspace => "userspace",
             Datapath::Sockmap => "sockmap",
+            Datapath::Ktls => "ktls",
         }
     }
 }

@@ -46,9 +46,11 @@ struct Args {
     /// policies see for clients in them (standalone mode).
     #[arg(long, value_name = "FILE")]
     client_attributes: Option<PathBuf>,
-    /// Data path: userspace; sockmap (local hops spliced in the kernel; fails at start naming
-    /// what is missing); auto (userspace for now, logging whether sockmap could run: sockmap
-    /// is opt-in until the kernel issues in ARCHITECTURE.md are resolved).
+    /// Data path: userspace; sockmap (local hops spliced in the kernel); ktls (tunnel TLS
+    /// records made by the kernel, payload spliced, never copied to the agent); both fail at
+    /// start naming what is missing. auto: ktls where the kernel has kernel TLS, else
+    /// userspace, logging why (sockmap is opt-in until the kernel issues in ARCHITECTURE.md
+    /// are resolved).
     #[arg(long, value_enum, default_value = "auto")]
     datapath: kernel::Choice,
     /// cgroup v2 directory whose processes' connections the sockmap data path intercepts and
@@ -155,6 +157,10 @@ async fn run(args: Args) -> Result<()> {
         pin_dir: args.bpf_pin_dir.clone(),
     })?;
     let identity = Identity::load(&args.certs, &args.name).context("loading certificates")?;
+    let identity = match datapath.ktls() {
+        Some(_) => identity.for_ktls(),
+        None => identity,
+    };
     let store = FileStore::open(&args.state)
         .with_context(|| format!("opening state directory {}", args.state.display()))?;
     let gateway = TcpListener::bind(args.listen)

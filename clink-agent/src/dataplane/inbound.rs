@@ -256,7 +256,12 @@ async fn connect(
         },
     );
     let mut target = target;
-    if tls.write_all(&wire::response(200, &[], "")).await.is_err() {
+    // Flushed, so rustls holds no record to send when the kernel may take the session over.
+    let answered = async {
+        tls.write_all(&wire::response(200, &[], "")).await?;
+        tls.flush().await
+    };
+    if answered.await.is_err() {
         return;
     }
     if !early.is_empty() && target.write_all(&early).await.is_err() {
@@ -265,14 +270,14 @@ async fn connect(
     }
     Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
-    let target = ctx.datapath.local_leg(target, &ctx.metrics);
-    let outcome = relay::relay(tls, target).await;
-    let received = outcome.a_to_b + early.len() as u64;
-    let sent = outcome.b_to_a;
+    let carried = super::carry(&ctx, INGRESS, target, tls).await;
+    let received = carried.received + early.len() as u64;
+    let sent = carried.sent;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    match outcome.error {
-        None => info!(received, sent, duration_ms, "closed"),
-        Some(e) => info!(received, sent, duration_ms, error = %e, "reset"),
+    let path = carried.path;
+    match carried.error {
+        None => info!(received, sent, duration_ms, path, "closed"),
+        Some(e) => info!(received, sent, duration_ms, path, error = %e, "reset"),
     }
 }

@@ -9,16 +9,23 @@ pub mod relay;
 use std::{collections::BTreeMap, sync::Arc};
 
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tokio_rustls::TlsAcceptor;
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api::ObjectKey,
     clients::ClientMap,
-    kernel::Datapath,
+    kernel::{
+        ktls::{Handoff, TunnelTls},
+        splice, Datapath,
+    },
     lb::Balancer,
-    metrics::{BytesLabels, ConnLabels, DirectionLabels, Metrics},
+    metrics::{BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, Metrics},
     peer::{Dialer, Peers},
     state::{Snapshot, SnapshotCell},
 };
@@ -85,6 +92,82 @@ async fn accept_failed(e: std::io::Error) {
         warn!(error = %e, "accept failed");
     }
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// What carrying one tunneled connection came to.
+struct Carried {
+    /// Payload bytes sent towards the remote side, and received from it.
+    sent: u64,
+    received: u64,
+    /// Set when the connection ended by an error (and both sides were reset).
+    error: Option<std::io::Error>,
+    /// `kernel` (kTLS and splice) or `userspace`.
+    path: &'static str,
+}
+
+/// Moves a tunneled connection's bytes between the local socket and the tunnel: in the
+/// kernel where the data path is kTLS and the kernel takes the session, else in userspace.
+async fn carry<S>(ctx: &Context, direction: &'static str, local: TcpStream, tls: S) -> Carried
+where
+    S: TunnelTls + relay::OverTcp,
+{
+    let count = |result| {
+        ctx.metrics
+            .ktls_handoffs
+            .get_or_create(&HandoffLabels { direction, result })
+            .inc();
+    };
+    let tls = match ctx.datapath.ktls() {
+        None => tls,
+        Some(ktls) => match ktls.handoff(tls).await {
+            Handoff::Kernel(tunnel, plaintext) => {
+                count("kernel");
+                debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
+                let mut local = local;
+                if let Err(e) = local.write_all(&plaintext).await {
+                    relay::arm_reset(&local);
+                    relay::arm_reset(tunnel.tcp());
+                    return Carried {
+                        sent: 0,
+                        received: 0,
+                        error: Some(e),
+                        path: "kernel",
+                    };
+                }
+                let outcome = splice::pump(&local, tunnel.tcp(), Some(&tunnel)).await;
+                return Carried {
+                    sent: outcome.to_tunnel,
+                    received: outcome.from_tunnel + plaintext.len() as u64,
+                    error: outcome.error,
+                    path: "kernel",
+                };
+            }
+            Handoff::Userspace(tls, why) => {
+                count(why.label());
+                info!(reason = %why, "kernel TLS did not take the tunnel; relaying in userspace");
+                tls
+            }
+            Handoff::Failed(e) => {
+                count("failed");
+                warn!(error = %e, "kernel TLS hand-off failed; connection reset");
+                relay::arm_reset(&local);
+                return Carried {
+                    sent: 0,
+                    received: 0,
+                    error: Some(e),
+                    path: "kernel",
+                };
+            }
+        },
+    };
+    let local = ctx.datapath.local_leg(local, &ctx.metrics);
+    let outcome = relay::relay(local, tls).await;
+    Carried {
+        sent: outcome.a_to_b,
+        received: outcome.b_to_a,
+        error: outcome.error,
+        path: "userspace",
+    }
 }
 
 /// Counts one tunneled connection from open to close, in the metrics (which `clink status`

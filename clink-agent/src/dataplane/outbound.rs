@@ -255,14 +255,14 @@ async fn carry(
             return;
         }
     }
-    let client = ctx.datapath.local_leg(client, &ctx.metrics);
-    let outcome = relay::relay(client, tunnel).await;
-    let sent = outcome.a_to_b;
-    let received = outcome.b_to_a + early.len() as u64;
+    let carried = super::carry(ctx, EGRESS, client, tunnel).await;
+    let sent = carried.sent;
+    let received = carried.received + early.len() as u64;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    match outcome.error {
-        None => info!(sent, received, duration_ms, "closed"),
-        Some(e) => info!(sent, received, duration_ms, error = %e, "reset"),
+    let path = carried.path;
+    match carried.error {
+        None => info!(sent, received, duration_ms, path, "closed"),
+        Some(e) => info!(sent, received, duration_ms, path, error = %e, "reset"),
     }
 }

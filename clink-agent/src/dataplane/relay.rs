@@ -20,7 +20,6 @@ use std::{
     io,
     pin::Pin,
     task::{ready, Context, Poll},
-    time::Duration,
 };
 
 use tokio::{
@@ -28,7 +27,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{kernel::LocalLeg, peer::io::PeerIo};
+use crate::{
+    kernel::{sockopt::reset_on_close, LocalLeg},
+    peer::io::PeerIo,
+};
 
 /// The size relay buffers start at, and the largest they grow to.
 pub const INITIAL_BUFFER: usize = 4 * 1024;
@@ -64,8 +66,7 @@ impl OverTcp for tokio_rustls::server::TlsStream<PeerIo> {
 
 /// Makes the next close of `tcp` send RST instead of FIN.
 pub fn arm_reset(tcp: &TcpStream) {
-    // Failure only means the socket is already gone; nothing to propagate then.
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    reset_on_close(tcp);
 }
 
 /// One direction of a relay: reads into a growing buffer, writes it out, and shuts the writer

@@ -1,26 +1,30 @@
 //! `--datapath`: which data path the agent runs. `userspace` never touches the kernel;
-//! `sockmap` fails at start, naming the missing feature, if the host or the privileges do not
-//! allow it; `auto` runs userspace and logs whether sockmap could run: sockmap is opt-in
-//! because on the kernels tested (6.18) a blocking read of a spliced socket can fail with
-//! EAGAIN (ARCHITECTURE.md, "Sockmap data path"). Event-driven clients are unaffected.
+//! `sockmap` and `ktls` fail at start, naming the missing feature, if the host or the
+//! privileges do not allow them; `auto` runs ktls where the kernel has kernel TLS, else
+//! userspace, and logs why. Sockmap is opt-in because on the kernels tested (6.18) a
+//! blocking read of a spliced socket can fail with EAGAIN (ARCHITECTURE.md, "Sockmap data
+//! path"). Event-driven clients are unaffected.
 
 use std::{path::PathBuf, sync::Arc};
 
 use tracing::info;
 
-use super::{host, loader, Datapath, EbpfError, Sockmap};
+use super::{host, ktls::KtlsUnavailable, loader, Datapath, EbpfError, Ktls, Sockmap};
 
 /// The names of the data paths in logs, metrics and `clink status`.
 pub const USERSPACE: &str = "userspace";
 pub const SOCKMAP: &str = "sockmap";
+pub const KTLS: &str = "ktls";
 
 /// `--datapath`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
-    /// Userspace, saying whether sockmap could run (sockmap is opt-in, see [`select`]).
+    /// ktls where the kernel has kernel TLS, else userspace; says why, and whether sockmap
+    /// could run (sockmap is opt-in, see [`select`]).
     Auto,
     Userspace,
     Sockmap,
+    Ktls,
 }
 
 /// How to set up the sockmap data path.
@@ -42,10 +46,14 @@ pub struct Unavailable {
     pub reason: EbpfError,
 }
 
-/// `--datapath sockmap` was asked for and cannot run.
+/// A forced `--datapath` cannot run.
 #[derive(Debug, thiserror::Error)]
-#[error("--datapath sockmap: {0}")]
-pub struct SelectError(pub Unavailable);
+pub enum SelectError {
+    #[error("--datapath sockmap: {0}")]
+    Sockmap(Unavailable),
+    #[error("--datapath ktls: missing kernel TLS: {0}")]
+    Ktls(KtlsUnavailable),
+}
 
 /// Chooses the data path. Must run inside the tokio runtime, after the tracing subscriber is
 /// set, so that the programs' aya-log output reaches the agent's log.
@@ -55,7 +63,26 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
             info!(datapath = USERSPACE, "data path chosen by --datapath");
             return Ok(Datapath::Userspace);
         }
+        Choice::Ktls => {
+            return match Ktls::probe() {
+                Ok(ktls) => Ok(ktls_chosen(ktls, "data path chosen by --datapath")),
+                Err(missing) => Err(SelectError::Ktls(missing)),
+            };
+        }
         Choice::Auto => {
+            match Ktls::probe() {
+                Ok(ktls) => {
+                    return Ok(ktls_chosen(
+                        ktls,
+                        "the kernel has kernel TLS: tunnels are encrypted and spliced in the \
+                         kernel",
+                    ))
+                }
+                Err(missing) => info!(
+                    ktls_missing = %missing,
+                    "the kTLS data path is not available"
+                ),
+            }
             match check(options) {
                 Ok(_) => info!(
                     datapath = USERSPACE,
@@ -85,8 +112,13 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
             );
             Ok(Datapath::Sockmap(Arc::new(sockmap)))
         }
-        Err(unavailable) => Err(SelectError(unavailable)),
+        Err(unavailable) => Err(SelectError::Sockmap(unavailable)),
     }
+}
+
+fn ktls_chosen(ktls: Ktls, why: &str) -> Datapath {
+    info!(datapath = KTLS, ciphers = %ktls.ciphers(), "{why}");
+    Datapath::Ktls(Arc::new(ktls))
 }
 
 /// Checks what the sockmap data path needs, in the order an operator would fix it.
@@ -117,6 +149,26 @@ pub(super) fn check(options: &Options) -> Result<PathBuf, Unavailable> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ktls_is_named_when_the_kernel_lacks_it_and_fatal_when_forced() {
+        let options = Options {
+            choice: Choice::Ktls,
+            cgroup: None,
+            pin_dir: PathBuf::from("/nonexistent"),
+        };
+        match select(&options) {
+            Ok(datapath) => assert_eq!(datapath.name(), KTLS),
+            Err(err) => {
+                let text = err.to_string();
+                assert!(
+                    text.starts_with("--datapath ktls: missing kernel TLS"),
+                    "{text}"
+                );
+                assert!(text.contains("CONFIG_TLS"), "{text}");
+            }
+        }
+    }
+
     use std::path::{Path, PathBuf};
 
     use super::*;
@@ -132,7 +184,7 @@ mod tests {
         };
         assert!(!features.sockmap());
         assert_eq!(features.missing(), Some("sockhash maps"));
-        let err = SelectError(Unavailable {
+        let err = SelectError::Sockmap(Unavailable {
             feature: "sockhash maps",
             reason: EbpfError::Unsupported("sockhash maps"),
         });
@@ -168,13 +220,21 @@ mod tests {
         let err = select(&options(Choice::Sockmap))
             .err()
             .expect("forced sockmap fails");
-        assert_eq!(err.0.feature, "cgroup v2");
+        let SelectError::Sockmap(unavailable) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(unavailable.feature, "cgroup v2");
         assert!(
             err.to_string().contains("is not a cgroup v2 directory"),
             "{err}"
         );
         let auto = select(&options(Choice::Auto)).unwrap();
-        assert_eq!(auto.name(), USERSPACE);
+        let expected = if Ktls::probe().is_ok() {
+            KTLS
+        } else {
+            USERSPACE
+        };
+        assert_eq!(auto.name(), expected);
         assert!(!Path::new("/sys/fs/bpf/clink-unit-never-made").exists());
     }
 }

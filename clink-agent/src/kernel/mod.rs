@@ -11,15 +11,16 @@
 //! | [`flow`] | the agent's half of the flow control of spliced sockets |
 //! | [`local`] | the agent's end of a local hop (flow control and demotion on the sockmap path) |
 //! | [`inspect`], [`render`] | `clink bpf`: what is pinned, read back, and shown next to `bpftool` commands |
+//! | [`ktls`] | the kTLS path: probe, hand-off of rustls's session to the kernel, control records |
+//! | [`splice`] | the kTLS path's byte pump: local socket ↔ pipe ↔ tunnel socket with splice(2) |
 //! | `syscall`, `sock_diag`, `sockopt` | the raw kernel interfaces no maintained crate covers |
-//!
-//! A new kernel path (kTLS) joins as a sibling module and a [`Datapath`] variant.
 
 pub mod choice;
 pub mod error;
 pub mod flow;
 pub mod host;
 pub mod inspect;
+pub mod ktls;
 pub mod loader;
 pub mod local;
 pub mod pins;
@@ -27,6 +28,7 @@ pub mod render;
 mod sock_diag;
 pub mod sockmap;
 pub mod sockopt;
+pub mod splice;
 mod syscall;
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
@@ -35,6 +37,7 @@ use tokio::net::TcpStream;
 
 pub use choice::{select, Choice, Options, SelectError, Unavailable};
 pub use error::EbpfError;
+pub use ktls::Ktls;
 pub use local::LocalLeg;
 pub use sockmap::Sockmap;
 
@@ -50,6 +53,11 @@ pub enum Datapath {
     /// The local hops (client <-> Import listener, agent <-> local export target) are spliced
     /// in the kernel by sk_msg; the tunnel leg stays in userspace.
     Sockmap(Arc<Sockmap>),
+    /// The tunnel leg's TLS records are made and read by the kernel (kTLS), and payload moves
+    /// between the local socket and the tunnel socket by splice(2); the local hop is plain
+    /// TCP (a kTLS socket cannot be in a sockmap). Connections the kernel cannot take stay
+    /// in userspace.
+    Ktls(Arc<Ktls>),
 }
 
 impl Datapath {
@@ -58,6 +66,7 @@ impl Datapath {
         match self {
             Datapath::Userspace => choice::USERSPACE,
             Datapath::Sockmap(_) => choice::SOCKMAP,
+            Datapath::Ktls(_) => choice::KTLS,
         }
     }
 
@@ -66,7 +75,7 @@ impl Datapath {
     /// snapshot.
     pub fn objects_changed(&self, snapshot: &Snapshot, import_ports: &BTreeMap<ObjectKey, u16>) {
         match self {
-            Datapath::Userspace => {}
+            Datapath::Userspace | Datapath::Ktls(_) => {}
             Datapath::Sockmap(sockmap) => sockmap.objects_changed(snapshot, import_ports),
         }
     }
@@ -75,7 +84,7 @@ impl Datapath {
     /// runs the flow control (and counts its demotions in `metrics`).
     pub fn local_leg(&self, tcp: TcpStream, metrics: &Metrics) -> LocalLeg {
         match self {
-            Datapath::Userspace => LocalLeg::plain(tcp),
+            Datapath::Userspace | Datapath::Ktls(_) => LocalLeg::plain(tcp),
             Datapath::Sockmap(sockmap) => LocalLeg::new(tcp, sockmap.flow(), &metrics.demotions),
         }
     }
@@ -84,15 +93,23 @@ impl Datapath {
     /// (`local`, `peer`); `None` for a client that connected to the listener itself.
     pub fn original_destination(&self, local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
         match self {
-            Datapath::Userspace => None,
+            Datapath::Userspace | Datapath::Ktls(_) => None,
             Datapath::Sockmap(sockmap) => sockmap.flow().original_destination(local, peer),
+        }
+    }
+
+    /// The kernel TLS support, on the kTLS path.
+    pub fn ktls(&self) -> Option<&Ktls> {
+        match self {
+            Datapath::Ktls(ktls) => Some(ktls),
+            Datapath::Userspace | Datapath::Sockmap(_) => None,
         }
     }
 
     /// Detaches and unpins the eBPF programs, if any; the agent calls it on its way out.
     pub fn shutdown(&self) {
         match self {
-            Datapath::Userspace => {}
+            Datapath::Userspace | Datapath::Ktls(_) => {}
             Datapath::Sockmap(sockmap) => sockmap.shutdown(),
         }
     }

@@ -37,6 +37,62 @@ pub fn netns_cookie() -> io::Result<u64> {
     }
 }
 
+/// Makes the next close of `fd` send RST instead of FIN (`SO_LINGER` 0), so the far end
+/// sees a reset, not a clean end.
+pub fn reset_on_close(fd: impl AsFd) {
+    // Failure only means the socket is already gone; nothing to propagate then.
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Bytes the socket has ever queued for sending: acknowledged (`tcpi_bytes_acked` of
+/// `TCP_INFO`, Linux 4.1, which counts the SYN too) plus still queued (`SIOCOUTQ`); only
+/// differences of two readings mean something. How the kTLS path knows that every
+/// record the kernel made has reached TCP before it sends FIN (see `ktls::Tunnel`).
+/// `libc::tcp_info` is glibc's struct, which ends before `tcpi_bytes_acked`, and no crate
+/// has `SIOCOUTQ`; so both are read raw. The acknowledged count is read on both sides of the
+/// queue length and the pair kept only when it did not move, so the sum is exact.
+pub fn bytes_queued_ever(fd: impl AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let fd = fd.as_fd().as_raw_fd();
+    let acked = || -> io::Result<u64> {
+        // Up to and including tcpi_bytes_acked (offset 120 in struct tcp_info, stable ABI).
+        let mut info = [0u8; 128];
+        let mut len = info.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`.
+        let ret = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_TCP,
+                libc::TCP_INFO,
+                info.as_mut_ptr().cast(),
+                &raw mut len,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (len as usize) < info.len() {
+            return Err(io::Error::other(
+                "TCP_INFO has no tcpi_bytes_acked (kernel before 4.1)",
+            ));
+        }
+        let mut field = [0u8; 8];
+        field.copy_from_slice(&info[120..128]);
+        Ok(u64::from_ne_bytes(field))
+    };
+    loop {
+        let before = acked()?;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one int.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &raw mut queued) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if acked()? == before {
+            return Ok(before + queued.max(0) as u64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +118,10 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(netns_cookie().unwrap(), netns_cookie().unwrap());
+        // The SYN's sequence number counts too: callers compare two readings.
+        let base = bytes_queued_ever(&client).unwrap();
+        assert!((1000..=1001).contains(&base), "{base}");
+        client.write_all(&[2u8; 500]).unwrap();
+        assert_eq!(bytes_queued_ever(&client).unwrap(), base + 500);
     }
 }

@@ -17,6 +17,52 @@ use tokio::{
 /// The read buffer under a peer TLS connection, once it carries bulk data.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
+/// Where the bytes handed to rustls stand in the TLS record framing (5-byte header with the
+/// body length in its last two bytes, then the body). The kTLS hand-off needs it: the kernel
+/// takes over at a record boundary, so rustls must not be left holding part of a record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Framing {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+}
+
+impl Framing {
+    /// Accounts for `bytes`, which follow everything fed before.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.header_len < 5 {
+                let n = (5 - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == 5 {
+                    self.body_left =
+                        usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                }
+            }
+            if self.header_len == 5 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                if self.body_left == 0 {
+                    self.header_len = 0;
+                }
+            }
+        }
+    }
+
+    /// Bytes still missing to finish the current record's header (if it is incomplete) or
+    /// body; 0 at a record boundary.
+    pub fn missing(&self) -> usize {
+        match self.header_len {
+            0 => 0,
+            1..=4 => 5 - self.header_len,
+            _ => self.body_left,
+        }
+    }
+}
+
 /// The transport under every peer TLS connection: the TCP socket, read through a buffer that
 /// exists only while bulk data flows.
 pub struct PeerIo {
@@ -24,6 +70,8 @@ pub struct PeerIo {
     buf: Vec<u8>,
     pos: usize,
     filled: usize,
+    /// The framing of every byte handed to the reader (rustls).
+    framing: Framing,
 }
 
 pub fn peer_io(tcp: TcpStream) -> PeerIo {
@@ -32,12 +80,42 @@ pub fn peer_io(tcp: TcpStream) -> PeerIo {
         buf: Vec::new(),
         pos: 0,
         filled: 0,
+        framing: Framing::default(),
     }
 }
 
 impl PeerIo {
     pub fn get_ref(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    /// Read from the socket but not yet handed to rustls.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..self.filled]
+    }
+
+    /// Where what rustls was handed stands in the record framing.
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// Hands up to `n` buffered bytes to `consume` (which returns how many it took), keeping
+    /// the framing: how the kTLS hand-off gives rustls what this buffer read ahead.
+    pub fn take_buffered(&mut self, consume: impl FnOnce(&[u8]) -> usize) -> usize {
+        let n = consume(&self.buf[self.pos..self.filled]).min(self.filled - self.pos);
+        self.framing.feed(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        n
+    }
+
+    /// Accounts for `bytes` the caller read from the socket itself and handed to rustls.
+    pub fn note_fed(&mut self, bytes: &[u8]) {
+        self.framing.feed(bytes);
+    }
+
+    /// The socket, once rustls is done with it.
+    pub fn into_inner(self) -> TcpStream {
+        self.tcp
     }
 }
 
@@ -53,6 +131,7 @@ impl AsyncRead for PeerIo {
                 let want = out.remaining();
                 let before = out.filled().len();
                 ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
+                this.framing.feed(&out.filled()[before..]);
                 if want > 0 && out.filled().len() - before == want {
                     // The socket had at least as much as asked for: bulk data, buffer it.
                     this.buf = vec![0; TLS_READ_BUFFER];
@@ -66,6 +145,7 @@ impl AsyncRead for PeerIo {
         }
         let n = out.remaining().min(this.filled - this.pos);
         out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.framing.feed(&this.buf[this.pos..this.pos + n]);
         this.pos += n;
         Poll::Ready(Ok(()))
     }
@@ -130,5 +210,44 @@ mod tests {
         }
         assert_eq!(got, bulk);
         assert_eq!(io.buf.len(), TLS_READ_BUFFER);
+    }
+
+    /// Records split anywhere, including inside the header, and hostile lengths.
+    #[test]
+    fn framing_follows_records_across_any_split() {
+        let mut stream = Vec::new();
+        for len in [0usize, 1, 300, 16_401, 65_535] {
+            stream.extend_from_slice(&[23, 3, 3]);
+            stream.extend_from_slice(&(len as u16).to_be_bytes());
+            stream.extend(std::iter::repeat_n(7u8, len));
+        }
+        for chunk in [1usize, 2, 3, 4, 5, 6, 7, 4096, stream.len()] {
+            let mut framing = Framing::default();
+            let mut fed = 0;
+            for piece in stream.chunks(chunk) {
+                framing.feed(piece);
+                fed += piece.len();
+                if fed < stream.len() {
+                    assert!(
+                        framing.missing() > 0 || boundary_at(&stream, fed),
+                        "{chunk} {fed}"
+                    );
+                }
+            }
+            assert_eq!(framing.missing(), 0, "chunk {chunk}");
+        }
+        let mut framing = Framing::default();
+        framing.feed(&[23, 3, 3, 0x40]);
+        assert_eq!(framing.missing(), 1, "inside the header");
+        framing.feed(&[0x01, 9]);
+        assert_eq!(framing.missing(), 0x4001 - 1);
+    }
+
+    fn boundary_at(stream: &[u8], at: usize) -> bool {
+        let mut pos = 0;
+        while pos < at {
+            pos += 5 + usize::from(u16::from_be_bytes([stream[pos + 3], stream[pos + 4]]));
+        }
+        pos == at
     }
 }

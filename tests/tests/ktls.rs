@@ -1,0 +1,201 @@
+//! The kTLS data path end to end: two agents with `--datapath ktls` in two network-namespace
+//! clusters, the tunnel's TLS records made by the kernel and its payload spliced.
+//!
+//! These tests need a kernel with kernel TLS (CONFIG_TLS). Where it has none they say so
+//! and pass, except with `CLINK_REQUIRE_KTLS=1` (the VM harness sets it), where they fail.
+//! `ktls_missing_is_named_and_auto_says_why` is the other half: it runs where the kernel has
+//! no kernel TLS.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener},
+    thread,
+    time::Duration,
+};
+
+use sha2::Digest as _;
+
+use clink_agent::kernel::Ktls;
+use clink_tests::{
+    exchange, pattern_digest, read_hash, require_root, sample, scrape, send_pattern, wait_metric,
+    Datapath, Fabric, Patient, METRICS_PORT,
+};
+
+const IMPORT_PORT: u16 = 7000;
+const MIB: usize = 1024 * 1024;
+
+fn import_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], IMPORT_PORT))
+}
+
+/// Whether the kernel has kernel TLS; without it the test is skipped with a line saying so,
+/// or fails under `CLINK_REQUIRE_KTLS=1`.
+fn kernel_tls(test: &str) -> bool {
+    if !require_root(test) {
+        return false;
+    }
+    match Ktls::probe() {
+        Ok(_) => true,
+        Err(e) if std::env::var("CLINK_REQUIRE_KTLS").as_deref() == Ok("1") => {
+            panic!("{test}: CLINK_REQUIRE_KTLS=1 but {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            false
+        }
+    }
+}
+
+fn allowed_service() -> (Fabric, TcpListener) {
+    let fabric = Fabric::two_clusters_on(Datapath::Ktls).expect("fabric");
+    let service = fabric.listen(1).expect("service listener");
+    fabric.allow_all().expect("policies");
+    fabric
+        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
+        .expect("export and import");
+    (fabric, service)
+}
+
+/// Both agents handed `n` tunnels to the kernel and none stayed in userspace.
+fn assert_handed_off(fabric: &Fabric, n: f64) {
+    for (ns, direction) in [(fabric.ns_a(), "egress"), (fabric.ns_b(), "ingress")] {
+        let series =
+            format!("clink_ktls_handoffs_total{{direction=\"{direction}\",result=\"kernel\"}}");
+        wait_metric(ns, METRICS_PORT, &series, n).unwrap();
+        let metrics = scrape(ns).unwrap();
+        assert!(
+            !metrics.contains("result=\"fallback") && !metrics.contains("result=\"failed"),
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, "clink_datapath{datapath=\"ktls\"}"),
+            1.0,
+            "{metrics}"
+        );
+    }
+}
+
+#[test]
+fn transfers_256_mib_each_way_intact_ktls() {
+    if !kernel_tls("transfers_256_mib_each_way_intact_ktls") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let len = 256 * MIB;
+    let server = thread::spawn(move || {
+        let (stream, _) = service.accept().unwrap();
+        exchange(stream, 2, len, 128 * 1024).unwrap()
+    });
+    let client = fabric.connect(0, import_addr()).unwrap();
+    let at_client = exchange(client, 1, len, 100_000).unwrap();
+    let at_server = server.join().unwrap();
+    assert_eq!(at_server.received_len, len);
+    assert_eq!(
+        at_server.received, at_client.sent,
+        "client->service bytes differ"
+    );
+    assert_eq!(at_client.received_len, len);
+    assert_eq!(
+        at_client.received, at_server.sent,
+        "service->client bytes differ"
+    );
+    assert_eq!(at_client.sent, pattern_digest(1, len));
+    assert_handed_off(&fabric, 1.0);
+    let closed = "clink_connections_closed_total{direction=\"egress\"";
+    wait_metric(fabric.ns_a(), METRICS_PORT, closed, 1.0).unwrap();
+    let status = fabric.a().status().unwrap();
+    assert_eq!(status["datapath"], "ktls");
+    assert_eq!(status["connections"]["bytesOut"], len as u64);
+    assert_eq!(status["connections"]["bytesIn"], len as u64);
+}
+
+/// The service reads the whole request, and only after the client's end of stream (a
+/// close_notify and FIN through both kernels) answers; the client still reads it all.
+#[test]
+fn half_close_and_odd_writes_pass_through_ktls() {
+    if !kernel_tls("half_close_and_odd_writes_pass_through_ktls") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = service.accept().unwrap();
+        let (n, digest) = read_hash(&mut stream).unwrap();
+        stream.write_all(format!("{n}:").as_bytes()).unwrap();
+        stream.write_all(&digest).unwrap();
+        let reply_digest = send_pattern(&mut stream, 9, 3 * MIB + 7, 4093).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        reply_digest
+    });
+    let mut client = fabric.connect(0, import_addr()).unwrap();
+    let mut sent = sha2::Sha256::default();
+    for b in b"hello" {
+        client.write_all(&[*b]).unwrap();
+        sent.update([*b]);
+        thread::sleep(Duration::from_millis(2));
+    }
+    let mut odd = vec![0u8; 65_537];
+    clink_tests::Pattern::new(5).fill(&mut odd);
+    client.write_all(&odd).unwrap();
+    sent.update(&odd);
+    let expected: [u8; 32] = sent.finalize().into();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    let mut reply = Vec::new();
+    Patient(&mut client).read_to_end(&mut reply).unwrap();
+    let head = format!("{}:", 5 + odd.len());
+    assert!(
+        reply.starts_with(head.as_bytes()),
+        "reply starts {:?}",
+        &reply[..16]
+    );
+    assert_eq!(&reply[head.len()..head.len() + 32], &expected);
+    let tail = &reply[head.len() + 32..];
+    assert_eq!(tail.len(), 3 * MIB + 7);
+    let digest: [u8; 32] = sha2::Sha256::digest(tail).into();
+    assert_eq!(digest, server.join().unwrap());
+    assert_handed_off(&fabric, 1.0);
+}
+
+/// Where the kernel has no kernel TLS: `--datapath ktls` refuses to start and names it;
+/// `auto` starts on userspace and logs why it did not take ktls.
+#[test]
+fn ktls_missing_is_named_and_auto_says_why() {
+    if !require_root("ktls_missing_is_named_and_auto_says_why") {
+        return;
+    }
+    if Ktls::probe().is_ok() {
+        eprintln!("skipping ktls_missing_is_named_and_auto_says_why: this kernel has kTLS");
+        return;
+    }
+    let out = std::process::Command::new(clink_testbed::bin_path("clink-agent").unwrap())
+        .args([
+            "--name",
+            "x",
+            "--certs",
+            "/nonexistent",
+            "--state",
+            "/nonexistent",
+        ])
+        .args(["--datapath", "ktls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--datapath ktls: missing kernel TLS")
+            && stderr.contains("TCP_ULP")
+            && stderr.contains("CONFIG_TLS"),
+        "{stderr}"
+    );
+
+    let mut fabric = Fabric::two_clusters().expect("fabric");
+    let agent = &mut fabric.agents[0];
+    agent.stop().unwrap();
+    agent.args.extend(["--datapath".into(), "auto".into()]);
+    agent.start().unwrap();
+    agent
+        .wait_log("the kTLS data path is not available")
+        .unwrap();
+    assert!(agent.log().contains("CONFIG_TLS"), "{}", agent.log());
+    assert_eq!(agent.status().unwrap()["datapath"], "userspace");
+}
