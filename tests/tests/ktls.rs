@@ -31,19 +31,7 @@ fn import_addr() -> SocketAddr {
 /// Whether the kernel has kernel TLS; without it the test is skipped with a line saying so,
 /// or fails under `CLINK_REQUIRE_KTLS=1`.
 fn kernel_tls(test: &str) -> bool {
-    if !require_root(test) {
-        return false;
-    }
-    match Ktls::probe() {
-        Ok(_) => true,
-        Err(e) if std::env::var("CLINK_REQUIRE_KTLS").as_deref() == Ok("1") => {
-            panic!("{test}: CLINK_REQUIRE_KTLS=1 but {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping {test}: {e}");
-            false
-        }
-    }
+    require_root(test) && clink_testbed::require_ktls(test)
 }
 
 fn allowed_service() -> (Fabric, TcpListener) {
@@ -104,9 +92,9 @@ fn transfers_256_mib_each_way_intact_ktls() {
     let closed = "clink_connections_closed_total{direction=\"egress\"";
     wait_metric(fabric.ns_a(), METRICS_PORT, closed, 1.0).unwrap();
     let status = fabric.a().status().unwrap();
-    assert_eq!(status["datapath"], "ktls");
-    assert_eq!(status["connections"]["bytesOut"], len as u64);
-    assert_eq!(status["connections"]["bytesIn"], len as u64);
+    assert_eq!(status.datapath, "ktls");
+    assert_eq!(status.connections.bytes_out, len as u64);
+    assert_eq!(status.connections.bytes_in, len as u64);
 }
 
 /// The service reads the whole request, and only after the client's end of stream (a
@@ -197,5 +185,5 @@ fn ktls_missing_is_named_and_auto_says_why() {
         .wait_log("the kTLS data path is not available")
         .unwrap();
     assert!(agent.log().contains("CONFIG_TLS"), "{}", agent.log());
-    assert_eq!(agent.status().unwrap()["datapath"], "userspace");
+    assert_eq!(agent.status().unwrap().datapath, "userspace");
 }

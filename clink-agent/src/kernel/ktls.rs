@@ -595,16 +595,7 @@ mod tests {
     /// The kernel's kTLS, or `None` (and a line saying why the test is skipped) where it has
     /// none. With `CLINK_REQUIRE_KTLS=1` (the VM harness) a kernel without it fails the test.
     fn ktls_or_skip(test: &str) -> Option<Ktls> {
-        match Ktls::probe() {
-            Ok(ktls) => Some(ktls),
-            Err(e) if std::env::var("CLINK_REQUIRE_KTLS").as_deref() == Ok("1") => {
-                panic!("{test}: CLINK_REQUIRE_KTLS=1 but {e}")
-            }
-            Err(e) => {
-                eprintln!("{test}: kernel part skipped: {e}");
-                None
-            }
-        }
+        clink_testbed::require_ktls(test).then(|| Ktls::probe().expect("probed just now"))
     }
 
     /// A client and a server TLS stream over loopback, configured as the kTLS path
