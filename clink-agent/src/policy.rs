@@ -1,6 +1,6 @@
 //! The policy decision point: decides whether one connection may proceed, from the
 //! AccessPolicies and PrivilegedAccessPolicies in force and the flat attribute maps that describe
-//! its source and destination (DESIGN.md §4).
+//! its source and destination (README, "Objects").
 //!
 //! Order, first match wins: privileged deny, privileged allow, namespaced deny, namespaced allow,
 //! default deny. A policy matches when one of its `from` selectors matches the source and one of

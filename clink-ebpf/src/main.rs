@@ -1,4 +1,4 @@
-//! The eBPF programs of the local-leg splice (DESIGN.md §6.2).
+//! The eBPF programs of the local-leg splice (ARCHITECTURE.md, "Sockmap data path").
 //!
 //! - `clink_connect4` / `clink_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP
 //!   connect to a service address in `CLINK_SERVICES` goes to the import listener on loopback

@@ -224,7 +224,7 @@ fn feature_check_reports_sockmap_support() {
     if !require_root("feature_check_reports_sockmap_support") {
         return;
     }
-    // The build and test machines run a kernel with everything the splice needs (DESIGN §9).
+    // The build and test machines run a kernel with everything the splice needs (ARCHITECTURE.md, "Sockmap data path").
     let features = host::feature_check().unwrap();
     assert!(features.sockmap(), "{features:?}");
 }

@@ -22,7 +22,7 @@ const HEADER: usize = 5;
 const TAG: usize = 16;
 
 /// The kernel takes TLS 1.3 keys for a socket and writes records a TLS library can read: the
-/// proof that the VM's kernel offers what the kTLS data path hands it (DESIGN.md §6.3).
+/// proof that the VM's kernel offers what the kTLS data path hands it (ARCHITECTURE.md, "kTLS data path").
 #[test]
 fn ktls_available_in_the_vm() {
     if !clink_testbed::require_ktls("ktls_available_in_the_vm") {

@@ -43,10 +43,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The virtme-ng release `cargo xtask vm-test` drives (its flags are in DESIGN.md §9).
+/// The virtme-ng release `cargo xtask vm-test` drives (ARCHITECTURE.md, "Kernel TLS tests in a VM").
 const VIRTME_NG: &str = "1.42";
 
-/// bpf-linker releases that work with the pinned aya (DESIGN.md §9).
+/// bpf-linker releases that work with the pinned aya (ARCHITECTURE.md, "eBPF build").
 const BPF_LINKER_SERIES: &str = "0.13";
 
 /// A cargo subcommand installed from crates.io.

@@ -154,7 +154,7 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
 }
 
 /// The newest `vmlinuz-6.1*` in `boot`: the 6.1 series is what `linux-image-amd64` gives on
-/// Debian 12, and what DESIGN.md §6.3 checked the kTLS facts on.
+/// Debian 12, and the kernel the kTLS facts in ARCHITECTURE.md ("kTLS data path") were checked on.
 fn newest_kernel(boot: &Path) -> Result<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(boot)
         .with_context(|| format!("read {}", boot.display()))?

@@ -1,4 +1,4 @@
-//! The kTLS data path (DESIGN.md §6.3): after the mTLS handshake and the CONNECT/`200`
+//! The kTLS data path (ARCHITECTURE.md, "kTLS data path"): after the mTLS handshake and the CONNECT/`200`
 //! exchange (both in rustls), the tunnel socket's TLS 1.3 traffic secrets go to the kernel
 //! (`TLS_TX`/`TLS_RX`), and [`super::splice`] moves the payload without copying it to the
 //! agent.

@@ -1,4 +1,4 @@
-//! Loads the eBPF programs of the local-leg splice (DESIGN.md §6.2, §7).
+//! Loads the eBPF programs of the local-leg splice (ARCHITECTURE.md, "Sockmap data path").
 //!
 //! [`load`] takes the object that build.rs compiled from `clink-ebpf` and embedded here,
 //! scopes it to the calling process (its network namespace and pid, see

@@ -1,4 +1,4 @@
-//! The kernel data paths (DESIGN.md §6.2, §7): everything that puts eBPF programs and kernel
+//! The kernel data paths (ARCHITECTURE.md, "Sockmap data path" and "kTLS data path"): everything that puts eBPF programs and kernel
 //! features on the byte path, and the [`Datapath`] seam the rest of the agent sees.
 //!
 //! | module | concern |
