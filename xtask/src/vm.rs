@@ -66,11 +66,11 @@ struct GuestCommand {
 }
 
 pub fn vm_test(opts: Options) -> Result<ExitCode> {
-    vm_test_with_env(opts, &[])
+    vm_test_with_env(opts, &[]).map(|run| run.code)
 }
 
 /// [`vm_test`], with variables for the guest on top of [`PASSED_ENV`].
-pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode> {
+pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<VmRun> {
     run::catch_interrupts()?;
     let kernel = match opts.kernel {
         Some(kernel) => kernel,
@@ -127,10 +127,16 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
     let guest_log = fs::read_to_string(dir.path().join("guest.log")).unwrap_or_default();
     print!("{guest_log}");
     let timing = run.timing();
+    let (passed, failed) = libtest_totals(&guest_log);
+    let done = |code| VmRun {
+        code,
+        passed,
+        failed,
+    };
     match run.outcome {
         Outcome::Finished(0) => {
             step(&format!("vm-test passed: {timing}"));
-            Ok(ExitCode::SUCCESS)
+            Ok(done(ExitCode::SUCCESS))
         }
         Outcome::NoKtlsModule => bail!(
             "`modprobe tls` failed in the VM: {} has no kTLS module ({timing})",
@@ -140,7 +146,7 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
             step(&format!(
                 "vm-test FAILED: a command exited with {code} ({timing})"
             ));
-            Ok(ExitCode::FAILURE)
+            Ok(done(ExitCode::FAILURE))
         }
         Outcome::NoStatus(status) => bail!(
             "the VM ended ({status}) before its commands did ({timing}); the last lines \
@@ -151,6 +157,32 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<ExitCode
             )
         ),
     }
+}
+
+/// How a VM run ended, and the tests its commands reported (libtest's summary lines).
+pub struct VmRun {
+    pub code: ExitCode,
+    pub passed: u64,
+    pub failed: u64,
+}
+
+/// The sums of `test result: ... N passed; M failed; ...` lines in a test run's output.
+fn libtest_totals(output: &str) -> (u64, u64) {
+    let count = |line: &str, what: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| {
+                let part = part.trim();
+                let n = part.strip_suffix(what)?.trim();
+                n.rsplit(' ').next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    output
+        .lines()
+        .filter(|l| l.starts_with("test result: "))
+        .fold((0, 0), |(p, f), l| {
+            (p + count(l, "passed"), f + count(l, "failed"))
+        })
 }
 
 /// The newest `vmlinuz-6.1*` in `boot`: the 6.1 series is what `linux-image-amd64` gives on
@@ -449,6 +481,16 @@ fn test_executables(messages: &str) -> Result<Vec<(PathBuf, PathBuf)>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn libtest_summaries_are_summed() {
+        let log = "running 4 tests\n\
+                   test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 68 filtered out\n\
+                   test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n\
+                   test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out\n";
+        assert_eq!(libtest_totals(log), (6, 1));
+        assert_eq!(libtest_totals("no tests here"), (0, 0));
+    }
     use super::*;
 
     #[test]
