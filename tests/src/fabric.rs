@@ -21,7 +21,8 @@ pub struct Fabric {
     sockets: Vec<Sockets>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
-    /// The data path every agent runs.
+    /// The data path the agents run (`peer-a`'s, in a fabric made by
+    /// [`Fabric::two_clusters_each`]).
     pub datapath: Datapath,
     /// Per cluster on the sockmap data path: its cgroup and pin directory. Declared last, so
     /// they go after every process in them.
@@ -41,6 +42,29 @@ impl Fabric {
     /// [`Fabric::connect`] make their sockets inside it.
     pub fn two_clusters_on(datapath: Datapath) -> Result<Fabric> {
         Self::on(clink_testbed::two_clusters()?, datapath)
+    }
+
+    /// Two clusters whose agents run different data paths (`a` for `peer-a`, `b` for
+    /// `peer-b`): a kTLS agent must interoperate with a userspace one. Not for sockmap, whose
+    /// cgroup set-up is per fabric.
+    pub fn two_clusters_each(a: Datapath, b: Datapath) -> Result<Fabric> {
+        anyhow::ensure!(
+            a != Datapath::Sockmap && b != Datapath::Sockmap,
+            "mixed fabrics take userspace and ktls agents"
+        );
+        let mut fabric = Self::on(clink_testbed::two_clusters()?, a)?;
+        if b != a {
+            let agent = &mut fabric.agents[1];
+            agent.stop()?;
+            agent
+                .args
+                .retain(|arg| arg != "--datapath" && arg != "ktls");
+            if b == Datapath::Ktls {
+                agent.args.extend(["--datapath".into(), "ktls".into()]);
+            }
+            agent.start()?;
+        }
+        Ok(fabric)
     }
 
     /// Three clusters (`peer-a`, `peer-b`, `peer-c`) on one bridged "wan".

@@ -97,6 +97,54 @@ fn transfers_256_mib_each_way_intact_ktls() {
     assert_eq!(status.connections.bytes_in, len as u64);
 }
 
+/// A kTLS agent and a userspace (rustls) agent carry the same bytes, whichever side hands
+/// its socket to the kernel: the records are plain TLS 1.3 either way.
+#[test]
+fn ktls_and_userspace_agents_interoperate_both_ways() {
+    if !kernel_tls("ktls_and_userspace_agents_interoperate_both_ways") {
+        return;
+    }
+    for (a, b) in [
+        (Datapath::Ktls, Datapath::Userspace),
+        (Datapath::Userspace, Datapath::Ktls),
+    ] {
+        let fabric = Fabric::two_clusters_each(a, b).expect("fabric");
+        let service = fabric.listen(1).expect("service listener");
+        fabric.allow_all().expect("policies");
+        fabric
+            .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
+            .expect("export and import");
+        let len = 64 * MIB + 3;
+        let server = thread::spawn(move || {
+            let (stream, _) = service.accept().unwrap();
+            exchange(stream, 4, len, 96 * 1024).unwrap()
+        });
+        let client = fabric.connect(0, import_addr()).unwrap();
+        let at_client = exchange(client, 3, len, 100_000).unwrap();
+        let at_server = server.join().unwrap();
+        assert_eq!(at_server.received_len, len, "{a:?} -> {b:?}");
+        assert_eq!(at_server.received, at_client.sent, "{a:?} -> {b:?}");
+        assert_eq!(at_client.received_len, len, "{a:?} -> {b:?}");
+        assert_eq!(at_client.received, at_server.sent, "{a:?} -> {b:?}");
+        // The kTLS side handed its tunnel to the kernel; the other side never tried.
+        let (ktls_ns, direction, other_ns) = if a == Datapath::Ktls {
+            (fabric.ns_a(), "egress", fabric.ns_b())
+        } else {
+            (fabric.ns_b(), "ingress", fabric.ns_a())
+        };
+        let series =
+            format!("clink_ktls_handoffs_total{{direction=\"{direction}\",result=\"kernel\"}}");
+        wait_metric(ktls_ns, METRICS_PORT, &series, 1.0).unwrap();
+        let other = scrape(other_ns).unwrap();
+        assert_eq!(
+            sample(&other, "clink_datapath{datapath=\"userspace\"}"),
+            1.0,
+            "{other}"
+        );
+        assert!(!other.contains("clink_ktls_handoffs_total{"), "{other}");
+    }
+}
+
 /// The service reads the whole request, and only after the client's end of stream (a
 /// close_notify and FIN through both kernels) answers; the client still reads it all.
 #[test]
