@@ -119,7 +119,9 @@ where
     };
     let tls = match ctx.datapath.ktls() {
         None => tls,
-        Some(ktls) => match ktls.handoff(tls).await {
+        // Boxed, like the pump below: every connection task's future is as large as its
+        // largest state, and the userspace relay should not pay for the kTLS ones.
+        Some(ktls) => match Box::pin(ktls.handoff(tls)).await {
             Handoff::Kernel(tunnel, plaintext) => {
                 count("kernel");
                 debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
@@ -134,7 +136,7 @@ where
                         path: "kernel",
                     };
                 }
-                let outcome = splice::pump(&local, tunnel.tcp(), Some(&tunnel)).await;
+                let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
                 return Carried {
                     sent: outcome.to_tunnel,
                     received: outcome.from_tunnel + plaintext.len() as u64,
