@@ -208,3 +208,51 @@ pub fn refused_at(ns: &Netns, addr: SocketAddr) -> bool {
         Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
     }
 }
+
+/// What a half-closing client needs from a tunnel: a request in 1-byte writes (`pause` apart)
+/// and then one odd-sized write, the client's half-close, and a reply that the service sends
+/// only after reading all of it: the request's length and SHA-256, then 3 MiB + 7 bytes of
+/// pattern 9. Asserts every byte both ways; returns the bytes the client sent and received.
+pub fn half_close_exchange(
+    service: TcpListener,
+    mut client: TcpStream,
+    pause: Duration,
+) -> (usize, usize) {
+    const REPLY: usize = 3 * 1024 * 1024 + 7;
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = service.accept().unwrap();
+        let (n, digest) = read_hash(&mut stream).unwrap();
+        stream.write_all(format!("{n}:").as_bytes()).unwrap();
+        stream.write_all(&digest).unwrap();
+        let reply_digest = send_pattern(&mut stream, 9, REPLY, 4093).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        reply_digest
+    });
+    let mut sent = Sha256::default();
+    for b in b"hello" {
+        client.write_all(&[*b]).unwrap();
+        sent.update([*b]);
+        std::thread::sleep(pause);
+    }
+    let mut odd = vec![0u8; 65_537];
+    Pattern::new(5).fill(&mut odd);
+    client.write_all(&odd).unwrap();
+    sent.update(&odd);
+    let expected: [u8; 32] = sent.finalize().into();
+    client.shutdown(Shutdown::Write).unwrap();
+
+    let mut reply = Vec::new();
+    Patient(&mut client).read_to_end(&mut reply).unwrap();
+    let head = format!("{}:", 5 + odd.len());
+    assert!(
+        reply.starts_with(head.as_bytes()),
+        "reply starts {:?}",
+        &reply[..16.min(reply.len())]
+    );
+    assert_eq!(&reply[head.len()..head.len() + 32], &expected);
+    let tail = &reply[head.len() + 32..];
+    assert_eq!(tail.len(), REPLY);
+    let digest: [u8; 32] = Sha256::digest(tail).into();
+    assert_eq!(digest, server.join().unwrap());
+    (5 + odd.len(), reply.len())
+}

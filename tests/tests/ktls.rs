@@ -7,18 +7,15 @@
 //! no kernel TLS.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener},
     thread,
     time::Duration,
 };
 
-use sha2::Digest as _;
-
 use clink_agent::kernel::Ktls;
 use clink_tests::{
-    exchange, pattern_digest, read_hash, require_root, sample, scrape, send_pattern, wait_metric,
-    Datapath, Fabric, Patient, METRICS_PORT,
+    exchange, half_close_exchange, pattern_digest, require_root, sample, scrape, wait_metric,
+    Datapath, Fabric, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -153,42 +150,8 @@ fn half_close_and_odd_writes_pass_through_ktls() {
         return;
     }
     let (fabric, service) = allowed_service();
-    let server = thread::spawn(move || {
-        let (mut stream, _) = service.accept().unwrap();
-        let (n, digest) = read_hash(&mut stream).unwrap();
-        stream.write_all(format!("{n}:").as_bytes()).unwrap();
-        stream.write_all(&digest).unwrap();
-        let reply_digest = send_pattern(&mut stream, 9, 3 * MIB + 7, 4093).unwrap();
-        stream.shutdown(Shutdown::Write).unwrap();
-        reply_digest
-    });
-    let mut client = fabric.connect(0, import_addr()).unwrap();
-    let mut sent = sha2::Sha256::default();
-    for b in b"hello" {
-        client.write_all(&[*b]).unwrap();
-        sent.update([*b]);
-        thread::sleep(Duration::from_millis(2));
-    }
-    let mut odd = vec![0u8; 65_537];
-    clink_tests::Pattern::new(5).fill(&mut odd);
-    client.write_all(&odd).unwrap();
-    sent.update(&odd);
-    let expected: [u8; 32] = sent.finalize().into();
-    client.shutdown(Shutdown::Write).unwrap();
-
-    let mut reply = Vec::new();
-    Patient(&mut client).read_to_end(&mut reply).unwrap();
-    let head = format!("{}:", 5 + odd.len());
-    assert!(
-        reply.starts_with(head.as_bytes()),
-        "reply starts {:?}",
-        &reply[..16]
-    );
-    assert_eq!(&reply[head.len()..head.len() + 32], &expected);
-    let tail = &reply[head.len() + 32..];
-    assert_eq!(tail.len(), 3 * MIB + 7);
-    let digest: [u8; 32] = sha2::Sha256::digest(tail).into();
-    assert_eq!(digest, server.join().unwrap());
+    let client = fabric.connect(0, import_addr()).unwrap();
+    half_close_exchange(service, client, Duration::from_millis(2));
     assert_handed_off(&fabric, 1.0);
 }
 

@@ -13,12 +13,10 @@ use std::{
     time::Duration,
 };
 
-use sha2::Digest as _;
-
 use clink_testbed::Netns;
 use clink_tests::{
-    connect_in, exchange, listen_in, pattern_digest, read_hash, refused_at, require_root, sample,
-    scrape, send_pattern, tree, wait_metric, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
+    connect_in, exchange, half_close_exchange, listen_in, pattern_digest, refused_at, require_root,
+    sample, scrape, tree, wait_metric, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
     METRICS_PORT,
 };
 
@@ -170,43 +168,9 @@ fn half_close_and_odd_writes(datapath: Datapath) {
     let before = spliced(&fabric);
     // The service reads the whole request, and only after the client's FIN answers with a
     // reply that depends on all of it; the client must still be able to read it.
-    let server = thread::spawn(move || {
-        let (mut stream, _) = service.accept().unwrap();
-        let (n, digest) = read_hash(&mut stream).unwrap();
-        stream.write_all(format!("{n}:").as_bytes()).unwrap();
-        stream.write_all(&digest).unwrap();
-        let reply_digest = send_pattern(&mut stream, 9, 3 * MIB + 7, 4093).unwrap();
-        stream.shutdown(Shutdown::Write).unwrap();
-        reply_digest
-    });
-    let mut client = fabric.connect(0, import_addr()).unwrap();
-    // 1-byte writes, then odd-sized ones.
-    let mut sent = sha2::Sha256::default();
-    for b in b"hello" {
-        client.write_all(&[*b]).unwrap();
-        sent.update([*b]);
-    }
-    let mut odd = vec![0u8; 65_537];
-    clink_tests::Pattern::new(5).fill(&mut odd);
-    client.write_all(&odd).unwrap();
-    sent.update(&odd);
-    let expected: [u8; 32] = sent.finalize().into();
-    client.shutdown(Shutdown::Write).unwrap();
-
-    let mut reply = Vec::new();
-    Patient(&mut client).read_to_end(&mut reply).unwrap();
-    let head = format!("{}:", 5 + odd.len());
-    assert!(
-        reply.starts_with(head.as_bytes()),
-        "reply starts {:?}",
-        &reply[..16]
-    );
-    assert_eq!(&reply[head.len()..head.len() + 32], &expected);
-    let tail = &reply[head.len() + 32..];
-    assert_eq!(tail.len(), 3 * MIB + 7);
-    let digest: [u8; 32] = sha2::Sha256::digest(tail).into();
-    assert_eq!(digest, server.join().unwrap());
-    assert_spliced(&fabric, before, reply.len() + 5 + odd.len());
+    let client = fabric.connect(0, import_addr()).unwrap();
+    let (sent, received) = half_close_exchange(service, client, Duration::ZERO);
+    assert_spliced(&fabric, before, received + sent);
 }
 
 #[test]

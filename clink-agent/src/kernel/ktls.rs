@@ -582,10 +582,10 @@ mod tests {
     use super::*;
     use crate::{
         peer::io::peer_io,
+        testing::{receive_hashed as receive, send_pattern as send, tcp_pair as local_pair},
         tls::{create_fabric, create_peer_cert, Identity},
     };
     use rustls::{crypto::ring::cipher_suite, pki_types::ServerName, SupportedCipherSuite};
-    use sha2::{Digest as _, Sha256};
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
@@ -730,41 +730,6 @@ mod tests {
                 Handoff::Failed(e) => panic!("{suite:?}: {e}"),
             };
             through_two_kernel_tunnels(client, server).await;
-        }
-    }
-
-    async fn local_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    async fn send(mut w: tokio::net::tcp::OwnedWriteHalf, seed: u8, len: usize) -> [u8; 32] {
-        let mut hash = Sha256::new();
-        let chunk: Vec<u8> = (0..65_521u32).map(|i| (i as u8) ^ seed).collect();
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            w.write_all(&chunk[..n]).await.unwrap();
-            hash.update(&chunk[..n]);
-            left -= n;
-        }
-        w.shutdown().await.unwrap();
-        hash.finalize().into()
-    }
-
-    async fn receive(mut r: tokio::net::tcp::OwnedReadHalf) -> (usize, [u8; 32]) {
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0;
-        loop {
-            let n = r.read(&mut buf).await.unwrap();
-            if n == 0 {
-                return (total, hash.finalize().into());
-            }
-            hash.update(&buf[..n]);
-            total += n;
         }
     }
 
