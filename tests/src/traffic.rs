@@ -256,3 +256,25 @@ pub fn half_close_exchange(
     assert_eq!(digest, server.join().unwrap());
     (5 + odd.len(), reply.len())
 }
+
+/// Both directions of one exchange arrived intact: `len` bytes each way, the same SHA-256 at
+/// both ends.
+pub fn assert_intact(client: &Transfer, server: &Transfer, len: usize) {
+    assert_eq!(server.received_len, len, "client->service length");
+    assert_eq!(server.received, client.sent, "client->service bytes differ");
+    assert_eq!(client.received_len, len, "service->client length");
+    assert_eq!(client.received, server.sent, "service->client bytes differ");
+}
+
+/// `len` bytes each way at once between `client` (pattern 1) and the next connection
+/// `service` accepts (pattern 2), checked by SHA-256 at both ends.
+pub fn transfer_both_ways(service: TcpListener, client: TcpStream, len: usize) {
+    let server = std::thread::spawn(move || {
+        let (stream, _) = service.accept().unwrap();
+        exchange(stream, 2, len, 128 * 1024).unwrap()
+    });
+    let at_client = exchange(client, 1, len, 100_000).unwrap();
+    let at_server = server.join().unwrap();
+    assert_intact(&at_client, &at_server, len);
+    assert_eq!(at_client.sent, pattern_digest(1, len));
+}

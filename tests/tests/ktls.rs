@@ -8,14 +8,13 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    thread,
     time::Duration,
 };
 
 use clink_agent::kernel::Ktls;
 use clink_tests::{
-    exchange, half_close_exchange, pattern_digest, require_root, sample, scrape, wait_metric,
-    Datapath, Fabric, METRICS_PORT,
+    half_close_exchange, require_root, sample, scrape, transfer_both_ways, wait_metric, Datapath,
+    Fabric, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -67,24 +66,8 @@ fn transfers_256_mib_each_way_intact_ktls() {
     }
     let (fabric, service) = allowed_service();
     let len = 256 * MIB;
-    let server = thread::spawn(move || {
-        let (stream, _) = service.accept().unwrap();
-        exchange(stream, 2, len, 128 * 1024).unwrap()
-    });
     let client = fabric.connect(0, import_addr()).unwrap();
-    let at_client = exchange(client, 1, len, 100_000).unwrap();
-    let at_server = server.join().unwrap();
-    assert_eq!(at_server.received_len, len);
-    assert_eq!(
-        at_server.received, at_client.sent,
-        "client->service bytes differ"
-    );
-    assert_eq!(at_client.received_len, len);
-    assert_eq!(
-        at_client.received, at_server.sent,
-        "service->client bytes differ"
-    );
-    assert_eq!(at_client.sent, pattern_digest(1, len));
+    transfer_both_ways(service, client, len);
     assert_handed_off(&fabric, 1.0);
     let closed = "clink_connections_closed_total{direction=\"egress\"";
     wait_metric(fabric.ns_a(), METRICS_PORT, closed, 1.0).unwrap();
@@ -112,17 +95,9 @@ fn ktls_and_userspace_agents_interoperate_both_ways() {
             .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
             .expect("export and import");
         let len = 64 * MIB + 3;
-        let server = thread::spawn(move || {
-            let (stream, _) = service.accept().unwrap();
-            exchange(stream, 4, len, 96 * 1024).unwrap()
-        });
+        eprintln!("{a:?} importer, {b:?} exporter");
         let client = fabric.connect(0, import_addr()).unwrap();
-        let at_client = exchange(client, 3, len, 100_000).unwrap();
-        let at_server = server.join().unwrap();
-        assert_eq!(at_server.received_len, len, "{a:?} -> {b:?}");
-        assert_eq!(at_server.received, at_client.sent, "{a:?} -> {b:?}");
-        assert_eq!(at_client.received_len, len, "{a:?} -> {b:?}");
-        assert_eq!(at_client.received, at_server.sent, "{a:?} -> {b:?}");
+        transfer_both_ways(service, client, len);
         // The kTLS side handed its tunnel to the kernel; the other side never tried.
         let (ktls_ns, direction, other_ns) = if a == Datapath::Ktls {
             (fabric.ns_a(), "egress", fabric.ns_b())

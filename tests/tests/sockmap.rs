@@ -25,8 +25,8 @@ use serde_json::Value;
 
 use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
 use clink_tests::{
-    connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath, Fabric, Patient,
-    SockmapSandbox, Transfer, METRICS_PORT,
+    assert_intact, connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath,
+    Fabric, Patient, SockmapSandbox, Transfer, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -96,14 +96,6 @@ fn serve(service: TcpListener, n: usize, len: usize) -> thread::JoinHandle<Vec<T
             })
             .collect()
     })
-}
-
-/// Both directions of one exchange arrived intact.
-fn assert_intact(client: &Transfer, server: &Transfer, len: usize) {
-    assert_eq!(server.received_len, len, "client->service length");
-    assert_eq!(server.received, client.sent, "client->service bytes differ");
-    assert_eq!(client.received_len, len, "service->client length");
-    assert_eq!(client.received, server.sent, "service->client bytes differ");
 }
 
 #[test]

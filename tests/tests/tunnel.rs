@@ -15,8 +15,8 @@ use std::{
 
 use clink_testbed::Netns;
 use clink_tests::{
-    connect_in, exchange, half_close_exchange, listen_in, pattern_digest, refused_at, require_root,
-    sample, scrape, tree, wait_metric, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
+    connect_in, exchange, half_close_exchange, listen_in, refused_at, require_root, sample, scrape,
+    transfer_both_ways, tree, wait_metric, Agent, Datapath, Fabric, Patient, GATEWAY_PORT,
     METRICS_PORT,
 };
 
@@ -118,25 +118,8 @@ fn transfers_256_mib_each_way(datapath: Datapath) {
     let (fabric, service) = allowed_service_on(datapath);
     let before = spliced(&fabric);
     let len = 256 * MIB;
-    let server = thread::spawn(move || {
-        let (stream, _) = service.accept().unwrap();
-        exchange(stream, 2, len, 128 * 1024).unwrap()
-    });
     let client = fabric.connect(0, import_addr()).unwrap();
-    let at_client = exchange(client, 1, len, 100_000).unwrap();
-    let at_server = server.join().unwrap();
-
-    assert_eq!(at_server.received_len, len);
-    assert_eq!(
-        at_server.received, at_client.sent,
-        "client->service bytes differ"
-    );
-    assert_eq!(at_client.received_len, len);
-    assert_eq!(
-        at_client.received, at_server.sent,
-        "service->client bytes differ"
-    );
-    assert_eq!(at_client.sent, pattern_digest(1, len));
+    transfer_both_ways(service, client, len);
 
     let status = fabric.a().status().unwrap();
     wait_metric(fabric.ns_a(), METRICS_PORT, EGRESS_CLOSED, 1.0)
