@@ -83,6 +83,12 @@ enum Command {
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
     },
+    /// The open tunneled connections and the path each one's payload takes (userspace,
+    /// sockmap or ktls).
+    Connections {
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
     /// The sockmap data path's eBPF programs, where they are attached, and their maps (service
     /// table, socket pairs, counters), each with the matching bpftool command. Needs root.
     Bpf {
@@ -296,7 +302,23 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(Output::Json) => true,
                 Some(Output::Yaml) => bail!("clink bpf: -o yaml is not supported; use -o json"),
             };
-            print!("{}", crate::kernel::render::report(&bpf_pin_dir, json)?);
+            let connections = client
+                .connections()
+                .await
+                .map(|answer| answer.connections)
+                .map_err(|e| e.to_string());
+            print!(
+                "{}",
+                crate::kernel::render::report(&bpf_pin_dir, json, connections)?
+            );
+        }
+        Command::Connections { output } => {
+            let answer = client.connections().await?;
+            match output {
+                Some(Output::Json) => print_json(&answer)?,
+                Some(Output::Yaml) => print_yaml(&answer)?,
+                None => print_connections(&answer.connections),
+            }
         }
         Command::Status { output } => {
             let status = client.status().await?;
@@ -575,4 +597,37 @@ fn print_status(s: &StatusResponse) {
         "connections: {} active, {} opened, {} failed; {} bytes out, {} bytes in",
         c.active, c.opened, c.failed, c.bytes_out, c.bytes_in
     );
+    let paths = s
+        .paths
+        .iter()
+        .map(|(path, n)| format!("{path} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("open by path: {paths}");
+}
+
+fn print_connections(connections: &[crate::connections::ConnectionInfo]) {
+    if connections.is_empty() {
+        println!("no open connections");
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{:<6} {:<8} {:<10} {:<28} {:<16} {:<40} AGE",
+        "ID", "DIR", "PATH", "SERVICE", "PEER", "LOCAL END"
+    );
+    for c in connections {
+        println!(
+            "{:<6} {:<8} {:<10} {:<28} {:<16} {:<40} {}s",
+            c.id,
+            c.direction,
+            c.path,
+            c.service,
+            c.peer,
+            c.local,
+            now.saturating_sub(c.opened_at)
+        );
+    }
 }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod clients;
+pub mod connections;
 pub mod dataplane;
 pub mod kernel;
 pub mod lb;

@@ -87,6 +87,13 @@ pub struct HandoffLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub direction: &'static str,
+    /// `userspace`, `sockmap` or `ktls` (see `dataplane::table::BytePath`).
+    pub path: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -108,6 +115,7 @@ pub struct Metrics {
     pub datapath: Family<DatapathLabels, Gauge>,
     pub demotions: Family<DemotionLabels, Counter>,
     pub ktls_handoffs: Family<HandoffLabels, Counter>,
+    pub paths: Family<PathLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,6 +134,7 @@ impl Default for Metrics {
             datapath: Family::default(),
             demotions: Family::default(),
             ktls_handoffs: Family::default(),
+            paths: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,6 +198,12 @@ impl Default for Metrics {
             "Tunnels offered to kernel TLS, by result (kernel; failed: reset; fallback-*: \
              carried on in userspace, and why)",
             m.ktls_handoffs.clone(),
+        );
+        registry.register(
+            "connection_paths",
+            "Tunneled connections by the path their payload took: userspace (rustls and \
+             tokio), sockmap (local hop spliced by sk_msg) or ktls (kernel TLS and splice)",
+            m.paths.clone(),
         );
         Metrics { registry, ..m }
     }

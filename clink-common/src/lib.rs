@@ -77,6 +77,10 @@ pub mod global {
     pub const PIDNS_DEV: &str = "CLINK_PIDNS_DEV";
     /// `u64`: inode number of the agent's pid namespace file.
     pub const PIDNS_INO: &str = "CLINK_PIDNS_INO";
+    /// `u32`: the node address (IPv4, network byte order) the connect hooks send connects to
+    /// a service address from other network namespaces in the cgroup (pods) to; 0 = such
+    /// connects are left alone.
+    pub const NODE_IP4: &str = "CLINK_NODE_IP4";
 }
 
 /// Length of the kernel's object name buffer (`BPF_OBJ_NAME_LEN`), including the final NUL.

@@ -20,8 +20,15 @@
 //! wait, until the agent has read everything; then the splice again. The agent paces its own
 //! sends into the sockets of clients and targets itself (it reads their queue length).
 //!
-//! Every program ignores sockets outside the agent's network namespace (`CLINK_NETNS_COOKIE`),
-//! so agents of several namespaces can share one cgroup.
+//! Every program leaves sockets outside the agent's network namespace (`CLINK_NETNS_COOKIE`)
+//! alone, so agents of several namespaces can share one cgroup, with one exception: when the
+//! agent gave a node address (`CLINK_NODE_IP4`), an IPv4 connect from another namespace (a
+//! pod on the node) to a service address goes to the import listener at that address, and
+//! `clink_sockops` records it in `CLINK_REDIRECTS`. Such sockets are never spliced.
+//!
+//! On the kTLS path only the connect hooks and the records are used: `CLINK_PORTS` stays
+//! empty, so no socket enters `CLINK_SOCKS` (a kTLS socket cannot be in a sockmap, and a
+//! socket the agent splices with splice(2) must not receive sk_msg redirects).
 //!
 //! The maps are BTF-defined (`#[btf_map]`), so `bpftool map dump` shows keys and values with
 //! their field names. On the host the programs compile too, with a stub `main`, so the
@@ -98,6 +105,8 @@ static CLINK_AGENT_TGID: Global<u32> = Global::new(0);
 static CLINK_PIDNS_DEV: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 static CLINK_PIDNS_INO: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static CLINK_NODE_IP4: Global<u32> = Global::new(0);
 
 /// Return value of a `sock_ops` program that lets the socket proceed unchanged. Returning 0
 /// would turn the result of every other `sock_ops` program on the cgroup into an error.
@@ -114,13 +123,12 @@ pub fn clink_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_clink_sockops(ctx: &SockOpsContext) -> Result<(), i32> {
-    if !in_agent_netns(ctx.as_ptr()) {
-        return Ok(());
-    }
     // SAFETY: `ctx.ops` is the context pointer the kernel passed to this program.
     let key = unsafe { sock_ops_key(ctx.ops) };
-    if !key.is_local() {
-        return Ok(());
+    if !in_agent_netns(ctx.as_ptr()) || !key.is_local() {
+        // A pod's socket (another namespace, a node address): never spliced, but a connect
+        // the hooks redirected is recorded, so the agent knows what its client asked for.
+        return on_foreign(ctx, key);
     }
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, &key),
@@ -148,6 +156,40 @@ fn on_connect(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i32> {
     Ok(())
 }
 
+/// A socket outside the agent's namespace or loopback: only a connect the hooks redirected
+/// to a node address interests us, from connect (close callback armed) to close.
+fn on_foreign(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
+    let cookie = socket_cookie(ctx.as_ptr());
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB if CLINK_ORIG_DST.get_ptr(cookie).is_some() => {
+            ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => record_redirect(key, cookie)?,
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _ = CLINK_ORIG_DST.remove(cookie);
+            let _ = CLINK_REDIRECTS.remove(key.reversed());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Ties a connection the connect hooks redirected to the agent's accepted socket (the
+/// reverse of `key`), if the socket with `cookie` was redirected.
+#[inline(always)]
+fn record_redirect(key: SockKey, cookie: u64) -> Result<(), i32> {
+    if let Some(service) = CLINK_ORIG_DST.get_ptr(cookie) {
+        let redirect = Redirect {
+            cookie,
+            // SAFETY: a pointer to a live map value, copied at once.
+            service: unsafe { *service },
+            pad: 0,
+        };
+        CLINK_REDIRECTS.insert(key.reversed(), redirect, 0)?;
+    }
+    Ok(())
+}
+
 /// `CLINK_PENDING` values: what the socket waiting there is.
 /// The agent's own connect to an export target, before it is established.
 const PENDING_AGENT_CONNECT: u32 = 1;
@@ -159,7 +201,13 @@ const PENDING_TARGET_ACCEPT: u32 = 3;
 /// The connecting end is established first (the other end waits for its ACK): it is taken
 /// if it connects to an agent listener or is the agent's own connection to an export
 /// target, and then leaves word for the accepting end in `CLINK_PENDING`.
+///
+/// A redirected connect is recorded whether or not its port is spliced: on the kTLS path
+/// the listeners are not in `CLINK_PORTS` (nothing is spliced), and only the record is
+/// wanted.
 fn on_active_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> {
+    let cookie = socket_cookie(ctx.as_ptr());
+    record_redirect(key, cookie)?;
     let to_listener = port_has(key.dst_port, PortFlags::LISTENER);
     let agent_connect = !to_listener && CLINK_PENDING.remove(key).is_ok();
     if !to_listener && !agent_connect {
@@ -172,16 +220,6 @@ fn on_active_established(ctx: &SockOpsContext, key: SockKey) -> Result<(), i32> 
         PENDING_TARGET_ACCEPT
     };
     CLINK_PENDING.insert(key.reversed(), other_end, 0)?;
-    let cookie = socket_cookie(ctx.as_ptr());
-    if let Some(service) = CLINK_ORIG_DST.get_ptr(cookie) {
-        let redirect = Redirect {
-            cookie,
-            // SAFETY: a pointer to a live map value, copied at once.
-            service: unsafe { *service },
-            pad: 0,
-        };
-        CLINK_REDIRECTS.insert(key.reversed(), redirect, 0)?;
-    }
     Ok(())
 }
 
@@ -293,8 +331,9 @@ pub fn clink_connect6(ctx: SockAddrContext) -> i32 {
     CONNECT_ALLOW
 }
 
-/// Rewrites a TCP connect to a service address into a connect to the import listener on
-/// loopback, and records the address asked for under the socket's cookie.
+/// Rewrites a TCP connect to a service address into a connect to the import listener (on
+/// loopback from the agent's namespace, on `CLINK_NODE_IP4` from others), and records the
+/// address asked for under the socket's cookie.
 ///
 /// `V6` is a constant so each program gets its own code: with a run-time flag the compiler
 /// merges the two address writes into one through a computed context offset, which the
@@ -302,9 +341,17 @@ pub fn clink_connect6(ctx: SockAddrContext) -> i32 {
 fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i32> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context pointer the kernel passed to this program.
-    if unsafe { rd(&raw const (*sa).protocol) } != IPPROTO_TCP || !in_agent_netns(ctx.as_ptr()) {
+    if unsafe { rd(&raw const (*sa).protocol) } != IPPROTO_TCP {
         return Ok(());
     }
+    // The agent's own namespace reaches the listener on loopback; another namespace (a pod)
+    // on the node address, if the agent has one (IPv4 only).
+    let node = CLINK_NODE_IP4.load();
+    let own = in_agent_netns(ctx.as_ptr());
+    if !own && (V6 || node == 0) {
+        return Ok(());
+    }
+    let listener_ip4 = if own { LOOPBACK4 } else { node };
     // SAFETY: as above.
     let service = unsafe { connect_key(sa, V6) };
     let Some(target) = CLINK_SERVICES.get_ptr(service) else {
@@ -316,11 +363,11 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i32> {
     // SAFETY: as above; the verifier allows 4-byte writes of these fields.
     unsafe {
         if !V6 {
-            wr(&raw mut (*sa).user_ip4, LOOPBACK4);
+            wr(&raw mut (*sa).user_ip4, listener_ip4);
         } else if service.family == clink_common::AF_INET {
             // An IPv4 service reached through an IPv4-mapped address stays IPv4-mapped.
             let ip6 = (&raw mut (*sa).user_ip6).cast::<u32>();
-            wr(ip6.add(3), LOOPBACK4);
+            wr(ip6.add(3), listener_ip4);
         } else {
             let ip6 = (&raw mut (*sa).user_ip6).cast::<u32>();
             for (i, word) in LOOPBACK6.iter().enumerate() {

@@ -14,7 +14,10 @@ use clink_testbed::{
     Netns,
 };
 
-use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
+use clink_agent::{
+    admin::types::{ConnectionInfo, ConnectionsResponse, StatusResponse},
+    kernel::inspect::Inspection,
+};
 
 use crate::sockmap::SockmapSetup;
 
@@ -119,22 +122,28 @@ impl Agent {
     }
 
     /// `--datapath` and friends: tests never let an agent pick by itself, since `auto` would
-    /// attach to the machine's root cgroup.
+    /// attach to the machine's root cgroup. With a [`SockmapSetup`] the agent attaches to its
+    /// cgroup and pins there: the sockmap path, or the kTLS path's connect hooks when the test
+    /// chose `--datapath` itself.
     fn datapath_args(&self) -> Vec<String> {
-        if self.args.iter().any(|a| a == "--datapath") {
-            return Vec::new();
+        let mut args = Vec::new();
+        if !self.args.iter().any(|a| a == "--datapath") {
+            let datapath = if self.sockmap.is_some() {
+                "sockmap"
+            } else {
+                "userspace"
+            };
+            args.extend(["--datapath".to_owned(), datapath.to_owned()]);
         }
-        match &self.sockmap {
-            None => vec!["--datapath".into(), "userspace".into()],
-            Some(setup) => vec![
-                "--datapath".into(),
-                "sockmap".into(),
-                "--cgroup".into(),
+        if let Some(setup) = &self.sockmap {
+            args.extend([
+                "--cgroup".to_owned(),
                 setup.cgroup.display().to_string(),
-                "--bpf-pin-dir".into(),
+                "--bpf-pin-dir".to_owned(),
                 setup.pin_dir.display().to_string(),
-            ],
+            ]);
         }
+        args
     }
 
     /// `clink bpf -o json` for this agent's pin directory.
@@ -142,7 +151,7 @@ impl Agent {
         let setup = self
             .sockmap
             .as_ref()
-            .context("not on the sockmap data path")?;
+            .context("not on a data path with eBPF programs (no cgroup set up)")?;
         let out = self.clink_ok(&[
             "bpf",
             "--bpf-pin-dir",
@@ -182,6 +191,13 @@ impl Agent {
         Ok(serde_json::from_str(
             &self.clink_ok(&["status", "-o", "json"])?,
         )?)
+    }
+
+    /// `clink connections -o json`: the open connections and each one's path.
+    pub fn connections(&self) -> Result<Vec<ConnectionInfo>> {
+        let answer: ConnectionsResponse =
+            serde_json::from_str(&self.clink_ok(&["connections", "-o", "json"])?)?;
+        Ok(answer.connections)
     }
 
     /// `clink apply -f -` with `yaml` on stdin; returns the whole output.

@@ -37,7 +37,7 @@ impl Fabric {
         Self::on(clink_testbed::two_clusters()?, Datapath::Userspace)
     }
 
-    /// Two clusters whose agents run `datapath`; on the sockmap data path each cluster gets a
+    /// Two clusters whose agents run `datapath`; on the sockmap and kTLS paths each cluster gets a
     /// cgroup of its own, with its agent in it, and [`Fabric::listen`] and
     /// [`Fabric::connect`] make their sockets inside it.
     pub fn two_clusters_on(datapath: Datapath) -> Result<Fabric> {
@@ -59,9 +59,12 @@ impl Fabric {
             agent
                 .args
                 .retain(|arg| arg != "--datapath" && arg != "ktls");
-            if b == Datapath::Ktls {
-                agent.args.extend(["--datapath".into(), "ktls".into()]);
-            }
+            let datapath = if b == Datapath::Ktls {
+                "ktls"
+            } else {
+                "userspace"
+            };
+            agent.args.extend(["--datapath".into(), datapath.into()]);
             agent.start()?;
         }
         Ok(fabric)
@@ -112,10 +115,16 @@ impl Fabric {
             datapath,
             sandboxes: Vec::new(),
         };
-        if datapath == Datapath::Sockmap {
+        // The kTLS path runs the connect hooks too (no splicing), in the same cgroup set-up,
+        // with the cluster's address as the node address its pods reach the agent at.
+        if matches!(datapath, Datapath::Sockmap | Datapath::Ktls) {
             for (i, agent) in fabric.agents.iter_mut().enumerate() {
                 let sandbox = SockmapSandbox::new(&agent.name)?;
                 agent.sockmap = Some(sandbox.setup.clone());
+                if datapath == Datapath::Ktls {
+                    let node = fabric.topo.clusters()[i].ip().to_string();
+                    agent.args.extend(["--node-address".into(), node]);
+                }
                 let sockets =
                     Sockets::start(fabric.topo.clusters()[i].netns(), &sandbox.setup.cgroup);
                 fabric.sandboxes.push(sandbox);

@@ -11,10 +11,10 @@ use std::{
     time::Duration,
 };
 
-use clink_agent::kernel::Ktls;
+use clink_agent::{connections::BytePath, kernel::Ktls};
 use clink_tests::{
     half_close_exchange, require_root, sample, scrape, transfer_both_ways, wait_metric, Datapath,
-    Fabric, METRICS_PORT,
+    Fabric, Sockets, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -172,4 +172,96 @@ fn ktls_missing_is_named_and_auto_says_why() {
         .unwrap();
     assert!(agent.log().contains("CONFIG_TLS"), "{}", agent.log());
     assert_eq!(agent.status().unwrap().datapath, "userspace");
+}
+
+/// The Import `svc` of cluster a with the service address `VIP:SERVICE_PORT`.
+const VIP: &str = "10.96.0.10";
+const SERVICE_PORT: u16 = 80;
+
+fn import_with_service_address() -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: svc\n  \
+         annotations: {{clusterlink.net/service-ip: \"{VIP}\"}}\nspec:\n  port: {SERVICE_PORT}\n  \
+         targetPort: {IMPORT_PORT}\n  \
+         sources: [{{peer: peer-b, exportName: svc, exportNamespace: default}}]\n"
+    )
+}
+
+/// A pod's client, as in a DaemonSet install: its own network namespace joined to the node's
+/// (cluster a's) by a veth pair, inside the cgroup the agent attaches to, connecting to the
+/// Import's service address. The connect hook sends it to the Import listener at the node
+/// address; the tunnel is handed to kernel TLS, nothing is spliced by sk_msg, and
+/// `clink connections`, `clink bpf`, `clink status` and `/metrics` all say `ktls`.
+#[test]
+fn a_pod_client_reaches_the_service_address_over_ktls() {
+    if !kernel_tls("a_pod_client_reaches_the_service_address_over_ktls") {
+        return;
+    }
+    let (fabric, service) = allowed_service();
+    let applied = fabric.a().apply(&import_with_service_address()).unwrap();
+    assert!(applied.status.success(), "{applied:?}");
+    let node = fabric.topo.a();
+    let pod = clink_testbed::pod(node).expect("pod namespace");
+    let cgroup = &fabric.a().sockmap.as_ref().unwrap().cgroup;
+    let pod_sockets = Sockets::start(pod.netns(), cgroup).expect("pod process in the cgroup");
+
+    let vip: SocketAddr = format!("{VIP}:{SERVICE_PORT}").parse().unwrap();
+    let client = pod_sockets
+        .connect(vip)
+        .expect("connect to the service address");
+    assert_eq!(
+        client.peer_addr().unwrap(),
+        SocketAddr::from((node.ip(), IMPORT_PORT)),
+        "the connect hook sends a pod to the listener at the node address"
+    );
+    assert_eq!(client.local_addr().unwrap().ip(), pod.ip());
+
+    let len = 64 * MIB + 11;
+    let transfer = std::thread::spawn(move || transfer_both_ways(service, client, len));
+    // While the bytes move: the connection is listed with its path, and the agent's map
+    // knows which address the pod asked for.
+    let mut seen = None;
+    clink_testbed::wait_for(
+        "the pod's connection on the ktls path",
+        Duration::from_secs(60),
+        || {
+            seen = fabric
+                .a()
+                .connections()
+                .unwrap()
+                .into_iter()
+                .find(|c| c.local.ip().to_canonical() == pod.ip());
+            seen.as_ref().is_some_and(|c| c.path == BytePath::Ktls)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {seen:?}"));
+    let bpf = fabric.a().bpf().unwrap();
+    assert!(
+        bpf.sockets.is_empty(),
+        "nothing is spliced by sk_msg on the kTLS path: {bpf:#?}"
+    );
+    assert!(
+        bpf.connections
+            .iter()
+            .any(|c| c.local.ip().to_canonical() == pod.ip() && c.path == BytePath::Ktls),
+        "{bpf:#?}"
+    );
+    let redirect = bpf
+        .redirects
+        .iter()
+        .find(|r| r.client.ip() == std::net::IpAddr::V4(pod.ip()))
+        .unwrap_or_else(|| panic!("no redirect record for the pod: {bpf:#?}"));
+    assert_eq!(redirect.service, vip);
+    assert_eq!(fabric.a().status().unwrap().paths[&BytePath::Ktls], 1);
+    transfer.join().expect("intact both ways");
+
+    assert_handed_off(&fabric, 1.0);
+    let series = "clink_connection_paths_total{direction=\"egress\",path=\"ktls\"}";
+    wait_metric(fabric.ns_a(), METRICS_PORT, series, 1.0).unwrap();
+    // The agent logged the address the pod asked for.
+    assert!(
+        fabric.a().log().contains(&format!("service_addr={vip}")),
+        "{}",
+        fabric.a().log()
+    );
 }

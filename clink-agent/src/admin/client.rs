@@ -10,7 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::UnixStream;
 
 use super::{
-    types::{ApplyResponse, DeleteResponse, ErrorResponse, StatusResponse},
+    types::{ApplyResponse, ConnectionsResponse, DeleteResponse, ErrorResponse, StatusResponse},
     AdminError,
 };
 use crate::api::{Kind, Object, ObjectKey};
@@ -28,6 +28,11 @@ impl Client {
 
     pub async fn status(&self) -> Result<StatusResponse, AdminError> {
         self.call(Method::GET, "/v1/status", None::<&()>).await
+    }
+
+    /// The open tunneled connections and their paths.
+    pub async fn connections(&self) -> Result<ConnectionsResponse, AdminError> {
+        self.call(Method::GET, "/v1/connections", None::<&()>).await
     }
 
     /// Objects of `kind`, in `namespace` (every namespace when `None`), named `name` (all when

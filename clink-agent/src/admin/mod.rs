@@ -3,7 +3,8 @@
 //!
 //! | request | answer ([`types`]) |
 //! |---|---|
-//! | `GET /v1/status` | [`StatusResponse`]: agent name, gateway, data path, object counts, import ports, peers, counters |
+//! | `GET /v1/status` | [`StatusResponse`]: agent name, gateway, data path, object counts, import ports, peers, counters, open connections per path |
+//! | `GET /v1/connections` | [`ConnectionsResponse`]: every open tunneled connection and the path its payload takes |
 //! | `GET /v1/objects/<Kind>[?namespace=NS][&name=N]` | JSON array of objects |
 //! | `POST /v1/apply` (JSON array of objects) | [`ApplyResponse`], all or nothing |
 //! | `DELETE /v1/objects/<Kind>/<namespace or _>/<name>` | [`DeleteResponse`] |
@@ -19,7 +20,9 @@ pub mod types;
 
 pub use client::Client;
 pub use server::{bind, serve};
-pub use types::{ApplyResponse, DeleteResponse, ErrorResponse, StatusResponse};
+pub use types::{
+    ApplyResponse, ConnectionsResponse, DeleteResponse, ErrorResponse, StatusResponse,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/clusterlink/admin.sock";
 

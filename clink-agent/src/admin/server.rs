@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::{
     status,
-    types::{ApplyResponse, ApplyResult, DeleteResponse, ErrorResponse},
+    types::{ApplyResponse, ApplyResult, ConnectionsResponse, DeleteResponse, ErrorResponse},
     AdminError,
 };
 use crate::{
@@ -132,6 +132,9 @@ impl Server {
             (&Method::GET, ["v1", "status"]) => {
                 ok(&status::collect(&self.agent, self.started.elapsed()).await)
             }
+            (&Method::GET, ["v1", "connections"]) => ok(&ConnectionsResponse {
+                connections: self.agent.context().connections.list(),
+            }),
             (&Method::GET, ["v1", "objects", kind]) => self.list(kind, &query),
             (&Method::POST, ["v1", "apply"]) => self.apply(req).await,
             (&Method::DELETE, ["v1", "objects", kind, ns, name]) => {

@@ -51,5 +51,6 @@ pub(super) async fn collect(agent: &Agent, uptime: Duration) -> StatusResponse {
         imports,
         peers,
         connections: agent.metrics().connection_totals(),
+        paths: agent.context().connections.per_path(),
     }
 }

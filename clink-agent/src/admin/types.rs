@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// What happened to one applied object, as kubectl reports it.
 pub use crate::agent::Change;
+/// One open connection and the path its payload takes.
+pub use crate::connections::{BytePath, ConnectionInfo};
 /// Connection counters since the agent started, as `/metrics` has them.
 pub use crate::metrics::ConnectionTotals as Connections;
 
@@ -19,7 +21,8 @@ pub struct StatusResponse {
     pub name: String,
     pub version: String,
     pub gateway: SocketAddr,
-    /// The data path connections use (`userspace`, `sockmap`).
+    /// The data path the agent runs (`userspace`, `sockmap`, `ktls`); each connection's own
+    /// path is in `paths` and `GET /v1/connections`.
     pub datapath: String,
     /// The labels this agent announces to its peers.
     pub labels: BTreeMap<String, String>,
@@ -29,6 +32,15 @@ pub struct StatusResponse {
     pub imports: Vec<ImportPort>,
     pub peers: Vec<PeerState>,
     pub connections: Connections,
+    /// Open connections per path their payload takes (`setup` while being set up).
+    pub paths: BTreeMap<BytePath, u64>,
+}
+
+/// `GET /v1/connections`: the open tunneled connections, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsResponse {
+    pub connections: Vec<ConnectionInfo>,
 }
 
 /// The port an Import is being served on.
@@ -113,6 +125,7 @@ mod tests {
                 bytes_out: 4,
                 bytes_in: 5,
             },
+            paths: BTreeMap::from([(BytePath::Ktls, 1), (BytePath::Userspace, 0)]),
         }
     }
 
@@ -142,6 +155,7 @@ mod tests {
                 "imports": [{"import": "Import default/db", "port": 5432}],
                 "peers": [{"name": "peer-b", "reachable": "True", "labels": {}}],
                 "connections": {"active": 1, "opened": 2, "failed": 3, "bytesOut": 4, "bytesIn": 5},
+                "paths": {"userspace": 0, "ktls": 1},
             }),
         );
     }

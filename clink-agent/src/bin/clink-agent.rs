@@ -53,10 +53,18 @@ struct Args {
     /// are resolved).
     #[arg(long, value_enum, default_value = "auto")]
     datapath: kernel::Choice,
-    /// cgroup v2 directory whose processes' connections the sockmap data path intercepts and
-    /// splices [default: the cgroup v2 root, found in /proc/self/mountinfo].
+    /// cgroup v2 directory whose processes' connections the kernel data paths intercept: the
+    /// sockmap path splices their local hops [default: the cgroup v2 root, found in
+    /// /proc/self/mountinfo]; the kTLS path attaches its connect hooks (service addresses)
+    /// only when this is given.
     #[arg(long, value_name = "PATH")]
     cgroup: Option<PathBuf>,
+    /// The node's IPv4 address, on which pods of this node reach the agent (Kubernetes: the
+    /// pod's status.hostIP). With --cgroup, a connect from another network namespace in the
+    /// cgroup to a service address goes to the Import's listener at this address; without
+    /// it, only clients in the agent's own namespace are redirected.
+    #[arg(long, value_name = "IPV4")]
+    node_address: Option<std::net::Ipv4Addr>,
     /// Where the sockmap data path pins its eBPF programs and maps (on bpffs, mounted if
     /// needed).
     #[arg(long, value_name = "DIR", default_value = kernel::pins::DEFAULT_PIN_DIR)]
@@ -155,6 +163,7 @@ async fn run(args: Args) -> Result<()> {
         choice: args.datapath,
         cgroup: args.cgroup.clone(),
         pin_dir: args.bpf_pin_dir.clone(),
+        node_address: args.node_address,
     })?;
     let identity = Identity::load(&args.certs, &args.name).context("loading certificates")?;
     let identity = match datapath.ktls() {
@@ -196,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
         clients,
         metrics: metrics.clone(),
         datapath: datapath.clone(),
+        connections: Default::default(),
     };
     let agent = Arc::new(Agent::new(ctx, args.listen, Box::new(store)));
     for problem in agent.start().await.context("loading state")? {

@@ -247,13 +247,17 @@ async fn connect(
         }
     };
     let _ = target.set_nodelay(true);
+    let local = target
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let guard = ConnGuard::open(
-        &ctx.metrics,
+        &ctx,
         ConnLabels {
             direction: INGRESS,
             service: export_id,
             peer,
         },
+        local,
     );
     let mut target = target;
     // Flushed, so rustls holds no record to send when the kernel may take the session over.
@@ -270,12 +274,12 @@ async fn connect(
     }
     Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
-    let carried = super::carry(&ctx, INGRESS, target, tls).await;
+    let carried = super::carry(&ctx, &guard, target, tls).await;
     let received = carried.received + early.len() as u64;
     let sent = carried.sent;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    let path = carried.path;
+    let path = carried.path.as_str();
     match carried.error {
         None => info!(received, sent, duration_ms, path, "closed"),
         Some(e) => info!(received, sent, duration_ms, path, error = %e, "reset"),

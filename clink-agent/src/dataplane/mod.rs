@@ -17,6 +17,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
+use crate::connections::{BytePath, ConnTable};
 use crate::{
     api::ObjectKey,
     clients::ClientMap,
@@ -25,7 +26,7 @@ use crate::{
         splice, Datapath,
     },
     lb::Balancer,
-    metrics::{BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, Metrics},
+    metrics::{BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, Metrics, PathLabels},
     peer::{Dialer, Peers},
     state::{Snapshot, SnapshotCell},
 };
@@ -46,6 +47,8 @@ pub struct Context {
     pub clients: ClientMap,
     pub metrics: Arc<Metrics>,
     pub datapath: Datapath,
+    /// The open tunneled connections and their paths.
+    pub connections: ConnTable,
 }
 
 impl Context {
@@ -101,16 +104,17 @@ struct Carried {
     received: u64,
     /// Set when the connection ended by an error (and both sides were reset).
     error: Option<std::io::Error>,
-    /// `kernel` (kTLS and splice) or `userspace`.
-    path: &'static str,
+    /// The path the payload took.
+    path: BytePath,
 }
 
 /// Moves a tunneled connection's bytes between the local socket and the tunnel: in the
 /// kernel where the data path is kTLS and the kernel takes the session, else in userspace.
-async fn carry<S>(ctx: &Context, direction: &'static str, local: TcpStream, tls: S) -> Carried
+async fn carry<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
 where
     S: TunnelTls + relay::OverTcp,
 {
+    let direction = guard.labels.direction;
     let count = |result| {
         ctx.metrics
             .ktls_handoffs
@@ -124,6 +128,7 @@ where
         Some(ktls) => match Box::pin(ktls.handoff(tls)).await {
             Handoff::Kernel(tunnel, plaintext) => {
                 count("kernel");
+                guard.set_path(BytePath::Ktls);
                 debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
                 let mut local = local;
                 if let Err(e) = local.write_all(&plaintext).await {
@@ -133,7 +138,7 @@ where
                         sent: 0,
                         received: 0,
                         error: Some(e),
-                        path: "kernel",
+                        path: BytePath::Ktls,
                     };
                 }
                 let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
@@ -141,7 +146,7 @@ where
                     sent: outcome.to_tunnel,
                     received: outcome.from_tunnel + plaintext.len() as u64,
                     error: outcome.error,
-                    path: "kernel",
+                    path: BytePath::Ktls,
                 };
             }
             Handoff::Userspace(tls, why) => {
@@ -157,30 +162,40 @@ where
                     sent: 0,
                     received: 0,
                     error: Some(e),
-                    path: "kernel",
+                    path: BytePath::Ktls,
                 };
             }
         },
     };
     let local = ctx.datapath.local_leg(local, &ctx.metrics);
+    let path = if local.spliced() {
+        BytePath::Sockmap
+    } else {
+        BytePath::Userspace
+    };
+    guard.set_path(path);
     let outcome = relay::relay(local, tls).await;
     Carried {
         sent: outcome.a_to_b,
         received: outcome.b_to_a,
         error: outcome.error,
-        path: "userspace",
+        path,
     }
 }
 
 /// Counts one tunneled connection from open to close, in the metrics (which `clink status`
-/// reads too).
+/// reads too), and keeps its entry in the connection table. `local` is the client (egress)
+/// or the export target (ingress).
 struct ConnGuard<'a> {
     metrics: &'a Metrics,
+    table: &'a ConnTable,
     labels: ConnLabels,
+    id: u64,
 }
 
 impl<'a> ConnGuard<'a> {
-    fn open(metrics: &'a Metrics, labels: ConnLabels) -> Self {
+    fn open(ctx: &'a Context, labels: ConnLabels, local: std::net::SocketAddr) -> Self {
+        let metrics = &ctx.metrics;
         metrics.opened.get_or_create(&labels).inc();
         metrics
             .active
@@ -188,7 +203,27 @@ impl<'a> ConnGuard<'a> {
                 direction: labels.direction,
             })
             .inc();
-        ConnGuard { metrics, labels }
+        let id = ctx
+            .connections
+            .insert(labels.direction, &labels.service, &labels.peer, local);
+        ConnGuard {
+            metrics,
+            table: &ctx.connections,
+            labels,
+            id,
+        }
+    }
+
+    /// The connection's payload takes `path` (decided once, when the bytes start to move).
+    fn set_path(&self, path: BytePath) {
+        self.table.set_path(self.id, path);
+        self.metrics
+            .paths
+            .get_or_create(&PathLabels {
+                direction: self.labels.direction,
+                path: path.as_str(),
+            })
+            .inc();
     }
 
     /// The connection ended after carrying `sent` bytes to the remote side and `received`
@@ -211,6 +246,7 @@ impl<'a> ConnGuard<'a> {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
+        self.table.remove(self.id);
         self.metrics
             .active
             .get_or_create(&DirectionLabels {

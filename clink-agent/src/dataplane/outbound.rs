@@ -248,19 +248,22 @@ async fn carry(
     labels: ConnLabels,
     started: Instant,
 ) {
-    let guard = ConnGuard::open(&ctx.metrics, labels);
+    let local = client
+        .peer_addr()
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let guard = ConnGuard::open(ctx, labels, local);
     if !early.is_empty() {
         if let Err(e) = client.write_all(&early).await {
             warn!(error = %e, "client went away");
             return;
         }
     }
-    let carried = super::carry(ctx, EGRESS, client, tunnel).await;
+    let carried = super::carry(ctx, &guard, client, tunnel).await;
     let sent = carried.sent;
     let received = carried.received + early.len() as u64;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    let path = carried.path;
+    let path = carried.path.as_str();
     match carried.error {
         None => info!(sent, received, duration_ms, path, "closed"),
         Some(e) => info!(sent, received, duration_ms, path, error = %e, "reset"),

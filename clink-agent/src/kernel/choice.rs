@@ -5,11 +5,11 @@
 //! blocking read of a spliced socket can fail with EAGAIN (ARCHITECTURE.md, "Sockmap data
 //! path"). Event-driven clients are unaffected.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{host, ktls::KtlsUnavailable, loader, Datapath, EbpfError, Ktls, Sockmap};
+use super::{host, ktls::KtlsUnavailable, loader, Datapath, EbpfError, Hops, Ktls, Sockmap};
 
 /// The names of the data paths in logs, metrics and `clink status`.
 pub const USERSPACE: &str = "userspace";
@@ -27,14 +27,19 @@ pub enum Choice {
     Ktls,
 }
 
-/// How to set up the sockmap data path.
+/// How to set up the kernel data paths.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub choice: Choice,
-    /// The cgroup v2 directory to attach to; `None`: the cgroup v2 root.
+    /// The cgroup v2 directory to attach to; `None`: the cgroup v2 root on the sockmap path,
+    /// and no connect hooks on the kTLS path (they attach only where told to).
     pub cgroup: Option<PathBuf>,
     /// Where programs and maps are pinned.
     pub pin_dir: PathBuf,
+    /// Where connects to service addresses from other network namespaces in the cgroup
+    /// (pods on this node) are sent: the node's address, on which the Import listeners
+    /// listen. `None`: only clients in the agent's namespace are redirected.
+    pub node_address: Option<Ipv4Addr>,
 }
 
 /// Why the sockmap data path cannot run: the missing feature, and what the check found. The
@@ -65,7 +70,7 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
         }
         Choice::Ktls => {
             return match Ktls::probe() {
-                Ok(ktls) => Ok(ktls_chosen(ktls, "data path chosen by --datapath")),
+                Ok(ktls) => Ok(ktls_chosen(ktls, options, "data path chosen by --datapath")),
                 Err(missing) => Err(SelectError::Ktls(missing)),
             };
         }
@@ -74,6 +79,7 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
                 Ok(ktls) => {
                     return Ok(ktls_chosen(
                         ktls,
+                        options,
                         "the kernel has kernel TLS: tunnels are encrypted and spliced in the \
                          kernel",
                     ))
@@ -102,7 +108,7 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
         }
         Choice::Sockmap => {}
     }
-    match Sockmap::start(options) {
+    match Sockmap::start(options, Hops::Spliced) {
         Ok(sockmap) => {
             info!(
                 datapath = SOCKMAP,
@@ -116,9 +122,42 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
     }
 }
 
-fn ktls_chosen(ktls: Ktls, why: &str) -> Datapath {
+/// The kTLS path, with the connect hooks attached to `--cgroup` if one was given and they
+/// can run there (without them, clients connect to the Import listeners themselves; a
+/// missing feature is logged, not fatal: the tunnels are in the kernel either way).
+fn ktls_chosen(ktls: Ktls, options: &Options, why: &str) -> Datapath {
     info!(datapath = KTLS, ciphers = %ktls.ciphers(), "{why}");
-    Datapath::Ktls(Arc::new(ktls))
+    let hooks = match &options.cgroup {
+        None => {
+            info!(
+                "no --cgroup: service addresses are not redirected on the kTLS path; clients \
+                 connect to the Import listeners"
+            );
+            None
+        }
+        Some(_) => match Sockmap::start(options, Hops::Redirected) {
+            Ok(hooks) => {
+                info!(
+                    cgroup = %hooks.cgroup().display(),
+                    pin_dir = %options.pin_dir.display(),
+                    node_address = ?options.node_address,
+                    "connect hooks attached: service addresses go to the Import listeners \
+                     (local hops are not spliced on the kTLS path)"
+                );
+                Some(Arc::new(hooks))
+            }
+            Err(unavailable) => {
+                warn!(
+                    missing = unavailable.feature,
+                    reason = %unavailable.reason,
+                    "the connect hooks cannot run; service addresses are not redirected \
+                     (tunnels still use kernel TLS)"
+                );
+                None
+            }
+        },
+    };
+    Datapath::Ktls(Arc::new(ktls), hooks)
 }
 
 /// Checks what the sockmap data path needs, in the order an operator would fix it.
@@ -155,6 +194,7 @@ mod tests {
             choice: Choice::Ktls,
             cgroup: None,
             pin_dir: PathBuf::from("/nonexistent"),
+            node_address: None,
         };
         match select(&options) {
             Ok(datapath) => assert_eq!(datapath.name(), KTLS),
@@ -200,6 +240,7 @@ mod tests {
             choice: Choice::Userspace,
             cgroup: Some(PathBuf::from("/nonexistent")),
             pin_dir: PathBuf::from("/nonexistent"),
+            node_address: None,
         })
         .unwrap();
         assert!(matches!(selected, Datapath::Userspace));
@@ -216,6 +257,7 @@ mod tests {
             choice,
             cgroup: Some(dir.path().to_path_buf()),
             pin_dir: PathBuf::from("/sys/fs/bpf/clink-unit-never-made"),
+            node_address: None,
         };
         let err = select(&options(Choice::Sockmap))
             .err()

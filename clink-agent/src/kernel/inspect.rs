@@ -19,6 +19,7 @@ use clink_common::{
 use serde::{Deserialize, Serialize};
 
 use super::{host, loader, pins::*, syscall, EbpfError};
+use crate::connections::ConnectionInfo;
 
 /// What `clink_skmsg` did, summed over all CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +72,12 @@ pub struct Inspection {
     pub redirects: Vec<RedirectEntry>,
     /// `CLINK_SKMSG_BYTES`.
     pub skmsg: SkMsgCounters,
+    /// The agent's open tunneled connections and each one's path (from its admin API, not
+    /// from the maps); empty with `connectionsError` set when the agent could not be asked.
+    #[serde(default)]
+    pub connections: Vec<ConnectionInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_error: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -228,6 +235,8 @@ pub fn inspect(pin_dir: &Path) -> Result<Inspection, EbpfError> {
         sockets,
         redirects,
         skmsg: sum_counters(&counters)?,
+        connections: Vec::new(),
+        connections_error: None,
     })
 }
 

@@ -16,7 +16,7 @@
 
 use std::{
     fs, io,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
@@ -81,14 +81,14 @@ struct Pin {
 ///
 /// Program logs (aya-log, debug level) are forwarded to `tracing` by a task on the current
 /// tokio runtime; outside a runtime they are dropped.
-pub fn load(pin_dir: &Path) -> Result<LoadedEbpf, EbpfError> {
+pub fn load(pin_dir: &Path, node: Option<Ipv4Addr>) -> Result<LoadedEbpf, EbpfError> {
     if !built() {
         return Err(EbpfError::NotBuilt);
     }
     host::check_privileges()?;
     host::raise_memlock_limit();
     // Into the kernel first: a verifier rejection leaves nothing behind on disk.
-    let ebpf = load_programs(&Scope::current())?;
+    let ebpf = load_programs(&Scope::current(node))?;
 
     host::ensure_bpffs(pin_dir)?;
     create_pin_dir(pin_dir)?;
@@ -119,12 +119,14 @@ struct Scope {
     tgid: u32,
     pidns_dev: u64,
     pidns_ino: u64,
+    /// `CLINK_NODE_IP4`: network byte order, 0 for none.
+    node_ip4: u32,
 }
 
 impl Scope {
     /// The calling process. Whatever cannot be found out is left 0: no namespace filter, and
     /// no connection recognised as the agent's own (then export targets are not spliced).
-    fn current() -> Scope {
+    fn current(node: Option<Ipv4Addr>) -> Scope {
         let netns_cookie = sockopt::netns_cookie().unwrap_or_else(|e| {
             warn!(error = %e, "no network namespace cookie (SO_NETNS_COOKIE, Linux 5.14); \
                   the eBPF programs will see sockets of every namespace in the cgroup");
@@ -148,6 +150,7 @@ impl Scope {
             tgid: std::process::id(),
             pidns_dev,
             pidns_ino,
+            node_ip4: node.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
         };
         debug!(?scope, "eBPF programs scoped");
         scope
@@ -163,6 +166,7 @@ fn load_programs(scope: &Scope) -> Result<Ebpf, EbpfError> {
         .override_global(global::AGENT_TGID, &scope.tgid, true)
         .override_global(global::PIDNS_DEV, &scope.pidns_dev, true)
         .override_global(global::PIDNS_INO, &scope.pidns_ino, true)
+        .override_global(global::NODE_IP4, &scope.node_ip4, true)
         .load(EBPF_OBJECT)
         .map_err(EbpfError::Object)?;
 

@@ -140,6 +140,11 @@ impl LocalLeg {
     }
 
     /// The TCP stream underneath.
+    /// Whether the programs spliced this leg's socket (its bytes skip the TCP stack).
+    pub fn spliced(&self) -> bool {
+        self.flow.is_some()
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
     }

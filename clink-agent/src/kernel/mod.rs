@@ -39,7 +39,7 @@ pub use choice::{select, Choice, Options, SelectError, Unavailable};
 pub use error::EbpfError;
 pub use ktls::Ktls;
 pub use local::LocalLeg;
-pub use sockmap::Sockmap;
+pub use sockmap::{Hops, Sockmap};
 
 use crate::{api::ObjectKey, metrics::Metrics, state::Snapshot};
 
@@ -56,8 +56,9 @@ pub enum Datapath {
     /// The tunnel leg's TLS records are made and read by the kernel (kTLS), and payload moves
     /// between the local socket and the tunnel socket by splice(2); the local hop is plain
     /// TCP (a kTLS socket cannot be in a sockmap). Connections the kernel cannot take stay
-    /// in userspace.
-    Ktls(Arc<Ktls>),
+    /// in userspace. With `--cgroup`, the connect hooks also run (no splicing): service
+    /// addresses reach the Import listeners, also from pods on the node (`--node-address`).
+    Ktls(Arc<Ktls>, Option<Arc<Sockmap>>),
 }
 
 impl Datapath {
@@ -66,7 +67,7 @@ impl Datapath {
         match self {
             Datapath::Userspace => choice::USERSPACE,
             Datapath::Sockmap(_) => choice::SOCKMAP,
-            Datapath::Ktls(_) => choice::KTLS,
+            Datapath::Ktls(..) => choice::KTLS,
         }
     }
 
@@ -75,8 +76,10 @@ impl Datapath {
     /// snapshot.
     pub fn objects_changed(&self, snapshot: &Snapshot, import_ports: &BTreeMap<ObjectKey, u16>) {
         match self {
-            Datapath::Userspace | Datapath::Ktls(_) => {}
-            Datapath::Sockmap(sockmap) => sockmap.objects_changed(snapshot, import_ports),
+            Datapath::Userspace | Datapath::Ktls(_, None) => {}
+            Datapath::Sockmap(hooks) | Datapath::Ktls(_, Some(hooks)) => {
+                hooks.objects_changed(snapshot, import_ports)
+            }
         }
     }
 
@@ -84,7 +87,7 @@ impl Datapath {
     /// runs the flow control (and counts its demotions in `metrics`).
     pub fn local_leg(&self, tcp: TcpStream, metrics: &Metrics) -> LocalLeg {
         match self {
-            Datapath::Userspace | Datapath::Ktls(_) => LocalLeg::plain(tcp),
+            Datapath::Userspace | Datapath::Ktls(..) => LocalLeg::plain(tcp),
             Datapath::Sockmap(sockmap) => LocalLeg::new(tcp, sockmap.flow(), &metrics.demotions),
         }
     }
@@ -93,15 +96,17 @@ impl Datapath {
     /// (`local`, `peer`); `None` for a client that connected to the listener itself.
     pub fn original_destination(&self, local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
         match self {
-            Datapath::Userspace | Datapath::Ktls(_) => None,
-            Datapath::Sockmap(sockmap) => sockmap.flow().original_destination(local, peer),
+            Datapath::Userspace | Datapath::Ktls(_, None) => None,
+            Datapath::Sockmap(hooks) | Datapath::Ktls(_, Some(hooks)) => {
+                hooks.flow().original_destination(local, peer)
+            }
         }
     }
 
     /// The kernel TLS support, on the kTLS path.
     pub fn ktls(&self) -> Option<&Ktls> {
         match self {
-            Datapath::Ktls(ktls) => Some(ktls),
+            Datapath::Ktls(ktls, _) => Some(ktls),
             Datapath::Userspace | Datapath::Sockmap(_) => None,
         }
     }
@@ -109,8 +114,8 @@ impl Datapath {
     /// Detaches and unpins the eBPF programs, if any; the agent calls it on its way out.
     pub fn shutdown(&self) {
         match self {
-            Datapath::Userspace | Datapath::Ktls(_) => {}
-            Datapath::Sockmap(sockmap) => sockmap.shutdown(),
+            Datapath::Userspace | Datapath::Ktls(_, None) => {}
+            Datapath::Sockmap(hooks) | Datapath::Ktls(_, Some(hooks)) => hooks.shutdown(),
         }
     }
 }

@@ -5,23 +5,35 @@ use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddr, path::Path};
 
 use clink_common::map;
 
+use crate::connections::ConnectionInfo;
+
 use super::{
     inspect::{self, Inspection},
     pins,
     sockmap::SERVICE_IP_ANNOTATION,
 };
 
-/// `clink bpf`: what is pinned under `pin_dir`, as JSON or in human terms next to the
+/// `clink bpf`: what is pinned under `pin_dir`, and the agent's open connections with
+/// each one's path (or why they could not be read), as JSON or in human terms next to the
 /// `bpftool` commands that show the same.
-pub fn report(pin_dir: &Path, json: bool) -> anyhow::Result<String> {
+pub fn report(
+    pin_dir: &Path,
+    json: bool,
+    connections: Result<Vec<ConnectionInfo>, String>,
+) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    let inspection = inspect::inspect(pin_dir).with_context(|| {
+    let mut inspection = inspect::inspect(pin_dir).with_context(|| {
         format!(
             "reading the eBPF programs pinned under {} (is an agent running with \
-             --datapath sockmap and this --bpf-pin-dir?)",
+             --datapath sockmap or ktls, with the privileges to load programs, and this \
+             --bpf-pin-dir?)",
             pin_dir.display()
         )
     })?;
+    match connections {
+        Ok(list) => inspection.connections = list,
+        Err(why) => inspection.connections_error = Some(why),
+    }
     if json {
         return Ok(serde_json::to_string_pretty(&inspection)? + "\n");
     }
@@ -149,6 +161,43 @@ fn render(i: &Inspection) -> String {
         i.skmsg.resumes
     );
     say!("{}", dump(pins::PIN_MAP_SKMSG_BYTES));
+
+    say!("\nConnections (from the agent): the path each one's payload takes");
+    if let Some(why) = &i.connections_error {
+        say!("  (not shown: {why})");
+    } else if i.connections.is_empty() {
+        say!("  (none open)");
+    } else {
+        say!(
+            "  {:<6} {:<8} {:<10} {:<28} {:<16} {:<24} {}",
+            "ID",
+            "DIR",
+            "PATH",
+            "SERVICE",
+            "PEER",
+            "LOCAL END",
+            map::SOCKS
+        );
+    }
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    for c in &i.connections {
+        let local = canonical(c.local);
+        let in_socks = i
+            .sockets
+            .iter()
+            .any(|s| canonical(s.local) == local || canonical(s.remote) == local);
+        say!(
+            "  {:<6} {:<8} {:<10} {:<28} {:<16} {:<24} {}",
+            c.id,
+            c.direction,
+            c.path,
+            c.service,
+            c.peer,
+            local,
+            if in_socks { "spliced" } else { "-" }
+        );
+    }
+    say!("  $ clink connections");
     out
 }
 
@@ -157,6 +206,8 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::connections::BytePath;
+
     #[test]
     fn bpf_report_in_human_terms() {
         use crate::kernel::inspect::{
@@ -207,6 +258,27 @@ mod tests {
                 messages: 5,
                 ..SkMsgCounters::default()
             },
+            connections: vec![
+                ConnectionInfo {
+                    id: 3,
+                    direction: "egress".to_owned(),
+                    service: "default/iperf".to_owned(),
+                    peer: "peer-b".to_owned(),
+                    local: addr("[::ffff:127.0.0.1]:40000"),
+                    path: BytePath::Sockmap,
+                    opened_at: 1,
+                },
+                ConnectionInfo {
+                    id: 4,
+                    direction: "ingress".to_owned(),
+                    service: "default/echo".to_owned(),
+                    peer: "peer-c".to_owned(),
+                    local: addr("127.0.0.1:9000"),
+                    path: BytePath::Ktls,
+                    opened_at: 1,
+                },
+            ],
+            connections_error: None,
         };
         let text = render(&inspection);
         for line in [
@@ -220,6 +292,10 @@ mod tests {
             "127.0.0.1:8080            -> 127.0.0.1:41000  (other end not in the map)",
             "client 127.0.0.1:40000 asked for 10.96.0.10:80, got listener 127.0.0.1:7000",
             "Spliced by clink_skmsg (CLINK_SKMSG_BYTES): 1234 bytes in 5 messages",
+            "3      egress   sockmap    default/iperf                peer-b           \
+             127.0.0.1:40000          spliced",
+            "4      ingress  ktls       default/echo                 peer-c           \
+             127.0.0.1:9000           -",
         ] {
             assert!(text.contains(line), "{line:?} not in:\n{text}");
         }

@@ -39,11 +39,23 @@ use crate::{
 /// the attached cgroup connect to `<ip>:<spec.port>`.
 pub const SERVICE_IP_ANNOTATION: &str = "clusterlink.net/service-ip";
 
-/// The sockmap data path's hook: keeps `CLINK_PORTS` and `CLINK_SERVICES` in step with the
-/// objects. Map updates that fail are logged; the connections concerned then take the
+/// What the programs do for the agent's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hops {
+    /// The sockmap path: Import listener and Export target ports in `CLINK_PORTS`, their
+    /// local hops spliced by sk_msg; service addresses redirected.
+    Spliced,
+    /// The kTLS path: only service addresses redirected (and recorded); `CLINK_PORTS` stays
+    /// empty, so no socket is spliced by sk_msg (the agent splices with splice(2)).
+    Redirected,
+}
+
+/// The eBPF programs' control side: keeps `CLINK_PORTS` and `CLINK_SERVICES` in step with
+/// the objects. Map updates that fail are logged; the connections concerned then take the
 /// userspace path, which always works.
 pub struct Sockmap {
     cgroup: PathBuf,
+    hops: Hops,
     flow: Arc<FlowControl>,
     state: Mutex<State>,
     /// Held while this agent owns the pin directory (see [`lock_pin_dir`]).
@@ -98,13 +110,13 @@ struct State {
 }
 
 impl Sockmap {
-    pub(super) fn start(options: &Options) -> Result<Sockmap, Unavailable> {
+    pub(super) fn start(options: &Options, hops: Hops) -> Result<Sockmap, Unavailable> {
         let cgroup = choice::check(options)?;
         let missing = |feature| move |reason| Unavailable { feature, reason };
         let lock =
             lock_pin_dir(&options.pin_dir).map_err(missing("sole use of the pin directory"))?;
-        let mut ebpf =
-            loader::load(&options.pin_dir).map_err(missing("a loadable eBPF program"))?;
+        let mut ebpf = loader::load(&options.pin_dir, options.node_address)
+            .map_err(missing("a loadable eBPF program"))?;
         let fd = |name| {
             ebpf.map_fd(name)
                 .map_err(missing("a loadable eBPF program"))
@@ -119,6 +131,7 @@ impl Sockmap {
             .map_err(missing("a cgroup v2 attachment"))?;
         Ok(Sockmap {
             cgroup,
+            hops,
             flow: Arc::new(flow),
             _lock: lock,
             state: Mutex::new(State {
@@ -159,7 +172,10 @@ impl Sockmap {
 impl Sockmap {
     /// Writes the ports and service addresses `snapshot` asks for into the maps.
     pub fn objects_changed(&self, snapshot: &Snapshot, import_ports: &BTreeMap<ObjectKey, u16>) {
-        let want_ports = ports(snapshot, import_ports);
+        let want_ports = match self.hops {
+            Hops::Spliced => ports(snapshot, import_ports),
+            Hops::Redirected => BTreeMap::new(),
+        };
         let mut state = self.lock();
         let state = &mut *state;
         let want_services = services(snapshot, import_ports, &mut state.reported);

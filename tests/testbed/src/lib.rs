@@ -41,7 +41,7 @@ pub use netns::{remove_stale_namespaces, Netns};
 pub use pins::{PinDir, BPFFS};
 pub use process::{bin_path, wait_for, ChildGuard};
 pub use root::require_root;
-pub use topology::{three_clusters, two_clusters, Cluster, Topology};
+pub use topology::{pod, three_clusters, two_clusters, Cluster, Pod, Topology};
 
 /// Removes the namespaces, cgroups and pin directories left by test bed processes that were
 /// killed before they could clean up. Returns what it removed.

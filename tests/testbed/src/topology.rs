@@ -105,6 +105,53 @@ pub fn three_clusters() -> Result<Topology> {
     })
 }
 
+/// A "pod" of a cluster's "node": its own network namespace, joined to the node's namespace by
+/// a veth pair, as a Kubernetes pod is to its node. Its default route goes through the node,
+/// so it reaches the node's address ([`Cluster::ip`]) as a pod reaches its node's hostIP.
+/// Dropping it removes the namespace (and the veth pair with it).
+#[derive(Debug)]
+pub struct Pod {
+    netns: Netns,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The pod's address (on the veth pair).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// The node's end of the veth pair, the pod's default gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+}
+
+/// Makes a pod on `node` (addresses from a private /30 of 10.244.0.0/16, the usual pod range).
+pub fn pod(node: &Cluster) -> Result<Pod> {
+    let id = next_id();
+    let [gateway, pod_ip] = hosts::<2>(Ipv4Addr::new(10, 244, 0, 0), 16, 30, id);
+    let netns = Netns::with_id(id, "p")?;
+    let (inner, outer) = (ifname(id, "p"), ifname(id, "n"));
+    ip(veth_pair(&inner, &netns, &outer, node.netns()).split_whitespace())?;
+    node.netns()
+        .ip(["addr", "add", &format!("{gateway}/30"), "dev", &outer])?;
+    node.netns().ip(["link", "set", &outer, "up"])?;
+    netns.ip(["addr", "add", &format!("{pod_ip}/30"), "dev", &inner])?;
+    netns.ip(["link", "set", &inner, "up"])?;
+    netns.ip(["route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(Pod {
+        netns,
+        ip: pod_ip,
+        gateway,
+    })
+}
+
 /// `ip` arguments for a veth pair made directly inside two namespaces, so that the host's
 /// own namespace never holds either end.
 fn veth_pair(name: &str, netns: &Netns, peer: &str, peer_netns: &Netns) -> String {
