@@ -115,16 +115,14 @@ impl Fabric {
             datapath,
             sandboxes: Vec::new(),
         };
-        // The kTLS path runs the connect hooks too (no splicing), in the same cgroup set-up,
-        // with the cluster's address as the node address its pods reach the agent at.
+        // The kTLS path runs the connect hooks too (no splicing), in the same cgroup set-up;
+        // the cluster's address is the node address its pods reach the agent at.
         if matches!(datapath, Datapath::Sockmap | Datapath::Ktls) {
             for (i, agent) in fabric.agents.iter_mut().enumerate() {
                 let sandbox = SockmapSandbox::new(&agent.name)?;
                 agent.sockmap = Some(sandbox.setup.clone());
-                if datapath == Datapath::Ktls {
-                    let node = fabric.topo.clusters()[i].ip().to_string();
-                    agent.args.extend(["--node-address".into(), node]);
-                }
+                let node = fabric.topo.clusters()[i].ip().to_string();
+                agent.args.extend(["--node-address".into(), node]);
                 let sockets =
                     Sockets::start(fabric.topo.clusters()[i].netns(), &sandbox.setup.cgroup);
                 fabric.sandboxes.push(sandbox);

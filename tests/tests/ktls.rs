@@ -206,9 +206,12 @@ fn a_pod_client_reaches_the_service_address_over_ktls() {
     let pod_sockets = Sockets::start(pod.netns(), cgroup).expect("pod process in the cgroup");
 
     let vip: SocketAddr = format!("{VIP}:{SERVICE_PORT}").parse().unwrap();
-    let client = pod_sockets
-        .connect(vip)
-        .expect("connect to the service address");
+    let client = pod_sockets.connect(vip).unwrap_or_else(|e| {
+        panic!(
+            "connect to the service address: {e}; agent log:\n{}",
+            fabric.a().log()
+        )
+    });
     assert_eq!(
         client.peer_addr().unwrap(),
         SocketAddr::from((node.ip(), IMPORT_PORT)),

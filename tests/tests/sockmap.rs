@@ -26,7 +26,7 @@ use serde_json::Value;
 use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
 use clink_tests::{
     assert_intact, connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath,
-    Fabric, Patient, SockmapSandbox, Transfer, METRICS_PORT,
+    Fabric, Patient, Sockets, SockmapSandbox, Transfer, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -667,4 +667,51 @@ fn sample_bytes(len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A pod's client (its own network namespace on a veth pair to the node's, in the agent's
+/// cgroup) that connects to an Import's service address reaches the Import listener at the
+/// node address (`--node-address`), and the agent knows which address it asked for. Its
+/// sockets are in another namespace, so they are never spliced; the bytes arrive intact.
+#[test]
+fn a_pod_client_reaches_the_service_address_at_the_node_address() {
+    if !require_root("a_pod_client_reaches_the_service_address_at_the_node_address") {
+        return;
+    }
+    let (fabric, service) = sockmap_service();
+    let applied = fabric.a().apply(&import_yaml(Some(VIP4)));
+    assert!(applied.unwrap().status.success());
+    let node = fabric.topo.a();
+    let pod = clink_testbed::pod(node).expect("pod namespace");
+    let cgroup = &fabric.a().sockmap.as_ref().unwrap().cgroup;
+    let pod_sockets = Sockets::start(pod.netns(), cgroup).expect("pod process in the cgroup");
+    let vip: SocketAddr = format!("{VIP4}:{SERVICE_PORT}").parse().unwrap();
+    let client = pod_sockets.connect(vip).unwrap_or_else(|e| {
+        panic!(
+            "connect to the service address: {e}; agent log:\n{}",
+            fabric.a().log()
+        )
+    });
+    assert_eq!(
+        client.peer_addr().unwrap(),
+        SocketAddr::from((node.ip(), IMPORT_PORT)),
+        "the connect hook sends a pod to the listener at the node address"
+    );
+    let bpf = fabric.a().bpf().unwrap();
+    let redirect = bpf
+        .redirects
+        .iter()
+        .find(|r| r.client == client.local_addr().unwrap())
+        .unwrap_or_else(|| panic!("no redirect record for the pod: {bpf:#?}"));
+    assert_eq!(redirect.service, vip);
+    assert!(
+        !pair_in(&bpf, &client),
+        "a pod's socket was spliced: {bpf:#?}"
+    );
+
+    const LEN: usize = 2 * MIB + 3;
+    let server = serve(service, 1, LEN);
+    let at_client = exchange(client, 0, LEN, 65_537).unwrap();
+    let at_server = server.join().unwrap();
+    assert_intact(&at_client, &at_server[0], LEN);
 }
