@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod clients;
 pub mod dataplane;
+pub mod k8s;
 pub mod kernel;
 pub mod lb;
 pub mod metrics;
