@@ -424,6 +424,44 @@ fn values_choose_the_agents_arguments() {
     );
 }
 
+#[test]
+fn pod_placement_and_extras_render_valid_manifests() {
+    if !tools("the chart's placement and extra values") {
+        return;
+    }
+    let r = Rendered::new(&[
+        "agent.extraEnv[0].name=RUST_BACKTRACE",
+        "agent.extraEnv[0].value=full",
+        "imagePullSecrets[0].name=registry",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution\
+         .nodeSelectorTerms[0].matchExpressions[0].key=clusterlink",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution\
+         .nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+        "gateway.service.loadBalancerSourceRanges={203.0.113.0/24}",
+        "podAnnotations.example\\.com/team=net",
+        "image.tag=dev",
+        "resources.limits.memory=256Mi",
+    ]);
+    let pod = r.pod();
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "registry");
+    let term = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"][0];
+    assert_eq!(term["matchExpressions"][0]["key"], "clusterlink");
+    let env = r.agent()["env"].as_array().unwrap();
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "RUST_BACKTRACE" && e["value"] == "full"));
+    assert_eq!(r.agent()["image"], "clusterlink-rs/clink-agent:dev");
+    assert_eq!(r.agent()["resources"]["limits"]["memory"], "256Mi");
+    let template = &r.one("DaemonSet")["spec"]["template"]["metadata"];
+    assert_eq!(template["annotations"]["example.com/team"], "net");
+    let gateway = r.named("Service", "cl-clusterlink-gateway");
+    assert_eq!(
+        gateway["spec"]["loadBalancerSourceRanges"][0],
+        "203.0.113.0/24"
+    );
+}
+
 /// The rendered arguments are ones the agent really accepts: it gets past argument parsing and
 /// stops at loading the (absent) certificates. `agent.mode=kubernetes` renders `--mode`,
 /// which the agent does not accept yet (issue 11); when it does, this test says so.
