@@ -371,7 +371,7 @@ impl Agent {
         };
         if let Some((ok, message)) = &reachable {
             peer.status
-                .set_condition(api::PEER_REACHABLE, *ok, "Heartbeat", message);
+                .set_condition(api::PEER_REACHABLE, *ok, api::REASON_HEARTBEAT, message);
             self.ctx
                 .metrics
                 .peer_reachable

@@ -1,8 +1,13 @@
 //! The object model: ClusterLink's `clusterlink.net/v1alpha1` kinds, parsed from the same YAML
 //! users give `kubectl apply`, and validated before anything is stored or acted upon.
+//!
+//! The spec and status types also derive `JsonSchema`: Kubernetes mode's CRDs
+//! (`k8s::crd`) are generated from these same types, so the API server's schema and this
+//! parser cannot drift apart. Doc comments on them become the CRDs' field descriptions.
 
 use std::{collections::BTreeMap, fmt};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: &str = "clusterlink.net/v1alpha1";
@@ -91,23 +96,33 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One aspect of an object's state, as Kubernetes' `metav1.Condition` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
+    /// The aspect: PeerReachable, ExportValid, ImportTargetPortValid or ImportServiceValid.
     #[serde(rename = "type")]
     pub type_: String,
+    /// True, False or Unknown.
+    #[schemars(extend("enum" = ["True", "False", "Unknown"]))]
     pub status: String,
+    /// Why the status is what it is, in CamelCase (e.g. Heartbeat, Leased, Error).
     #[serde(default)]
     pub reason: String,
+    /// A human-readable explanation of the status.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// When the status last changed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_transition_time: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the agents observed about an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
+    /// The object's conditions, one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Peer only: the remote peer's labels, learned from its heartbeat answers.
@@ -119,6 +134,8 @@ pub const PEER_REACHABLE: &str = "PeerReachable";
 pub const EXPORT_VALID: &str = "ExportValid";
 pub const IMPORT_TARGET_PORT_VALID: &str = "ImportTargetPortValid";
 pub const IMPORT_SERVICE_VALID: &str = "ImportServiceValid";
+/// The reason of a true `PeerReachable`: the peer answered its heartbeats.
+pub const REASON_HEARTBEAT: &str = "Heartbeat";
 /// The reason of every failed condition, as ClusterLink reports it.
 pub const REASON_ERROR: &str = "Error";
 
@@ -188,37 +205,53 @@ impl<S> Resource<S> {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A network address: a host name or IP address and a port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
+    /// Host name or IP address.
     pub host: String,
+    /// TCP port.
+    #[schemars(schema_with = "port_schema")]
     pub port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A remote peer: where its gateways are. The object's name is the peer's name, the DNS name
+/// in its certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSpec {
+    /// The peer's gateway endpoints (its agents' one TLS port, usually 443).
     pub gateways: Vec<Endpoint>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A local service made available to other peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSpec {
-    /// Empty means the Service `<name>.<namespace>` in Kubernetes mode; required standalone.
+    /// Address of the exported service. Empty means the Service `<name>.<namespace>` in
+    /// Kubernetes mode; required standalone.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
+    /// Port of the exported service.
+    #[schemars(schema_with = "port_schema")]
     pub port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One exported service of a remote peer that an Import reaches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ImportSource {
+    /// Name of the Peer that exports the service.
     pub peer: String,
+    /// Name of the Export on that peer.
     pub export_name: String,
+    /// Namespace of the Export on that peer.
     pub export_namespace: String,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How an Import with several sources picks one for each connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum LbScheme {
     #[default]
     #[serde(rename = "round-robin")]
@@ -229,13 +262,21 @@ pub enum LbScheme {
     Static,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A remote service made available to local clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ImportSpec {
+    /// The port clients connect to.
+    #[schemars(schema_with = "port_schema")]
     pub port: u16,
+    /// The port the agents listen on for this import; 0 (or absent) lets the agents lease a
+    /// free port and write it back.
     #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(schema_with = "port_or_zero_schema")]
     pub target_port: u16,
+    /// The exported services this import reaches.
     pub sources: Vec<ImportSource>,
+    /// round-robin (the default), random, or static (the first reachable source in order).
     #[serde(default)]
     pub lb_scheme: LbScheme,
 }
@@ -266,7 +307,22 @@ fn is_zero(v: &u16) -> bool {
     *v == 0
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// The CRD schema of a port that must be set, so that the API server rejects what
+/// [`Object::validate`] rejects. schemars' own schema for `u16` says `format: uint16`, which
+/// the API server does not know and warns about.
+fn port_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "minimum": 1, "maximum": 65535})
+}
+
+/// As [`port_schema`], where 0 means "not set".
+fn port_or_zero_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "minimum": 0, "maximum": 65535})
+}
+
+/// Whether a policy allows or denies the connections it matches.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -282,7 +338,8 @@ impl Action {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A label selector requirement's relation between a key and its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Operator {
     In,
     NotIn,
@@ -290,39 +347,54 @@ pub enum Operator {
     DoesNotExist,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One requirement of a label selector.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Requirement {
+    /// The label key the requirement applies to.
     pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
     pub operator: Operator,
+    /// The values for In and NotIn (at least one); empty for Exists and DoesNotExist.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<String>,
 }
 
 /// A Kubernetes `metav1.LabelSelector`; the empty selector matches everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-map-type" = "atomic"))]
 pub struct LabelSelector {
+    /// Labels that must all be present with these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub match_expressions: Vec<Requirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A set of workloads, chosen by their attributes (labels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WorkloadSetOrSelector {
+    /// Predefined sets of workloads; not supported (an object that sets them is rejected).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workload_sets: Vec<String>,
+    /// A label selector over the workload's attributes; empty selects every workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Which connections to allow or deny, by the attributes of their client and service.
+/// Privileged policies come before the others; in each tier deny comes before allow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccessPolicySpec {
+    /// allow or deny the connections that match both `from` and `to`.
     pub action: Action,
+    /// The clients the policy applies to (any item matching is enough).
     pub from: Vec<WorkloadSetOrSelector>,
+    /// The services the policy applies to (any item matching is enough).
     pub to: Vec<WorkloadSetOrSelector>,
 }
 

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clients;
 pub mod connections;
 pub mod dataplane;
+pub mod k8s;
 pub mod kernel;
 pub mod lb;
 pub mod metrics;

@@ -47,6 +47,9 @@ enum Task {
     /// COMMAND there as root after `modprobe tls`, with CLINK_REQUIRE_KTLS=1; fails if it
     /// fails, or if the VM does not boot or finish in time.
     VmTest(vm::Options),
+    /// Regenerate the chart's CRDs (charts/clusterlink/crds/) from the Rust types in
+    /// clink-agent/src/k8s/crd.rs; a test fails while the committed files differ.
+    Crds,
     /// Run the cargo-fuzz targets in fuzz/ (nightly), each for a fixed time.
     Fuzz(fuzz::Options),
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Task::Build { args } => build(&args),
         Task::Test { args } => test(&args),
         Task::VmTest(opts) => vm::vm_test(opts),
+        Task::Crds => crds(),
         Task::Fuzz(opts) => setup::setup()
             .and_then(|()| fuzz::fuzz(&opts))
             .map(|()| ExitCode::SUCCESS),
@@ -96,6 +100,18 @@ fn build(args: &[String]) -> Result<ExitCode> {
     setup::setup()?;
     step("cargo build --workspace");
     let status = cargo().args(["build", "--workspace"]).args(args).status()?;
+    Ok(run::exit_code(status))
+}
+
+/// The types live in clink-agent, which xtask does not depend on (its build.rs needs the
+/// eBPF toolchain), so an example of clink-agent renders them.
+fn crds() -> Result<ExitCode> {
+    let dir = run::workspace_root().join("charts/clusterlink/crds");
+    step("cargo run -p clink-agent --example crds");
+    let status = cargo()
+        .args(["run", "-q", "-p", "clink-agent", "--example", "crds", "--"])
+        .arg(dir)
+        .status()?;
     Ok(run::exit_code(status))
 }
 

