@@ -273,11 +273,17 @@ impl Agent {
         let mut changes = Vec::new();
         for mut object in objects {
             let key = object.key();
+            // Status belongs to the agent, not to whoever applies the object: a new object
+            // starts with none (a forged Peer status.labels would otherwise satisfy label
+            // policies until a heartbeat answers, which for an unreachable peer is never), a
+            // changed one keeps what the agent observed.
+            *object.status_mut() = next
+                .get(&key)
+                .map(|old| old.status().clone())
+                .unwrap_or_default();
             let change = match next.get(&key) {
                 None => Change::Created,
                 Some(old) => {
-                    // Status belongs to the agent, not to whoever applies the object.
-                    *object.status_mut() = old.status().clone();
                     keep_leased_port(&mut object, old);
                     if *old == object {
                         Change::Unchanged
