@@ -108,6 +108,10 @@ pub struct Metrics {
     pub datapath: Family<DatapathLabels, Gauge>,
     pub demotions: Family<DemotionLabels, Counter>,
     pub ktls_handoffs: Family<HandoffLabels, Counter>,
+    /// State files set aside at start-up (unreadable, not an object, misnamed).
+    pub state_files_rejected: Counter,
+    /// How long writing one change (an apply, a delete) to the state directory took.
+    pub state_commit: Histogram,
 }
 
 impl Default for Metrics {
@@ -126,6 +130,9 @@ impl Default for Metrics {
             datapath: Family::default(),
             demotions: Family::default(),
             ktls_handoffs: Family::default(),
+            // 1 ms to ~16 s.
+            state_commit: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            state_files_rejected: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,6 +196,18 @@ impl Default for Metrics {
             "Tunnels offered to kernel TLS, by result (kernel; failed: reset; fallback-*: \
              carried on in userspace, and why)",
             m.ktls_handoffs.clone(),
+        );
+        registry.register(
+            "state_files_rejected",
+            "State files set aside into <state>/rejected/ at start-up (the log names each and \
+             why)",
+            m.state_files_rejected.clone(),
+        );
+        registry.register(
+            "state_commit_seconds",
+            "Time to write one change (an apply or a delete) to the state directory, off the \
+             connection workers",
+            m.state_commit.clone(),
         );
         Metrics { registry, ..m }
     }
