@@ -41,17 +41,43 @@ pub enum ChangeError {
     Store(#[from] std::io::Error),
 }
 
-/// Runs `work` on tokio's blocking threads: file I/O, and whatever grows with the number of
-/// objects (parsing, checking, deriving status, building a snapshot), so that neither a slow
-/// disk nor a 5,000-object apply holds up the workers that carry connections. A panic in
-/// `work` is a panic here.
+/// Runs `work` on a thread of its own at a lower CPU priority: file I/O, and whatever grows
+/// with the number of objects (parsing, checking, deriving status, building a snapshot,
+/// encoding), so that neither a slow disk nor a 5,000-object apply holds up the workers
+/// that carry connections, nor takes their CPU on a node with few cores. Changes are rare
+/// (operator applies, heartbeat transitions): a thread per call costs microseconds. A panic
+/// in `work` is a panic here.
 pub async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(value) => value,
-        Err(e) => match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("blocking task did not finish: {e}"),
-        },
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = move || {
+        lower_priority();
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("clink-control".to_owned())
+        .spawn(job)
+    {
+        panic!("cannot start a control thread: {e}");
+    }
+    match rx.await {
+        Ok(Ok(value)) => value,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => unreachable!("the control thread always answers or panics into the answer"),
+    }
+}
+
+/// The nice value of control threads: the scheduler gives a worker about ten times their
+/// share of a busy CPU.
+const CONTROL_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority (on Linux the nice value is per thread). Failing
+/// to is harmless: the work only competes more with the connections.
+fn lower_priority() {
+    // SAFETY: setpriority takes plain integers and changes only the calling thread (who = 0
+    // with PRIO_PROCESS names the caller's thread on Linux); no memory is involved.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CONTROL_NICE) };
+    if rc != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "cannot lower a control thread's priority");
     }
 }
 
