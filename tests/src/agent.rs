@@ -118,6 +118,12 @@ impl Agent {
         Ok(())
     }
 
+    /// The agent's process id while it runs: to kill it from another thread than the one
+    /// applying through it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `--datapath` and friends: tests never let an agent pick by itself, since `auto` would
     /// attach to the machine's root cgroup.
     fn datapath_args(&self) -> Vec<String> {
