@@ -230,9 +230,9 @@ impl FileStore {
         sync_dir(&self.dir)
     }
 
-    /// Finishes what a crash interrupted: replays a committed journal, removes temporary
-    /// files. Returns the journal's problem if it could not be read.
-    fn recover(&self) -> io::Result<Option<Rejected>> {
+    /// Finishes a committed change that a crash (or a failed replay) left as a journal, and
+    /// drops an uncommitted one. Returns the journal's problem if it could not be read.
+    fn finish_journal(&self) -> io::Result<Option<Rejected>> {
         let tmp = self.dir.join(JOURNAL_TMP);
         match fs::remove_file(&tmp) {
             Ok(()) => {
@@ -260,9 +260,6 @@ impl FileStore {
             Err(Unreadable::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
             Err(Unreadable::Io(e)) => return Err(at(&journal, e)),
             Err(bad) => problem = Some(self.reject(&journal, bad.to_string())),
-        }
-        for kind in Kind::ALL {
-            remove_tmp_files(&self.dir.join(kind_dir(kind)), kind.namespaced())?;
         }
         Ok(problem)
     }
@@ -510,7 +507,11 @@ impl Store for FileStore {
     fn load(&self) -> io::Result<Loaded> {
         let _guard = self.guard();
         let mut loaded = Loaded::default();
-        loaded.rejected.extend(self.recover()?);
+        loaded.rejected.extend(self.finish_journal()?);
+        // What an interrupted replay left; the journal (if any) was just replayed again.
+        for kind in Kind::ALL {
+            remove_tmp_files(&self.dir.join(kind_dir(kind)), kind.namespaced())?;
+        }
         for kind in Kind::ALL {
             self.load_kind(kind, &mut loaded)?;
         }
@@ -574,7 +575,7 @@ impl Store for FileStore {
         }
         let _guard = self.guard();
         // A journal left by a replay that failed is finished first, so changes stay in order.
-        if let Some(problem) = self.recover()? {
+        if let Some(problem) = self.finish_journal()? {
             warn!("{problem}");
         }
         let mut stored = Batch {
