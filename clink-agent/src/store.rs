@@ -758,6 +758,29 @@ spec:
     }
 
     #[test]
+    fn an_unreadable_journal_is_set_aside_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        put(&store, &[export("old", 1)]);
+        fs::write(
+            dir.path().join(JOURNAL),
+            "{\"put\": [{\"kind\": \"Gadget\"}]}",
+        )
+        .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.objects, [export("old", 1)]);
+        let report = loaded.rejected[0].to_string();
+        assert!(
+            report.contains("journal.json: unreadable journal: "),
+            "{report}"
+        );
+        assert!(dir.path().join("rejected/journal.json").is_file());
+        // The next change goes ahead.
+        put(&store, &[export("new", 2)]);
+        assert_eq!(store.load().unwrap().objects.len(), 2);
+    }
+
+    #[test]
     fn names_the_file_system_cannot_hold_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
