@@ -19,7 +19,7 @@ use tokio::{
     sync::{mpsc, Mutex},
     task::JoinHandle,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     api::{self, ApiError, Import, Object, ObjectKey, PeerSpec},
@@ -28,7 +28,7 @@ use crate::{
     metrics::{Metrics, PeerLabels},
     peer::{health, PeerEvent, PeerHealth},
     state::Snapshot,
-    store::Store,
+    store::{Batch, Store},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,46 @@ pub enum ChangeError {
     NotFound(ObjectKey),
     #[error("state directory: {0}")]
     Store(#[from] std::io::Error),
+}
+
+/// Runs `work` on a thread of its own at a lower CPU priority: file I/O, and whatever grows
+/// with the number of objects (parsing, checking, deriving status, building a snapshot,
+/// encoding), so that neither a slow disk nor a 5,000-object apply holds up the workers
+/// that carry connections, nor takes their CPU on a node with few cores. Changes are rare
+/// (operator applies, heartbeat transitions): a thread per call costs microseconds. A panic
+/// in `work` is a panic here.
+pub async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job = move || {
+        lower_priority();
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)));
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("clink-control".to_owned())
+        .spawn(job)
+    {
+        panic!("cannot start a control thread: {e}");
+    }
+    match rx.await {
+        Ok(Ok(value)) => value,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => unreachable!("the control thread always answers or panics into the answer"),
+    }
+}
+
+/// The nice value of control threads: the scheduler gives a worker about ten times their
+/// share of a busy CPU.
+const CONTROL_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority (on Linux the nice value is per thread). Failing
+/// to is harmless: the work only competes more with the connections.
+fn lower_priority() {
+    // SAFETY: setpriority takes plain integers and changes only the calling thread (who = 0
+    // with PRIO_PROCESS names the caller's thread on Linux); no memory is involved.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, CONTROL_NICE) };
+    if rc != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "cannot lower a control thread's priority");
+    }
 }
 
 /// What happened to one applied object, as kubectl reports it.
@@ -94,7 +134,7 @@ struct Runtime {
 pub struct Agent {
     ctx: Arc<Context>,
     gateway: SocketAddr,
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
     /// The change lock: apply, delete and status updates take it in turn.
     runtime: Mutex<Runtime>,
     /// Heartbeat tasks report here; [`Agent::start`] spawns the task that applies the reports.
@@ -110,7 +150,7 @@ impl Agent {
         Agent {
             ctx: Arc::new(ctx),
             gateway,
-            store,
+            store: Arc::from(store),
             runtime: Mutex::new(Runtime::default()),
             events,
             pending_events: std::sync::Mutex::new(Some(pending)),
@@ -146,9 +186,15 @@ impl Agent {
         self.ctx.snapshot()
     }
 
-    /// Makes `objects` the state the next connection sees, and tells the kernel data path.
-    fn publish(&self, objects: BTreeMap<ObjectKey, Object>, runtime: &Runtime) {
-        let snapshot = Arc::new(Snapshot::build(objects));
+    /// Derives the status of `objects` from what runs, makes them the state the next
+    /// connection sees, and tells the kernel data path.
+    async fn publish(&self, mut objects: BTreeMap<ObjectKey, Object>, runtime: &Runtime) {
+        let serving = Serving::of(runtime);
+        let snapshot = off_workers(move || {
+            refresh_status(&mut objects, &serving);
+            Arc::new(Snapshot::build(objects))
+        })
+        .await;
         let ports = runtime
             .listeners
             .iter()
@@ -175,14 +221,21 @@ impl Agent {
         });
     }
 
-    /// Loads the store at start-up. Objects that cannot run (an Import whose port is taken)
-    /// are reported, in the log and in their status, and the others serve.
+    /// Loads the store at start-up. State files that cannot be loaded are set aside, and
+    /// objects that cannot run (an Import whose port is taken) are reported in their status;
+    /// both are returned for the log, and the others serve.
     pub async fn start(self: &Arc<Self>) -> std::io::Result<Vec<String>> {
         self.spawn_status_task();
-        let (objects, mut problems) = self.store.load_all()?;
+        let store = self.store.clone();
+        let loaded = off_workers(move || store.load()).await?;
+        self.ctx
+            .metrics
+            .state_files_rejected
+            .inc_by(loaded.rejected.len() as u64);
+        let mut problems: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        let objects = loaded.objects;
         let mut runtime = self.runtime.lock().await;
-        let mut set: BTreeMap<ObjectKey, Object> =
-            objects.into_iter().map(|o| (o.key(), o)).collect();
+        let set: BTreeMap<ObjectKey, Object> = objects.into_iter().map(|o| (o.key(), o)).collect();
         for (key, object) in &set {
             if let Object::Import(import) = object {
                 match bind_import(key, import) {
@@ -198,9 +251,8 @@ impl Agent {
             }
         }
         self.sync_heartbeats(&mut runtime, &set);
-        refresh_status(&mut set, &runtime);
         info!(objects = set.len(), "loaded state");
-        self.publish(set, &runtime);
+        self.publish(set, &runtime).await;
         Ok(problems)
     }
 
@@ -269,27 +321,9 @@ impl Agent {
         objects: Vec<Object>,
     ) -> Result<Vec<(ObjectKey, Change)>, ChangeError> {
         let mut runtime = self.runtime.lock().await;
-        let mut next = self.snapshot().objects.clone();
-        let mut changes = Vec::new();
-        for mut object in objects {
-            let key = object.key();
-            let change = match next.get(&key) {
-                None => Change::Created,
-                Some(old) => {
-                    // Status belongs to the agent, not to whoever applies the object.
-                    *object.status_mut() = old.status().clone();
-                    keep_leased_port(&mut object, old);
-                    if *old == object {
-                        Change::Unchanged
-                    } else {
-                        Change::Configured
-                    }
-                }
-            };
-            changes.push((key.clone(), change));
-            next.insert(key, object);
-        }
-        check_ports(&next, &changes)?;
+        let current = self.snapshot();
+        let store = self.store.clone();
+        let (mut next, changes) = off_workers(move || plan(&current, objects, &*store)).await?;
 
         // Bind what is new before anything is written; leases are decided here.
         let mut bound = Vec::new();
@@ -319,22 +353,23 @@ impl Agent {
             bound.push((key.clone(), import.spec.target_port, listener));
         }
 
-        for (key, change) in &changes {
-            if *change != Change::Unchanged || bound.iter().any(|(k, _, _)| k == key) {
-                self.store.put(&next[key])?;
-            }
-        }
+        let batch = Batch {
+            put: changes
+                .iter()
+                .filter(|(key, change)| {
+                    *change != Change::Unchanged || bound.iter().any(|(k, _, _)| k == key)
+                })
+                .map(|(key, _)| next[key].clone())
+                .collect(),
+            delete: Vec::new(),
+        };
+        self.commit(batch).await?;
         for (key, port, listener) in bound {
             self.serve_import(&mut runtime, &key, port, listener);
         }
         self.sync_heartbeats(&mut runtime, &next);
-        refresh_status(&mut next, &runtime);
-        self.publish(next, &runtime);
-        for (key, change) in &changes {
-            if *change != Change::Unchanged {
-                info!(object = %key, ?change, "applied");
-            }
-        }
+        self.publish(next, &runtime).await;
+        log_applied(&changes);
         Ok(changes)
     }
 
@@ -344,16 +379,34 @@ impl Agent {
         if next.remove(key).is_none() {
             return Err(ChangeError::NotFound(key.clone()));
         }
-        self.store.delete(key)?;
+        self.commit(Batch {
+            put: Vec::new(),
+            delete: vec![key.clone()],
+        })
+        .await?;
         if runtime.listeners.remove(key).is_some() {
             info!(import = %key, "stopped listening for import");
         }
         runtime.failed_imports.remove(key);
         self.ctx.balancer.forget(key);
         self.sync_heartbeats(&mut runtime, &next);
-        refresh_status(&mut next, &runtime);
-        self.publish(next, &runtime);
+        self.publish(next, &runtime).await;
         info!(object = %key, "deleted");
+        Ok(())
+    }
+
+    /// Writes one change to the store off the async workers, timed.
+    async fn commit(&self, batch: Batch) -> std::io::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let (put, delete) = (batch.put.len(), batch.delete.len());
+        let store = self.store.clone();
+        off_workers(move || store.commit(&batch)).await?;
+        let took = started.elapsed();
+        self.ctx.metrics.state_commit.observe(took.as_secs_f64());
+        debug!(put, delete, ?took, "state written");
         Ok(())
     }
 
@@ -383,7 +436,7 @@ impl Agent {
         if let Some(labels) = labels {
             peer.status.labels = labels;
         }
-        self.publish(next, &runtime);
+        self.publish(next, &runtime).await;
     }
 
     /// The port each Import is being served on.
@@ -398,6 +451,74 @@ impl Agent {
     }
 }
 
+type Objects = BTreeMap<ObjectKey, Object>;
+
+/// Merges `objects` into the current set: what each becomes, and what changes. Status is
+/// the agent's, never the applier's: a new object starts with none, a changed one keeps what
+/// the agent observed. Checks what involves other objects (ports) and what the store must
+/// hold, so that a failure leaves nothing bound or written.
+fn plan(
+    current: &Snapshot,
+    objects: Vec<Object>,
+    store: &dyn Store,
+) -> Result<(Objects, Vec<(ObjectKey, Change)>), ChangeError> {
+    let mut next = current.objects.clone();
+    let mut changes = Vec::new();
+    for mut object in objects {
+        let key = object.key();
+        *object.status_mut() = next
+            .get(&key)
+            .map(|old| old.status().clone())
+            .unwrap_or_default();
+        let change = match next.get(&key) {
+            None => Change::Created,
+            Some(old) => {
+                keep_leased_port(&mut object, old);
+                if *old == object {
+                    Change::Unchanged
+                } else {
+                    Change::Configured
+                }
+            }
+        };
+        changes.push((key.clone(), change));
+        next.insert(key, object);
+    }
+    check_ports(&next, &changes)?;
+    for (key, change) in &changes {
+        if *change != Change::Unchanged {
+            store.check(&next[key])?;
+        }
+    }
+    Ok((next, changes))
+}
+
+/// Applies up to this many changed objects are logged one line each; larger ones in one
+/// line of counts: thousands of lines would hold up the worker that writes them and bury
+/// the rest of the log.
+const LOGGED_ONE_BY_ONE: usize = 20;
+
+fn log_applied(changes: &[(ObjectKey, Change)]) {
+    let changed: Vec<_> = changes
+        .iter()
+        .filter(|(_, c)| *c != Change::Unchanged)
+        .collect();
+    if changed.len() <= LOGGED_ONE_BY_ONE {
+        for (key, change) in changed {
+            info!(object = %key, ?change, "applied");
+        }
+        return;
+    }
+    let count = |which| changed.iter().filter(|(_, c)| *c == which).count();
+    info!(
+        created = count(Change::Created),
+        configured = count(Change::Configured),
+        unchanged = changes.len() - changed.len(),
+        first = %changed[0].0,
+        "applied"
+    );
+}
+
 /// An Import applied without `targetPort` keeps the port it was leased before.
 fn keep_leased_port(object: &mut Object, old: &Object) {
     if let (Object::Import(new), Object::Import(old)) = (object, old) {
@@ -408,7 +529,27 @@ fn keep_leased_port(object: &mut Object, old: &Object) {
 }
 
 /// Sets the conditions the agent derives from the objects and what it runs.
-fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Runtime) {
+/// What runs, as status derivation needs it: copied from [`Runtime`] to derive status off
+/// the workers.
+struct Serving {
+    ports: HashMap<ObjectKey, u16>,
+    failed_imports: HashMap<ObjectKey, String>,
+}
+
+impl Serving {
+    fn of(runtime: &Runtime) -> Serving {
+        Serving {
+            ports: runtime
+                .listeners
+                .iter()
+                .map(|(k, l)| (k.clone(), l.port))
+                .collect(),
+            failed_imports: runtime.failed_imports.clone(),
+        }
+    }
+}
+
+fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Serving) {
     let peers: Vec<String> = objects
         .keys()
         .filter(|k| k.kind == api::Kind::Peer)
@@ -424,10 +565,8 @@ fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Runtime) 
             ),
             Object::Import(i) => {
                 let (ok, reason, message) =
-                    match (runtime.listeners.get(key), runtime.failed_imports.get(key)) {
-                        (Some(l), _) => {
-                            (true, "Listening", format!("listening on port {}", l.port))
-                        }
+                    match (runtime.ports.get(key), runtime.failed_imports.get(key)) {
+                        (Some(port), _) => (true, "Listening", format!("listening on port {port}")),
                         (None, Some(e)) => (false, api::REASON_ERROR, e.clone()),
                         (None, None) => (false, api::REASON_ERROR, "not listening".to_owned()),
                     };

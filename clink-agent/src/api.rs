@@ -703,7 +703,7 @@ pub fn parse_yaml(source: &str, text: &str) -> Result<Vec<Object>, ApiError> {
     Ok(objects)
 }
 
-fn check_dns_label(s: &str) -> Result<(), String> {
+pub fn check_dns_label(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()

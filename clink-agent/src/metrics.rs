@@ -116,6 +116,10 @@ pub struct Metrics {
     pub demotions: Family<DemotionLabels, Counter>,
     pub ktls_handoffs: Family<HandoffLabels, Counter>,
     pub paths: Family<PathLabels, Counter>,
+    /// State files set aside at start-up (unreadable, not an object, misnamed).
+    pub state_files_rejected: Counter,
+    /// How long writing one change (an apply, a delete) to the state directory took.
+    pub state_commit: Histogram,
 }
 
 impl Default for Metrics {
@@ -135,6 +139,9 @@ impl Default for Metrics {
             demotions: Family::default(),
             ktls_handoffs: Family::default(),
             paths: Family::default(),
+            // 1 ms to ~16 s.
+            state_commit: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            state_files_rejected: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,6 +211,18 @@ impl Default for Metrics {
             "Tunneled connections by the path their payload took: userspace (rustls and \
              tokio), sockmap (local hop spliced by sk_msg) or ktls (kernel TLS and splice)",
             m.paths.clone(),
+        );
+        registry.register(
+            "state_files_rejected",
+            "State files set aside into <state>/rejected/ at start-up (the log names each and \
+             why)",
+            m.state_files_rejected.clone(),
+        );
+        registry.register(
+            "state_commit_seconds",
+            "Time to write one change (an apply or a delete) to the state directory, off the \
+             connection workers",
+            m.state_commit.clone(),
         );
         Metrics { registry, ..m }
     }

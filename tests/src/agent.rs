@@ -121,6 +121,12 @@ impl Agent {
         Ok(())
     }
 
+    /// The agent's process id while it runs: to kill it from another thread than the one
+    /// applying through it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `--datapath` and friends: tests never let an agent pick by itself, since `auto` would
     /// attach to the machine's root cgroup. With a [`SockmapSetup`] the agent attaches to its
     /// cgroup and pins there: the sockmap path, or the kTLS path's connect hooks when the test

@@ -278,3 +278,65 @@ pub fn transfer_both_ways(service: TcpListener, client: TcpStream, len: usize) {
     assert_intact(&at_client, &at_server, len);
     assert_eq!(at_client.sent, pattern_digest(1, len));
 }
+
+/// A service echoing every byte back, one thread per connection, until dropped.
+pub struct EchoService {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoService {
+    pub fn start(ns: &Netns) -> Result<EchoService> {
+        let listener = listen_in(ns)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let mut buf = [0u8; 4096];
+                            let mut s = s;
+                            while let Ok(n @ 1..) = s.read(&mut buf) {
+                                if s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Ok(EchoService {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EchoService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One round trip of `msg` over an echoing connection: how long until all of it came back.
+pub fn round_trip(stream: &mut TcpStream, msg: &[u8]) -> io::Result<Duration> {
+    let started = std::time::Instant::now();
+    stream.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back)?;
+    if back != msg {
+        return Err(io::Error::other("the echo differs from what was sent"));
+    }
+    Ok(started.elapsed())
+}

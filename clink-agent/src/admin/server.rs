@@ -21,8 +21,9 @@ use super::{
     AdminError,
 };
 use crate::{
-    agent::{Agent, ChangeError},
+    agent::{off_workers, Agent, ChangeError},
     api::{Kind, Object, ObjectKey},
+    state::Snapshot,
 };
 
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -135,7 +136,7 @@ impl Server {
             (&Method::GET, ["v1", "connections"]) => ok(&ConnectionsResponse {
                 connections: self.agent.context().connections.list(),
             }),
-            (&Method::GET, ["v1", "objects", kind]) => self.list(kind, &query),
+            (&Method::GET, ["v1", "objects", kind]) => self.list(kind, query).await,
             (&Method::POST, ["v1", "apply"]) => self.apply(req).await,
             (&Method::DELETE, ["v1", "objects", kind, ns, name]) => {
                 self.delete(kind, ns, name).await
@@ -148,27 +149,11 @@ impl Server {
         result.unwrap_or_else(|Fail(status, error)| reply(status, &ErrorResponse { error }))
     }
 
-    fn list(&self, kind: &str, query: &BTreeMap<String, String>) -> Result<Reply, Fail> {
+    /// Off the connection workers: a list of thousands of objects takes a while to encode.
+    async fn list(&self, kind: &str, query: BTreeMap<String, String>) -> Result<Reply, Fail> {
         let kind = parse_kind(kind)?;
-        let namespace = query.get("namespace").filter(|n| !n.is_empty());
-        let name = query.get("name").filter(|n| !n.is_empty());
         let snapshot = self.agent.snapshot();
-        let items: Vec<&Object> = snapshot
-            .objects
-            .iter()
-            .filter(|(k, _)| k.kind == kind)
-            .filter(|(k, _)| namespace.is_none_or(|ns| !kind.namespaced() || &k.namespace == ns))
-            .filter(|(k, _)| name.is_none_or(|n| &k.name == n))
-            .map(|(_, o)| o)
-            .collect();
-        if let (Some(name), true) = (name, items.is_empty()) {
-            let ns = namespace.map(|n| format!("{n}/")).unwrap_or_default();
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                format!("{kind} {ns}{name} not found"),
-            ));
-        }
-        ok(&items)
+        off_workers(move || list(&snapshot, kind, &query)).await
     }
 
     async fn apply(&self, req: Request<Incoming>) -> Result<Reply, Fail> {
@@ -177,29 +162,21 @@ impl Server {
             .await
             .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading body: {e}")))?
             .to_bytes();
-        // Values first, objects second: a body that is not JSON is a bad request, an object
-        // that is not valid is unprocessable.
-        let values: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("body must be a JSON array of objects: {e}"),
-            )
-        })?;
-        let objects = values
-            .into_iter()
-            .map(Object::from_value)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        // Off the connection workers: thousands of objects take a while to parse and validate.
+        let objects = off_workers(move || parse_objects(&body)).await?;
         let changes = self.agent.apply(objects).await.map_err(change_error)?;
-        ok(&ApplyResponse {
-            results: changes
-                .into_iter()
-                .map(|(key, change)| ApplyResult {
-                    object: key.to_string(),
-                    change,
-                })
-                .collect(),
+        off_workers(move || {
+            ok(&ApplyResponse {
+                results: changes
+                    .into_iter()
+                    .map(|(key, change)| ApplyResult {
+                        object: key.to_string(),
+                        change,
+                    })
+                    .collect(),
+            })
         })
+        .await
     }
 
     async fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<Reply, Fail> {
@@ -218,6 +195,43 @@ impl Server {
             deleted: key.to_string(),
         })
     }
+}
+
+/// Values first, objects second: a body that is not JSON is a bad request, an object that is
+/// not valid is unprocessable.
+fn parse_objects(body: &[u8]) -> Result<Vec<Object>, Fail> {
+    let values: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("body must be a JSON array of objects: {e}"),
+        )
+    })?;
+    values
+        .into_iter()
+        .map(Object::from_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, e))
+}
+
+fn list(snapshot: &Snapshot, kind: Kind, query: &BTreeMap<String, String>) -> Result<Reply, Fail> {
+    let namespace = query.get("namespace").filter(|n| !n.is_empty());
+    let name = query.get("name").filter(|n| !n.is_empty());
+    let items: Vec<&Object> = snapshot
+        .objects
+        .iter()
+        .filter(|(k, _)| k.kind == kind)
+        .filter(|(k, _)| namespace.is_none_or(|ns| !kind.namespaced() || &k.namespace == ns))
+        .filter(|(k, _)| name.is_none_or(|n| &k.name == n))
+        .map(|(_, o)| o)
+        .collect();
+    if let (Some(name), true) = (name, items.is_empty()) {
+        let ns = namespace.map(|n| format!("{n}/")).unwrap_or_default();
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("{kind} {ns}{name} not found"),
+        ));
+    }
+    ok(&items)
 }
 
 fn change_error(e: ChangeError) -> Fail {
