@@ -81,6 +81,11 @@ pub mod global {
     /// a service address from other network namespaces in the cgroup (pods) to; 0 = such
     /// connects are left alone.
     pub const NODE_IP4: &str = "CLINK_NODE_IP4";
+    /// `u32`: 1 to recognise the agent's own connects to export targets (so that their local
+    /// hop is spliced), 0 not to. Recognising them calls `bpf_get_ns_current_pid_tgid` from
+    /// `sock_ops`, which older kernels (6.1) do not allow there; with 0 the verifier never
+    /// sees that call (the global is read-only, so the branch is known).
+    pub const AGENT_CONNECTS: &str = "CLINK_AGENT_CONNECTS";
 }
 
 /// Length of the kernel's object name buffer (`BPF_OBJ_NAME_LEN`), including the final NUL.

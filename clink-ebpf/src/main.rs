@@ -107,6 +107,8 @@ static CLINK_PIDNS_DEV: Global<u64> = Global::new(0);
 static CLINK_PIDNS_INO: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 static CLINK_NODE_IP4: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static CLINK_AGENT_CONNECTS: Global<u32> = Global::new(0);
 
 /// Return value of a `sock_ops` program that lets the socket proceed unchanged. Returning 0
 /// would turn the result of every other `sock_ops` program on the cgroup into an error.
@@ -150,7 +152,11 @@ fn on_connect(ctx: &SockOpsContext, key: &SockKey) -> Result<(), i32> {
         // Redirected by a connect hook: clean up after it however the connection ends.
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)?;
     }
-    if port_has(key.dst_port, PortFlags::TARGET) && is_agent_task() {
+    // The flag first: with it 0 the verifier prunes the helper call in `is_agent_task`.
+    if CLINK_AGENT_CONNECTS.load() != 0
+        && port_has(key.dst_port, PortFlags::TARGET)
+        && is_agent_task()
+    {
         CLINK_PENDING.insert(key, PENDING_AGENT_CONNECT, 0)?;
     }
     Ok(())

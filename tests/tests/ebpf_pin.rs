@@ -43,7 +43,8 @@ impl Pins {
     }
 
     fn load(&mut self) -> &mut LoadedEbpf {
-        let loaded = loader::load(self.dir.path(), None).expect("load and pin the eBPF programs");
+        let loaded =
+            loader::load(self.dir.path(), None, true).expect("load and pin the eBPF programs");
         self.loaded.insert(loaded)
     }
 }
@@ -206,7 +207,7 @@ fn a_second_load_replaces_the_pins_and_keeps_them() {
         return;
     }
     let mut dir = Pins::new();
-    let first = loader::load(dir.path(), None).expect("first load");
+    let first = loader::load(dir.path(), None, true).expect("first load");
     let second = dir.load();
     let pins: Vec<PathBuf> = second.pinned().map(Path::to_path_buf).collect();
     drop(first);

@@ -81,14 +81,35 @@ struct Pin {
 ///
 /// Program logs (aya-log, debug level) are forwarded to `tracing` by a task on the current
 /// tokio runtime; outside a runtime they are dropped.
-pub fn load(pin_dir: &Path, node: Option<Ipv4Addr>) -> Result<LoadedEbpf, EbpfError> {
+///
+/// `node`: see `CLINK_NODE_IP4`. `splice_targets`: recognise the agent's own connects to
+/// export targets so their local hop is spliced (the sockmap path); on a kernel that does not
+/// allow that (`bpf_get_ns_current_pid_tgid` in `sock_ops`, missing on 6.1) the programs are
+/// loaded without it, and the log says so.
+pub fn load(
+    pin_dir: &Path,
+    node: Option<Ipv4Addr>,
+    splice_targets: bool,
+) -> Result<LoadedEbpf, EbpfError> {
     if !built() {
         return Err(EbpfError::NotBuilt);
     }
     host::check_privileges()?;
     host::raise_memlock_limit();
     // Into the kernel first: a verifier rejection leaves nothing behind on disk.
-    let ebpf = load_programs(&Scope::current(node))?;
+    let mut scope = Scope::current(node);
+    scope.agent_connects = u32::from(splice_targets);
+    let ebpf = match load_programs(&scope) {
+        Err(e) if splice_targets && e.to_string().contains(PID_HELPER) => {
+            warn!(
+                "this kernel does not let sock_ops programs call {PID_HELPER}: the agent's \
+                 connections to export targets are not spliced (local clients still are)"
+            );
+            scope.agent_connects = 0;
+            load_programs(&scope)?
+        }
+        loaded => loaded?,
+    };
 
     host::ensure_bpffs(pin_dir)?;
     create_pin_dir(pin_dir)?;
@@ -121,7 +142,12 @@ struct Scope {
     pidns_ino: u64,
     /// `CLINK_NODE_IP4`: network byte order, 0 for none.
     node_ip4: u32,
+    /// `CLINK_AGENT_CONNECTS`.
+    agent_connects: u32,
 }
+
+/// The helper `clink_sockops` needs to tell the agent's own connects apart.
+const PID_HELPER: &str = "bpf_get_ns_current_pid_tgid";
 
 impl Scope {
     /// The calling process. Whatever cannot be found out is left 0: no namespace filter, and
@@ -151,6 +177,7 @@ impl Scope {
             pidns_dev,
             pidns_ino,
             node_ip4: node.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            agent_connects: 0,
         };
         debug!(?scope, "eBPF programs scoped");
         scope
@@ -167,6 +194,7 @@ fn load_programs(scope: &Scope) -> Result<Ebpf, EbpfError> {
         .override_global(global::PIDNS_DEV, &scope.pidns_dev, true)
         .override_global(global::PIDNS_INO, &scope.pidns_ino, true)
         .override_global(global::NODE_IP4, &scope.node_ip4, true)
+        .override_global(global::AGENT_CONNECTS, &scope.agent_connects, true)
         .load(EBPF_OBJECT)
         .map_err(EbpfError::Object)?;
 

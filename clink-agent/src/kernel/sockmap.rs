@@ -115,8 +115,12 @@ impl Sockmap {
         let missing = |feature| move |reason| Unavailable { feature, reason };
         let lock =
             lock_pin_dir(&options.pin_dir).map_err(missing("sole use of the pin directory"))?;
-        let mut ebpf = loader::load(&options.pin_dir, options.node_address)
-            .map_err(missing("a loadable eBPF program"))?;
+        let mut ebpf = loader::load(
+            &options.pin_dir,
+            options.node_address,
+            hops == Hops::Spliced,
+        )
+        .map_err(missing("a loadable eBPF program"))?;
         let fd = |name| {
             ebpf.map_fd(name)
                 .map_err(missing("a loadable eBPF program"))

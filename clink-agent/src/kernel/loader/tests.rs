@@ -31,7 +31,7 @@ impl Loaded {
             return None;
         }
         let dir = PinDir::within(Path::new(DEFAULT_PIN_DIR), "unit");
-        let loaded = load(dir.path(), None).expect("load eBPF programs");
+        let loaded = load(dir.path(), None, true).expect("load eBPF programs");
         Some(Self { loaded, _dir: dir })
     }
 
