@@ -88,6 +88,12 @@ pub struct HandoffLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KtlsBytesLabels {
+    /// `spliced` (never in the agent's memory) or `copied` (read and written by the agent).
+    pub moved: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PathLabels {
     pub direction: &'static str,
     /// `userspace`, `sockmap` or `ktls` (see `dataplane::table::BytePath`).
@@ -116,6 +122,7 @@ pub struct Metrics {
     pub demotions: Family<DemotionLabels, Counter>,
     pub ktls_handoffs: Family<HandoffLabels, Counter>,
     pub paths: Family<PathLabels, Counter>,
+    pub ktls_bytes: Family<KtlsBytesLabels, Counter>,
     /// State files set aside at start-up (unreadable, not an object, misnamed).
     pub state_files_rejected: Counter,
     /// How long writing one change (an apply, a delete) to the state directory took.
@@ -139,6 +146,7 @@ impl Default for Metrics {
             demotions: Family::default(),
             ktls_handoffs: Family::default(),
             paths: Family::default(),
+            ktls_bytes: Family::default(),
             // 1 ms to ~16 s.
             state_commit: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             state_files_rejected: Counter::default(),
@@ -211,6 +219,13 @@ impl Default for Metrics {
             "Tunneled connections by the path their payload took: userspace (rustls and \
              tokio), sockmap (local hop spliced by sk_msg) or ktls (kernel TLS and splice)",
             m.paths.clone(),
+        );
+        registry.register(
+            "ktls_payload_bytes",
+            "Payload bytes of kernel-TLS connections, both ways, by how they moved: spliced \
+             (the agent never touched them) or copied (through the agent's memory: data that \
+             came before the hand-off or after a control record)",
+            m.ktls_bytes.clone(),
         );
         registry.register(
             "state_files_rejected",

@@ -26,7 +26,10 @@ use crate::{
         splice, Datapath,
     },
     lb::Balancer,
-    metrics::{BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, Metrics, PathLabels},
+    metrics::{
+        BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
+        PathLabels,
+    },
     peer::{Dialer, Peers},
     state::{Snapshot, SnapshotCell},
 };
@@ -142,6 +145,14 @@ where
                     };
                 }
                 let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
+                let copied = outcome.copied + plaintext.len() as u64;
+                let spliced = (outcome.to_tunnel + outcome.from_tunnel) - outcome.copied;
+                for (moved, n) in [("spliced", spliced), ("copied", copied)] {
+                    ctx.metrics
+                        .ktls_bytes
+                        .get_or_create(&KtlsBytesLabels { moved })
+                        .inc_by(n);
+                }
                 return Carried {
                     sent: outcome.to_tunnel,
                     received: outcome.from_tunnel + plaintext.len() as u64,

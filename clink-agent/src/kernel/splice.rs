@@ -40,6 +40,9 @@ pub struct Outcome {
     pub to_tunnel: u64,
     /// Payload bytes moved from the tunnel to the local socket.
     pub from_tunnel: u64,
+    /// Of those, the bytes that passed through the agent's memory (application data the
+    /// kernel handed over with `recvmsg`, after a control record); all others were spliced.
+    pub copied: u64,
     /// Set when the connection ended by an error (and both sides were reset).
     pub error: Option<io::Error>,
 }
@@ -90,6 +93,7 @@ impl Sink<'_> {
 /// tunnel socket is kTLS.
 pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tunnel>) -> Outcome {
     let (mut to_tunnel, mut from_tunnel) = (0u64, 0u64);
+    let (mut copied_up, mut copied_down) = (0u64, 0u64);
     let result = async {
         let (up_pipe, down_pipe) = (Pipe::new()?, Pipe::new()?);
         let up = one_way(
@@ -98,6 +102,7 @@ pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tun
             Sink::Tunnel(tunnel_tcp, tunnel),
             &up_pipe,
             &mut to_tunnel,
+            &mut copied_up,
         );
         let down = one_way(
             tunnel_tcp,
@@ -105,6 +110,7 @@ pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tun
             Sink::Local(local),
             &down_pipe,
             &mut from_tunnel,
+            &mut copied_down,
         );
         tokio::try_join!(up, down).map(|_| ())
     }
@@ -117,6 +123,7 @@ pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tun
     Outcome {
         to_tunnel,
         from_tunnel,
+        copied: copied_up + copied_down,
         error,
     }
 }
@@ -130,6 +137,7 @@ async fn one_way(
     dst: Sink<'_>,
     pipe: &Pipe,
     moved: &mut u64,
+    copied: &mut u64,
 ) -> io::Result<()> {
     let mut in_pipe = 0usize;
     let mut eof = false;
@@ -160,6 +168,7 @@ async fn one_way(
                             Control::Data(data) => {
                                 write_all(dst.tcp(), &data).await?;
                                 *moved += data.len() as u64;
+                                *copied += data.len() as u64;
                             }
                             Control::CloseNotify => eof = true,
                             Control::Ignored => {}
