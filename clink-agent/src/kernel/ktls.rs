@@ -759,6 +759,87 @@ mod tests {
         }
     }
 
+    /// A broken or hostile peer on a kernel tunnel: a KeyUpdate (which the kernel cannot
+    /// follow), a record that does not decrypt, and a close in the middle of a record. Each
+    /// ends the pump with an error that says what happened, promptly, and the local end of
+    /// the connection sees a reset: never a hang, and never a clean end of stream that would
+    /// pass truncated data off as complete.
+    #[tokio::test]
+    async fn a_broken_peer_resets_the_local_connection() {
+        let Some(ktls) = ktls_or_skip("a_broken_peer_resets_the_local_connection") else {
+            return;
+        };
+        for case in ["key-update", "garbage", "cut-record"] {
+            let (mut peer, mut server) = tls_pair(SUITES[0]).await;
+            server.write_all(b"200\n").await.unwrap();
+            server.flush().await.unwrap();
+            let mut answer = [0u8; 4];
+            peer.read_exact(&mut answer).await.unwrap();
+            let tunnel = match ktls.handoff(server).await {
+                Handoff::Kernel(tunnel, _) => tunnel,
+                Handoff::Userspace(_, why) => panic!("stayed in userspace: {why}"),
+                Handoff::Failed(e) => panic!("{e}"),
+            };
+            let (mut app, app_local) = local_pair().await;
+            let pump = tokio::spawn(async move {
+                let outcome =
+                    super::super::splice::pump(&app_local, tunnel.tcp(), Some(&tunnel)).await;
+                drop((app_local, tunnel)); // closes both: with a reset after an error
+                outcome
+            });
+            // A little real data first: it must arrive before the failure.
+            peer.write_all(b"hello").await.unwrap();
+            peer.flush().await.unwrap();
+            let mut hello = [0u8; 5];
+            app.read_exact(&mut hello).await.unwrap();
+            assert_eq!(&hello, b"hello");
+            let raw = peer.get_ref().0.get_ref();
+            match case {
+                "key-update" => {
+                    peer.get_mut().1.refresh_traffic_keys().unwrap();
+                    peer.flush().await.unwrap();
+                }
+                // An application-data record the kernel cannot decrypt.
+                "garbage" => {
+                    write_raw(raw, &[[23, 3, 3, 0, 32].as_slice(), &[0x5a; 32]].concat()).await
+                }
+                // A record header promising 100 bytes, 10 of them, then FIN.
+                _ => {
+                    write_raw(raw, &[[23, 3, 3, 0, 100].as_slice(), &[7; 10]].concat()).await;
+                    socket2::SockRef::from(raw)
+                        .shutdown(std::net::Shutdown::Write)
+                        .unwrap();
+                }
+            }
+            let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), pump)
+                .await
+                .unwrap_or_else(|_| panic!("{case}: the pump hangs"))
+                .unwrap();
+            let error = outcome
+                .error
+                .unwrap_or_else(|| panic!("{case}: ended without an error"));
+            eprintln!("{case}: {error}");
+            let mut rest = Vec::new();
+            let read = app.read_to_end(&mut rest).await;
+            assert!(
+                matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{case}: the local end saw {read:?} after {} more bytes, not a reset",
+                rest.len()
+            );
+        }
+    }
+
+    async fn write_raw(tcp: &TcpStream, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            tcp.writable().await.unwrap();
+            match tcp.try_write(bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn records_that_are_not_data() {
         assert_eq!(
