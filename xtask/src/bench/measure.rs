@@ -74,9 +74,13 @@ pub fn throughput(
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CpuCost {
     /// Every CPU of the machine (in the VM: the whole VM), busy in any way: user, nice,
-    /// system, irq and softirq time from /proc/stat. With splice and kTLS the kernel
-    /// encrypts in the agent's system calls and in softirq, which this counts wherever it
-    /// runs; idle, iowait and steal it leaves out.
+    /// system, irq and softirq time. With splice and kTLS the kernel encrypts in the agent's
+    /// system calls and in softirq, which this counts wherever it runs. Taken as the
+    /// window's length times the CPUs less their idle and iowait time (/proc/stat), not as
+    /// the sum of the busy fields: those are sampled by the timer tick, and under emulation,
+    /// where the host delays the guest's ticks, they counted less than the tunnel
+    /// processes' own precise time. Idle time is measured, not sampled, where the kernel
+    /// stops the tick when idle (NO_HZ, as Debian's kernels do).
     pub machine: f64,
     /// Both tunnel processes (agents, proxies), user and system time.
     pub tunnel: Option<f64>,
@@ -160,8 +164,9 @@ pub fn cpu_cost(place: &Place, to: SocketAddr, seconds: f64, probe: &CpuProbe) -
     let gib = moved as f64 / f64::from(1u32 << 30);
     let per_gib = |ticks: u64| ticks as f64 / ticks_per_second / gib;
     let (user, system) = after.processes_since(&before);
+    let busy_seconds = after.machine_busy_since(&before, ticks_per_second);
     Ok(CpuCost {
-        machine: per_gib(after.machine.saturating_sub(before.machine)),
+        machine: busy_seconds / gib,
         tunnel: (!pids.is_empty()).then(|| per_gib(user + system)),
         tunnel_user: (!pids.is_empty()).then(|| per_gib(user)),
     })
@@ -182,11 +187,12 @@ fn rchar(io: &str) -> Option<u64> {
         .ok()
 }
 
-/// The kernel's CPU time counters, in clock ticks (USER_HZ).
+/// The kernel's CPU time counters, in clock ticks (USER_HZ), and when they were read.
 #[derive(Clone, Debug, PartialEq)]
 struct CpuTimes {
-    /// The machine's busy time: user + nice + system + irq + softirq over all CPUs.
-    machine: u64,
+    at: Instant,
+    /// The machine's CPUs and their idle + iowait time, summed.
+    machine: MachineTimes,
     /// Each process's (user, system) time, all its threads included.
     processes: Vec<(u64, u64)>,
 }
@@ -194,7 +200,8 @@ struct CpuTimes {
 impl CpuTimes {
     fn read(pids: &[u32]) -> Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-        let machine = machine_busy(&stat).context("no cpu line in /proc/stat")?;
+        let at = Instant::now();
+        let machine = machine_times(&stat).context("no cpu lines in /proc/stat")?;
         let processes = pids
             .iter()
             .map(|pid| {
@@ -204,7 +211,18 @@ impl CpuTimes {
                 process_times(&stat).with_context(|| format!("no utime/stime in {path}"))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { machine, processes })
+        Ok(Self {
+            at,
+            machine,
+            processes,
+        })
+    }
+
+    /// Seconds all CPUs together were busy since `earlier`: not idle, not waiting for I/O.
+    fn machine_busy_since(&self, earlier: &Self, ticks_per_second: f64) -> f64 {
+        let elapsed = self.at.duration_since(earlier.at).as_secs_f64();
+        let idle = self.machine.idle.saturating_sub(earlier.machine.idle) as f64;
+        (elapsed * f64::from(self.machine.cpus) - idle / ticks_per_second).max(0.0)
     }
 
     /// The user and system ticks all processes spent since `earlier`.
@@ -221,19 +239,33 @@ impl CpuTimes {
     }
 }
 
-/// The `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal ...; the busy
-/// ones summed.
-fn machine_busy(stat: &str) -> Option<u64> {
+/// What /proc/stat says of all CPUs together.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MachineTimes {
+    /// Online CPUs (`cpuN` lines).
+    cpus: u32,
+    /// Idle + iowait ticks of the `cpu` line (user nice system idle iowait irq ...).
+    idle: u64,
+}
+
+fn machine_times(stat: &str) -> Option<MachineTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let fields: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = fields[..] else {
+    let [_user, _nice, _system, idle, iowait, ..] = fields[..] else {
         return None;
     };
-    Some(user + nice + system + irq + softirq)
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    Some(MachineTimes {
+        cpus: u32::try_from(cpus).ok().filter(|n| *n > 0)?,
+        idle: idle + iowait,
+    })
 }
 
 /// utime and stime (fields 14 and 15) of /proc/PID/stat; the command name before them is in
@@ -459,22 +491,35 @@ mod tests {
 
     #[test]
     fn reads_cpu_counters() {
-        let stat = "cpu  100 5 40 9000 7 3 2 11 0 0\ncpu0 50 2 20 4500 3 1 1 5 0 0\n";
-        assert_eq!(machine_busy(stat), Some(150));
-        assert_eq!(machine_busy("intr 1 2 3\n"), None);
+        let stat = "cpu  100 5 40 9000 7 3 2 11 0 0\ncpu0 50 2 20 4500 3 1 1 5 0 0\n\
+                    cpu1 50 3 20 4500 4 2 1 6 0 0\nintr 1 2 3\n";
+        let machine = machine_times(stat).unwrap();
+        assert_eq!((machine.cpus, machine.idle), (2, 9007));
+        assert_eq!(machine_times("intr 1 2 3\n"), None);
         let pid = "4242 (clink agent) S 1 4242 4242 0 -1 4194560 2041 0 0 0 731 269 0 0 20 0 \
                    3 0 1234 100000 2000";
         assert_eq!(process_times(pid), Some((731, 269)));
         assert_eq!(process_times("4242 (x) S 1"), None);
+        let start = Instant::now();
         let before = CpuTimes {
-            machine: 10,
+            at: start,
+            machine: MachineTimes {
+                cpus: 2,
+                idle: 1000,
+            },
             processes: vec![(100, 50), (200, 60)],
         };
         let after = CpuTimes {
-            machine: 90,
+            at: start + Duration::from_secs(4),
+            machine: MachineTimes {
+                cpus: 2,
+                idle: 1250,
+            },
             processes: vec![(110, 80), (201, 90)],
         };
         assert_eq!(after.processes_since(&before), (11, 60));
+        // 2 CPUs for 4 s, 2.5 s of it idle.
+        assert_eq!(after.machine_busy_since(&before, 100.0), 5.5);
     }
 
     #[test]

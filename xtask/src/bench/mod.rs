@@ -227,10 +227,10 @@ impl Plan {
                 Step::Throughput { .. } => format!("{} per run", self.transfer.describe()),
                 Step::Cpu => format!(
                     "CPU: one iperf3 stream A→B; over {} s in its middle (after {} MiB and \
-                     0.5 s more: connection set-up left out), CPU time from /proc/stat (user + \
-                     nice + system + irq + softirq, all CPUs) and from /proc/PID/stat of both \
-                     tunnel processes (utime, stime), divided by the GiB the iperf3 server read \
-                     meanwhile (rchar of /proc/PID/io)",
+                     0.5 s more: connection set-up left out), the machine's busy CPU time (the \
+                     window times the CPUs, less idle and iowait from /proc/stat) and both \
+                     tunnel processes' (utime, stime of /proc/PID/stat), divided by the GiB \
+                     the iperf3 server read meanwhile (rchar of /proc/PID/io)",
                     self.cpu_seconds,
                     measure::CPU_WARM_UP_BYTES >> 20
                 ),
