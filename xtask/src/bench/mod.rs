@@ -42,7 +42,7 @@ pub use tool::{run as run_tool, Tool};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Fewer repetitions and shorter runs: done in under two minutes.
+    /// Fewer repetitions and shorter runs: done in about two and a half minutes.
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeatable).
