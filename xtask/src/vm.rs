@@ -60,9 +60,9 @@ pub struct Options {
 
 /// One command for the guest, and the directory it runs in.
 #[derive(Debug, PartialEq)]
-struct GuestCommand {
-    dir: PathBuf,
-    argv: Vec<String>,
+pub struct GuestCommand {
+    pub dir: PathBuf,
+    pub argv: Vec<String>,
 }
 
 pub fn vm_test(opts: Options) -> Result<ExitCode> {
@@ -71,12 +71,6 @@ pub fn vm_test(opts: Options) -> Result<ExitCode> {
 
 /// [`vm_test`], with variables for the guest on top of [`PASSED_ENV`].
 pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<VmRun> {
-    run::catch_interrupts()?;
-    let kernel = match opts.kernel {
-        Some(kernel) => kernel,
-        None => newest_kernel(Path::new("/boot"))?,
-    };
-    check_kernel(&kernel)?;
     let commands = match &opts.cargo_test {
         Some(args) => {
             let args: Vec<&str> = args.split_whitespace().collect();
@@ -98,6 +92,31 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<VmRun> {
             argv: opts.command.clone(),
         }],
     };
+    run_in_vm(
+        opts.kernel,
+        Duration::from_secs(opts.timeout),
+        &commands,
+        env,
+        &[],
+    )
+}
+
+/// Boots the VM and runs `commands` in it as root (after `modprobe tls`), with `env` on top
+/// of [`PASSED_ENV`]; `rwdirs` are host directories the guest may write besides the VM's
+/// own shared directory (mounted at the same paths). Prints the guest's output as it comes.
+pub fn run_in_vm(
+    kernel: Option<PathBuf>,
+    timeout: Duration,
+    commands: &[GuestCommand],
+    env: &[(&str, &Path)],
+    rwdirs: &[&Path],
+) -> Result<VmRun> {
+    run::catch_interrupts()?;
+    let kernel = match kernel {
+        Some(kernel) => kernel,
+        None => newest_kernel(Path::new("/boot"))?,
+    };
+    check_kernel(&kernel)?;
     let mut guest_env: Vec<(String, String)> = PASSED_ENV
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
@@ -114,18 +133,17 @@ pub fn vm_test_with_env(opts: Options, env: &[(&str, &Path)]) -> Result<VmRun> {
         .tempdir()
         .context("create the VM's shared directory")?;
     let script = dir.path().join("run.sh");
-    fs::write(&script, guest_script(dir.path(), &guest_env, &commands))?;
+    fs::write(&script, guest_script(dir.path(), &guest_env, commands))?;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
 
-    let mut vng = vng_command(&kernel, dir.path(), &script)?;
+    let mut vng = vng_command(&kernel, dir.path(), &script, rwdirs)?;
     step(&format!(
         "{} (boots in about half a minute under emulation; killed after {} s)",
         show(&vng),
-        opts.timeout
+        timeout.as_secs()
     ));
-    let run = boot(&mut vng, dir.path(), Duration::from_secs(opts.timeout))?;
+    let run = boot(&mut vng, dir.path(), timeout)?;
     let guest_log = fs::read_to_string(dir.path().join("guest.log")).unwrap_or_default();
-    print!("{guest_log}");
     let timing = run.timing();
     let (passed, failed) = libtest_totals(&guest_log);
     let done = |code| VmRun {
@@ -243,7 +261,7 @@ pub fn venv_dir() -> PathBuf {
     crate::setup::cache_dir().join("clink-vm/venv")
 }
 
-fn vng_command(kernel: &Path, dir: &Path, script: &Path) -> Result<Command> {
+fn vng_command(kernel: &Path, dir: &Path, script: &Path, rwdirs: &[&Path]) -> Result<Command> {
     let bin = venv_bin();
     let vng = bin.join("vng");
     if !vng.exists() {
@@ -260,8 +278,11 @@ fn vng_command(kernel: &Path, dir: &Path, script: &Path) -> Result<Command> {
         .arg(kernel)
         .args(["--disable-kvm", "--memory", "2G", "--cpus", "2"])
         .arg("--rwdir")
-        .arg(dir)
-        .arg("--exec")
+        .arg(dir);
+    for rwdir in rwdirs {
+        cmd.arg("--rwdir").arg(rwdir);
+    }
+    cmd.arg("--exec")
         .arg(format!("sh {}", quote(&script.to_string_lossy())));
     Ok(cmd)
 }
@@ -352,7 +373,9 @@ fn boot(vng: &mut Command, dir: &Path, timeout: Duration) -> Result<Run> {
         .with_context(|| format!("run {}", show(vng)))?;
     let mut vm = VmGuard(child);
     let (mut booted, mut finished) = (None, None);
+    let mut shown = GuestLog::new(dir.join("guest.log"));
     let exit = loop {
+        shown.print_new();
         if booted.is_none() && dir.join("started").exists() {
             booted = Some(start.elapsed());
         }
@@ -360,6 +383,7 @@ fn boot(vng: &mut Command, dir: &Path, timeout: Duration) -> Result<Run> {
             finished = Some(start.elapsed());
         }
         if let Some(status) = vm.0.try_wait()? {
+            shown.print_new();
             break status;
         }
         if interrupted() {
@@ -368,10 +392,10 @@ fn boot(vng: &mut Command, dir: &Path, timeout: Duration) -> Result<Run> {
         }
         if start.elapsed() >= timeout {
             vm.kill();
-            let so_far = fs::read_to_string(dir.join("guest.log")).unwrap_or_default();
+            shown.print_new();
             bail!(
-                "the VM did not finish within {timeout:?} (booted: {}); the guest's output so \
-                 far:\n{so_far}\nthe last lines vng printed:\n{}",
+                "the VM did not finish within {timeout:?} (booted: {}; the guest's output so \
+                 far is above); the last lines vng printed:\n{}",
                 booted.is_some(),
                 tail(
                     &fs::read_to_string(dir.join("vng.log")).unwrap_or_default(),
@@ -398,6 +422,33 @@ fn boot(vng: &mut Command, dir: &Path, timeout: Duration) -> Result<Run> {
         commands: booted.zip(finished).map(|(b, f)| f.saturating_sub(b)),
         total,
     })
+}
+
+/// The guest's output, printed while the VM runs: a bench in it runs for minutes.
+struct GuestLog {
+    path: PathBuf,
+    printed: u64,
+}
+
+impl GuestLog {
+    fn new(path: PathBuf) -> Self {
+        Self { path, printed: 0 }
+    }
+
+    /// Prints what the guest added since the last call.
+    fn print_new(&mut self) {
+        use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+        let Ok(mut file) = fs::File::open(&self.path) else {
+            return;
+        };
+        let mut new = Vec::new();
+        if file.seek(SeekFrom::Start(self.printed)).is_ok() && file.read_to_end(&mut new).is_ok() {
+            self.printed += new.len() as u64;
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&new);
+            let _ = stdout.flush();
+        }
+    }
 }
 
 /// vng and everything it started (qemu), killed when dropped unless already gone.

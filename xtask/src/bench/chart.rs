@@ -23,6 +23,7 @@ fn colour(route: RouteKind) -> RGBColor {
     match route {
         RouteKind::Userspace => RGBColor(31, 119, 180),
         RouteKind::Sockmap => RGBColor(23, 190, 207),
+        RouteKind::Ktls => RGBColor(44, 160, 44),
         RouteKind::Haproxy => RGBColor(255, 127, 14),
         RouteKind::Stunnel => RGBColor(148, 103, 189),
         RouteKind::Direct => RGBColor(127, 127, 127),

@@ -69,6 +69,222 @@ pub fn throughput(
     Ok(bps / 1e9)
 }
 
+/// CPU seconds per GiB that one iperf3 stream from A to B costs in steady state, the
+/// kernel's work included.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuCost {
+    /// Every CPU of the machine (in the VM: the whole VM), busy in any way: user, nice,
+    /// system, irq and softirq time. With splice and kTLS the kernel encrypts in the agent's
+    /// system calls and in softirq, which this counts wherever it runs. Taken as the
+    /// window's length times the CPUs less their idle and iowait time (/proc/stat), not as
+    /// the sum of the busy fields: those are sampled by the timer tick, and under emulation,
+    /// where the host delays the guest's ticks, they counted less than the tunnel
+    /// processes' own precise time. Idle time is measured, not sampled, where the kernel
+    /// stops the tick when idle (NO_HZ, as Debian's kernels do).
+    pub machine: f64,
+    /// Both tunnel processes (agents, proxies), user and system time.
+    pub tunnel: Option<f64>,
+    /// Both tunnel processes, user time only: the bytes the process itself touches.
+    pub tunnel_user: Option<f64>,
+}
+
+/// Where a CPU measurement reads its counters.
+pub struct CpuProbe {
+    /// The iperf3 server in B: the bytes it has read (`rchar` of /proc/PID/io; iperf3 reads
+    /// with read(2)) are the bytes the route delivered.
+    pub server: u32,
+    /// The route's two tunnel processes, if it has them.
+    pub tunnel: Option<[u32; 2]>,
+}
+
+/// Bytes the server must have read before the window opens: the data connection is up and
+/// past TCP's slow start.
+pub const CPU_WARM_UP_BYTES: u64 = 4 << 20;
+/// And then this long, for work that set-up started to end.
+const CPU_SETTLE: Duration = Duration::from_millis(500);
+
+/// Runs one iperf3 stream from A to B through `to` and reads, over a window of `seconds` in
+/// its middle, the CPU time the machine (/proc/stat) and the route's tunnel processes
+/// (/proc/PID/stat) spent and the bytes the server read. The window leaves out iperf3's
+/// start-up and the set-up of its connections (tunnel handshakes included): a per-connection
+/// cost that, under emulation, where a run moves only tens of MiB, would otherwise be most
+/// of the kTLS agents' user time.
+pub fn cpu_cost(place: &Place, to: SocketAddr, seconds: f64, probe: &CpuProbe) -> Result<CpuCost> {
+    let pids: &[u32] = probe.tunnel.as_ref().map_or(&[], |p| p.as_slice());
+    // Long enough for the warm-up and the window: iperf3's clock starts once its
+    // connections are up.
+    let runtime = (seconds + 3.0).ceil() as u32;
+    let mut cmd = place.command("iperf3");
+    cmd.args(["-c", &to.ip().to_string(), "-p", &to.port().to_string()])
+        .args(["-t", &runtime.to_string()])
+        .args(["--json", "--connect-timeout", "5000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let started = server_bytes(probe.server)?;
+    let mut child = ChildGuard::spawn(&mut cmd)?;
+    let report = read_in_background(child.stdout.take(), |mut pipe| {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server_bytes(probe.server)? < started + CPU_WARM_UP_BYTES {
+        check_interrupt()?;
+        if let Some(status) = child.try_wait()? {
+            bail!("{} ended ({status}) before the window", show(&cmd));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}: fewer than {} MiB in 30 s",
+            show(&cmd),
+            CPU_WARM_UP_BYTES >> 20
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The tunnels refill their pools of handshaked connections as the run's take theirs.
+    std::thread::sleep(CPU_SETTLE);
+    let (bytes_before, before) = (server_bytes(probe.server)?, CpuTimes::read(pids)?);
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    check_interrupt()?;
+    let (after, bytes_after) = (CpuTimes::read(pids)?, server_bytes(probe.server)?);
+    ensure!(
+        child.try_wait()?.is_none(),
+        "{} ended before the window closed",
+        show(&cmd)
+    );
+    // Its report is not needed (the window is ours), but it says whether the run was sound.
+    let stdout = wait_for_line(&report, Duration::from_secs(u64::from(runtime) + 30))?;
+    iperf_report(stdout.as_bytes()).with_context(|| show(&cmd))?;
+
+    let ticks_per_second = clock_ticks_per_second()?;
+    let moved = bytes_after.saturating_sub(bytes_before);
+    ensure!(moved > 0, "{}: no bytes in the window", show(&cmd));
+    let gib = moved as f64 / f64::from(1u32 << 30);
+    let per_gib = |ticks: u64| ticks as f64 / ticks_per_second / gib;
+    let (user, system) = after.processes_since(&before);
+    let busy_seconds = after.machine_busy_since(&before, ticks_per_second);
+    Ok(CpuCost {
+        machine: busy_seconds / gib,
+        tunnel: (!pids.is_empty()).then(|| per_gib(user + system)),
+        tunnel_user: (!pids.is_empty()).then(|| per_gib(user)),
+    })
+}
+
+/// The bytes a process has read (`rchar` in /proc/PID/io).
+fn server_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/io");
+    let io = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    rchar(&io).with_context(|| format!("no rchar in {path}"))
+}
+
+fn rchar(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The kernel's CPU time counters, in clock ticks (USER_HZ), and when they were read.
+#[derive(Clone, Debug, PartialEq)]
+struct CpuTimes {
+    at: Instant,
+    /// The machine's CPUs and their idle + iowait time, summed.
+    machine: MachineTimes,
+    /// Each process's (user, system) time, all its threads included.
+    processes: Vec<(u64, u64)>,
+}
+
+impl CpuTimes {
+    fn read(pids: &[u32]) -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        let at = Instant::now();
+        let machine = machine_times(&stat).context("no cpu lines in /proc/stat")?;
+        let processes = pids
+            .iter()
+            .map(|pid| {
+                let path = format!("/proc/{pid}/stat");
+                let stat =
+                    std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+                process_times(&stat).with_context(|| format!("no utime/stime in {path}"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            at,
+            machine,
+            processes,
+        })
+    }
+
+    /// Seconds all CPUs together were busy since `earlier`: not idle, not waiting for I/O.
+    fn machine_busy_since(&self, earlier: &Self, ticks_per_second: f64) -> f64 {
+        let elapsed = self.at.duration_since(earlier.at).as_secs_f64();
+        let idle = self.machine.idle.saturating_sub(earlier.machine.idle) as f64;
+        (elapsed * f64::from(self.machine.cpus) - idle / ticks_per_second).max(0.0)
+    }
+
+    /// The user and system ticks all processes spent since `earlier`.
+    fn processes_since(&self, earlier: &Self) -> (u64, u64) {
+        self.processes.iter().zip(&earlier.processes).fold(
+            (0, 0),
+            |(user, system), ((u1, s1), (u0, s0))| {
+                (
+                    user + u1.saturating_sub(*u0),
+                    system + s1.saturating_sub(*s0),
+                )
+            },
+        )
+    }
+}
+
+/// What /proc/stat says of all CPUs together.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MachineTimes {
+    /// Online CPUs (`cpuN` lines).
+    cpus: u32,
+    /// Idle + iowait ticks of the `cpu` line (user nice system idle iowait irq ...).
+    idle: u64,
+}
+
+fn machine_times(stat: &str) -> Option<MachineTimes> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let [_user, _nice, _system, idle, iowait, ..] = fields[..] else {
+        return None;
+    };
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    Some(MachineTimes {
+        cpus: u32::try_from(cpus).ok().filter(|n| *n > 0)?,
+        idle: idle + iowait,
+    })
+}
+
+/// utime and stime (fields 14 and 15) of /proc/PID/stat; the command name before them is in
+/// parentheses and may hold spaces, so fields are counted from its closing one.
+fn process_times(stat: &str) -> Option<(u64, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts with field 3 (state).
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+}
+
+fn clock_ticks_per_second() -> Result<f64> {
+    use nix::unistd::{sysconf, SysconfVar};
+    let ticks = sysconf(SysconfVar::CLK_TCK)
+        .context("sysconf(_SC_CLK_TCK)")?
+        .context("sysconf(_SC_CLK_TCK) has no value")?;
+    Ok(ticks as f64)
+}
+
 /// Round-trip time percentiles of small messages, in microseconds.
 #[derive(Debug, PartialEq)]
 pub struct Latency {
@@ -271,6 +487,46 @@ mod tests {
         let broken = br#"{"connections": 10, "errors": 900, "first_error": "connection refused", "seconds": 1.0}"#;
         let err = connect_report(broken).unwrap_err().to_string();
         assert!(err.contains("connection refused"), "{err}");
+    }
+
+    #[test]
+    fn reads_cpu_counters() {
+        let stat = "cpu  100 5 40 9000 7 3 2 11 0 0\ncpu0 50 2 20 4500 3 1 1 5 0 0\n\
+                    cpu1 50 3 20 4500 4 2 1 6 0 0\nintr 1 2 3\n";
+        let machine = machine_times(stat).unwrap();
+        assert_eq!((machine.cpus, machine.idle), (2, 9007));
+        assert_eq!(machine_times("intr 1 2 3\n"), None);
+        let pid = "4242 (clink agent) S 1 4242 4242 0 -1 4194560 2041 0 0 0 731 269 0 0 20 0 \
+                   3 0 1234 100000 2000";
+        assert_eq!(process_times(pid), Some((731, 269)));
+        assert_eq!(process_times("4242 (x) S 1"), None);
+        let start = Instant::now();
+        let before = CpuTimes {
+            at: start,
+            machine: MachineTimes {
+                cpus: 2,
+                idle: 1000,
+            },
+            processes: vec![(100, 50), (200, 60)],
+        };
+        let after = CpuTimes {
+            at: start + Duration::from_secs(4),
+            machine: MachineTimes {
+                cpus: 2,
+                idle: 1250,
+            },
+            processes: vec![(110, 80), (201, 90)],
+        };
+        assert_eq!(after.processes_since(&before), (11, 60));
+        // 2 CPUs for 4 s, 2.5 s of it idle.
+        assert_eq!(after.machine_busy_since(&before, 100.0), 5.5);
+    }
+
+    #[test]
+    fn reads_rchar() {
+        let io = "rchar: 1073741824\nwchar: 12\nsyscr: 3\n";
+        assert_eq!(rchar(io), Some(1 << 30));
+        assert_eq!(rchar("wchar: 12\n"), None);
     }
 
     #[test]

@@ -18,7 +18,9 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn collect(started: Instant) -> Self {
+    /// `host`: empty on the host; in the VM of `--vm`, the host's command line and machine
+    /// (see [`Meta::host`]).
+    pub fn collect(started: Instant, host: &[String]) -> Self {
         // The first line of a command's output (stdout, else stderr) that contains `needle`.
         let line_with = |cmd: &mut Command, needle: &str| {
             cmd.output()
@@ -33,20 +35,7 @@ impl Meta {
                 .unwrap_or_default()
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
-        let cpu = fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, name)| name.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown CPU".to_owned());
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
+        let (machine, machine_short) = machine();
         let tools = [
             line_with(Command::new("iperf3").arg("--version"), "iperf"),
             line_with(Command::new("haproxy").arg("-v"), "HAProxy"),
@@ -56,8 +45,20 @@ impl Meta {
         .filter(|t| !t.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
+        let (command, machine, machine_short) = match host {
+            [command, host_machine] => (
+                command.clone(),
+                format!("{machine}: a VM, qemu under software emulation (TCG), on {host_machine}"),
+                format!("VM ({machine_short}) under emulation"),
+            ),
+            _ => (
+                format!("cargo xtask {}", args.join(" ")),
+                machine,
+                machine_short,
+            ),
+        };
         Self {
-            command: format!("cargo xtask {}", args.join(" ")),
+            command,
             date: line_with(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]), ""),
             commit: line_with(
                 Command::new("git")
@@ -65,11 +66,17 @@ impl Meta {
                     .current_dir(env!("CARGO_MANIFEST_DIR")),
                 "",
             ),
-            machine: format!("{cores} × {cpu}, Linux {kernel}"),
-            machine_short: format!("{cores} cores, Linux {kernel}"),
+            machine,
+            machine_short,
             tools,
             took: started.elapsed(),
         }
+    }
+
+    /// What `--vm` passes to the bench in the VM: this command line and this machine.
+    pub fn host() -> [String; 2] {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        [format!("cargo xtask {}", args.join(" ")), machine().0]
     }
 
     /// The report's heading and what the run was: `method` says how each figure is taken.
@@ -111,4 +118,26 @@ impl Meta {
             "method": method,
         })
     }
+}
+
+/// This machine's CPUs and kernel: in full, and short (for the chart).
+fn machine() -> (String, String) {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (
+        format!("{cores} × {cpu}, Linux {kernel}"),
+        format!("{cores} cores, Linux {kernel}"),
+    )
 }

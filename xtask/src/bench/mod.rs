@@ -9,6 +9,9 @@
 //!
 //! Everything it makes (namespaces, cgroups, processes, the working directory) lives in
 //! guards and is removed on success, on error and on Ctrl-C.
+//!
+//! With `--vm` the same bench runs inside the kTLS-capable VM of `cargo xtask vm-test`
+//! ([`vm`]), where the kTLS data path can run next to userspace and sockmap.
 
 mod chart;
 mod measure;
@@ -18,6 +21,7 @@ mod progress;
 mod report;
 mod routes;
 mod tool;
+mod vm;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,7 +42,7 @@ pub use tool::{run as run_tool, Tool};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Fewer repetitions and shorter runs: done in under two minutes.
+    /// Fewer repetitions and shorter runs: done in about two and a half minutes.
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeatable).
@@ -50,15 +54,34 @@ pub struct Options {
     /// Repetitions of each measurement [default: 5, with --quick 3].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     reps: Option<u32>,
-    /// Where report.md, throughput.svg and results.json go [default: target/bench].
+    /// Where report.md, throughput.svg and results.json go [default: target/bench, with
+    /// --vm target/bench-vm].
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Run inside the kTLS-capable VM (`cargo xtask vm-test`'s kernel, qemu under software
+    /// emulation), where the ktls route can run: by default direct, userspace, sockmap and
+    /// ktls, throughput and CPU, 5 repetitions of 4 s runs.
+    #[arg(long)]
+    vm: bool,
+    /// Seconds the whole VM run may take before it is killed (with --vm).
+    #[arg(long, value_name = "S", default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
+    vm_timeout: u64,
+    /// Set by --vm for the bench it starts in the VM: the binaries built on the host, in
+    /// this directory.
+    #[arg(long, hide = true, value_name = "DIR")]
+    in_vm: Option<PathBuf>,
+    /// Set by --vm for the report: the host's command line and machine.
+    #[arg(long, hide = true, value_name = "TEXT")]
+    host: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
     /// iperf3, 1 and 4 streams, both directions.
     Throughput,
+    /// CPU seconds per GiB of one iperf3 stream A→B: the whole machine's (/proc/stat) and
+    /// the tunnel processes' (/proc/PID/stat), with their user-space share.
+    Cpu,
     /// Round trips of 64-byte messages, one in flight: p50 and p99.
     Latency,
     /// New connections per second, each carrying a 64-byte request.
@@ -72,6 +95,8 @@ pub enum Scenario {
 struct Plan {
     reps: u32,
     transfer: measure::Transfer,
+    /// The CPU measurement's window, in the middle of an iperf3 run.
+    cpu_seconds: f64,
     latency_seconds: f64,
     connect_seconds: f64,
     held: usize,
@@ -82,6 +107,7 @@ struct Plan {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Step {
     Throughput { streams: u32, reverse: bool },
+    Cpu,
     Latency,
     Connect,
     Memory,
@@ -93,6 +119,7 @@ impl Step {
             Step::Throughput { streams, reverse } => {
                 Metric::Throughput { streams, reverse }.label()
             }
+            Step::Cpu => "CPU per GiB, 1 stream A→B".to_owned(),
             Step::Latency => "latency".to_owned(),
             Step::Connect => "connection setup".to_owned(),
             Step::Memory => "RSS with 1,000 connections".to_owned(),
@@ -103,6 +130,12 @@ impl Step {
     fn metrics(self) -> Vec<Metric> {
         match self {
             Step::Throughput { streams, reverse } => vec![Metric::Throughput { streams, reverse }],
+            Step::Cpu => vec![
+                Metric::CpuMachine,
+                Metric::CpuTunnel,
+                Metric::CpuTunnelUser,
+                Metric::TunnelUserShare,
+            ],
             Step::Latency => vec![Metric::LatencyP50, Metric::LatencyP99],
             Step::Connect => vec![Metric::ConnectRate],
             Step::Memory => vec![Metric::RssOpen(Side::A), Metric::RssOpen(Side::B)],
@@ -117,23 +150,34 @@ impl Step {
 
 impl Plan {
     fn new(opts: &Options) -> Self {
+        let in_vm = opts.vm || opts.in_vm.is_some();
         let all = [
             Scenario::Throughput,
+            Scenario::Cpu,
             Scenario::Latency,
             Scenario::Connect,
             Scenario::Memory,
         ];
+        let chosen: &[Scenario] = match &opts.scenarios[..] {
+            [] if in_vm => &VM_SCENARIOS,
+            [] => &all,
+            chosen => chosen,
+        };
         let mut steps = Vec::new();
         for scenario in all {
-            if !opts.scenarios.is_empty() && !opts.scenarios.contains(&scenario) {
+            if !chosen.contains(&scenario) {
                 continue;
             }
             match scenario {
                 Scenario::Throughput => {
                     for (streams, reverse) in [(1, false), (1, true), (4, false), (4, true)] {
-                        steps.push(Step::Throughput { streams, reverse });
+                        // Four streams on the VM's two emulated CPUs add time, not insight.
+                        if !(in_vm && streams > 1) {
+                            steps.push(Step::Throughput { streams, reverse });
+                        }
                     }
                 }
+                Scenario::Cpu => steps.push(Step::Cpu),
                 Scenario::Latency => steps.push(Step::Latency),
                 Scenario::Connect => steps.push(Step::Connect),
                 Scenario::Memory => steps.push(Step::Memory),
@@ -142,9 +186,24 @@ impl Plan {
         if opts.quick {
             Plan {
                 reps: opts.reps.unwrap_or(3),
-                transfer: measure::Transfer::MiB(384),
+                transfer: measure::Transfer::MiB(if in_vm { 48 } else { 384 }),
+                cpu_seconds: if in_vm { 2.0 } else { 1.0 },
                 latency_seconds: 0.5,
                 connect_seconds: 0.4,
+                held: 1000,
+                steps,
+            }
+        } else if in_vm {
+            // Under emulation iperf3 over loopback moves about 0.2 Gbit/s (against 30 on
+            // the host) and takes 1.5 s to start and stop; the routes' figures spread by
+            // ±30-80% between repetitions, so five of them, of 4 s each: the default set in
+            // about 10 minutes.
+            Plan {
+                reps: opts.reps.unwrap_or(5),
+                transfer: measure::Transfer::Seconds(4),
+                cpu_seconds: 4.0,
+                latency_seconds: 2.0,
+                connect_seconds: 2.0,
                 held: 1000,
                 steps,
             }
@@ -152,6 +211,7 @@ impl Plan {
             Plan {
                 reps: opts.reps.unwrap_or(5),
                 transfer: measure::Transfer::Seconds(4),
+                cpu_seconds: 3.0,
                 latency_seconds: 3.0,
                 connect_seconds: 3.0,
                 held: 1000,
@@ -165,6 +225,15 @@ impl Plan {
         for step in &self.steps {
             let part = match step {
                 Step::Throughput { .. } => format!("{} per run", self.transfer.describe()),
+                Step::Cpu => format!(
+                    "CPU: one iperf3 stream A→B; over {} s in its middle (after {} MiB and \
+                     0.5 s more: connection set-up left out), the machine's busy CPU time (the \
+                     window times the CPUs, less idle and iowait from /proc/stat) and both \
+                     tunnel processes' (utime, stime of /proc/PID/stat), divided by the GiB \
+                     the iperf3 server read meanwhile (rchar of /proc/PID/io)",
+                    self.cpu_seconds,
+                    measure::CPU_WARM_UP_BYTES >> 20
+                ),
                 Step::Latency => format!(
                     "round trips: one connection, one {} B message in flight, echoed back, {} s \
                      per run (the first fifth, at most 200 ms, is a warm-up)",
@@ -192,22 +261,41 @@ impl Plan {
     }
 }
 
+/// The scenarios of a `--vm` run unless told: what the kTLS data path is about.
+const VM_SCENARIOS: [Scenario; 2] = [Scenario::Throughput, Scenario::Cpu];
+/// The routes of a `--vm` run unless told: the data paths side by side, and direct as the
+/// scale of the emulated machine. haproxy and stunnel are the host bench's comparison.
+const VM_ROUTES: [RouteKind; 4] = [
+    RouteKind::Direct,
+    RouteKind::Userspace,
+    RouteKind::Sockmap,
+    RouteKind::Ktls,
+];
+
 pub fn bench(opts: Options) -> Result<ExitCode> {
+    if opts.vm {
+        return vm::bench_in_vm(&opts);
+    }
     ensure!(
         nix::unistd::geteuid().is_root(),
         "the bench makes network namespaces and cgroups and starts agents in them: run it as root"
     );
     run::catch_interrupts()?;
     let started = Instant::now();
-    crate::setup::setup()?;
-    let bins = build_release()?;
-    // The bench's own clients and echo server share the machine with what they measure:
-    // optimised, they take less of it.
-    step("cargo build --release -p xtask");
-    run::check(run::cargo().args(["build", "--release", "-p", "xtask"]))?;
-    let out = match &opts.out {
-        Some(out) => out.clone(),
-        None => run::Workspace::locate()?.target_dir.join("bench"),
+    let (bins, out) = match &opts.in_vm {
+        // Built and copied by the host; the guest's view of the host's disk is read-only.
+        Some(bins) => (
+            bins.clone(),
+            opts.out.clone().context("--in-vm needs --out")?,
+        ),
+        None => {
+            let bins = build_all()?;
+            let out = match &opts.out {
+                Some(out) => out.clone(),
+                None => run::Workspace::locate()?.target_dir.join("bench"),
+            };
+            (bins, out)
+        }
     };
     raise_nofile_limit()?;
     for what in clink_testbed::remove_stale()? {
@@ -216,7 +304,11 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
 
     let help = run::output(Command::new(bins.join("clink-agent")).arg("--help"))?;
     let datapaths = offered_datapaths(&help);
-    let kinds = choose_routes(&opts.paths, datapaths.as_deref())?;
+    let asked = match &opts.paths[..] {
+        [] if opts.in_vm.is_some() => &VM_ROUTES[..],
+        asked => asked,
+    };
+    let kinds = choose_routes(asked, datapaths.as_deref(), clink_testbed::ktls_available())?;
     let plan = Plan::new(&opts);
     println!(
         "    routes: {}",
@@ -295,7 +387,7 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
         None => bench.measure(&plan, &helper),
     };
     let report = result.and_then(|()| {
-        let meta = Meta::collect(started);
+        let meta = Meta::collect(started, &opts.host);
         bench.write_report(&plan, &meta, &out)
     });
     if report.is_err() && !run::interrupted() {
@@ -316,6 +408,18 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Installs what the bench needs and builds the release binaries; returns their directory
+/// (`clink-agent`, `clink` and `xtask`).
+fn build_all() -> Result<PathBuf> {
+    crate::setup::setup()?;
+    let bins = build_release()?;
+    // The bench's own clients and echo server share the machine with what they measure:
+    // optimised, they take less of it.
+    step("cargo build --release -p xtask");
+    run::check(run::cargo().args(["build", "--release", "-p", "xtask"]))?;
+    Ok(bins)
 }
 
 /// Children inherit it: the agents and proxies hold two sockets per open connection.
@@ -345,8 +449,13 @@ fn offered_datapaths(help: &str) -> Option<Vec<String>> {
     )
 }
 
-/// The routes to measure: those asked for (all by default) that this build offers.
-fn choose_routes(asked: &[RouteKind], datapaths: Option<&[String]>) -> Result<Vec<RouteKind>> {
+/// The routes to measure: those asked for (all by default) that this build offers and, for
+/// the kTLS data path, that this kernel can run (`ktls`: [`clink_testbed::ktls_available`]).
+fn choose_routes(
+    asked: &[RouteKind],
+    datapaths: Option<&[String]>,
+    ktls: Result<(), String>,
+) -> Result<Vec<RouteKind>> {
     let offered = |kind: RouteKind| match (kind, datapaths) {
         (RouteKind::Userspace, _) => true,
         (kind, Some(paths)) => kind
@@ -359,18 +468,30 @@ fn choose_routes(asked: &[RouteKind], datapaths: Option<&[String]>) -> Result<Ve
         if !asked.is_empty() && !asked.contains(&kind) {
             continue;
         }
-        if offered(kind) {
-            kinds.push(kind);
-        } else if asked.contains(&kind) {
-            bail!(
-                "clink-agent --help offers no `--datapath {}`",
-                kind.datapath().unwrap_or("?")
-            );
-        } else {
+        if !offered(kind) {
+            if asked.contains(&kind) {
+                bail!(
+                    "clink-agent --help offers no `--datapath {}`",
+                    kind.datapath().unwrap_or("?")
+                );
+            }
             println!(
                 "    {}: not offered by this clink-agent (--help), left out",
                 kind.label()
             );
+        } else if let (RouteKind::Ktls, Err(why)) = (kind, &ktls) {
+            if asked.contains(&kind) {
+                bail!(
+                    "{}: {why}; `cargo xtask bench --vm` runs it in a VM",
+                    kind.label()
+                );
+            }
+            println!(
+                "    {}: {why}; left out (`cargo xtask bench --vm` measures it in a VM)",
+                kind.label()
+            );
+        } else {
+            kinds.push(kind);
         }
     }
     Ok(kinds)
@@ -534,6 +655,25 @@ fn take(
             let gbps = measure::throughput(place, to, streams, reverse, plan.transfer)?;
             vec![(Metric::Throughput { streams, reverse }, gbps)]
         }
+        Step::Cpu => {
+            let to = route.entry(Service::Iperf);
+            let probe = measure::CpuProbe {
+                server: route
+                    .server_pid(Service::Iperf)
+                    .context("the route has no iperf3 server")?,
+                tunnel: route.processes().map(|p| [p[0].pid, p[1].pid]),
+            };
+            let cost = measure::cpu_cost(place, to, plan.cpu_seconds, &probe)?;
+            let mut figures = vec![(Metric::CpuMachine, cost.machine)];
+            if let (Some(tunnel), Some(user)) = (cost.tunnel, cost.tunnel_user) {
+                figures.push((Metric::CpuTunnel, tunnel));
+                figures.push((Metric::CpuTunnelUser, user));
+                if tunnel > 0.0 {
+                    figures.push((Metric::TunnelUserShare, 100.0 * user / tunnel));
+                }
+            }
+            figures
+        }
         Step::Latency => {
             let to = route.entry(Service::Echo);
             let latency = measure::latency(place, helper, to, plan.latency_seconds)?;
@@ -590,7 +730,7 @@ mod tests {
     fn plan_runs_every_scenario_unless_told() {
         let plan = Plan::new(&opts(&[]));
         assert_eq!(plan.reps, 5);
-        assert_eq!(plan.steps.len(), 7);
+        assert_eq!(plan.steps.len(), 8);
         let quick = Plan::new(&opts(&[
             "--quick",
             "--scenario",
@@ -601,6 +741,21 @@ mod tests {
         assert_eq!(quick.reps, 3);
         assert_eq!(quick.steps, [Step::Latency, Step::Memory]);
         assert!(Cli::try_parse_from(["bench", "--reps", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_vm_plan_is_throughput_and_cpu_single_stream() {
+        let single = |reverse| Step::Throughput {
+            streams: 1,
+            reverse,
+        };
+        for vm in [&["--vm"][..], &["--in-vm", "/tmp/bins"]] {
+            let plan = Plan::new(&opts(vm));
+            assert_eq!(plan.reps, 5);
+            assert_eq!(plan.steps, [single(false), single(true), Step::Cpu]);
+        }
+        let told = Plan::new(&opts(&["--vm", "--scenario", "latency", "--reps", "2"]));
+        assert_eq!((told.reps, told.steps), (2, vec![Step::Latency]));
     }
 
     #[test]
@@ -626,7 +781,8 @@ mod tests {
 
     #[test]
     fn routes_follow_what_the_agent_offers() {
-        let all = choose_routes(&[], None).unwrap();
+        let no_ktls = || Err("no kernel TLS".to_owned());
+        let all = choose_routes(&[], None, no_ktls()).unwrap();
         assert_eq!(
             all,
             [
@@ -637,12 +793,40 @@ mod tests {
             ]
         );
         let offered = ["userspace".to_owned(), "sockmap".to_owned()];
-        let with_sockmap = choose_routes(&[], Some(&offered)).unwrap();
+        let with_sockmap = choose_routes(&[], Some(&offered), no_ktls()).unwrap();
         assert!(with_sockmap.contains(&RouteKind::Sockmap));
-        assert!(choose_routes(&[RouteKind::Sockmap], None).is_err());
+        assert!(choose_routes(&[RouteKind::Sockmap], None, no_ktls()).is_err());
         assert_eq!(
-            choose_routes(&[RouteKind::Haproxy, RouteKind::Direct], None).unwrap(),
+            choose_routes(&[RouteKind::Haproxy, RouteKind::Direct], None, no_ktls()).unwrap(),
             [RouteKind::Direct, RouteKind::Haproxy]
         );
+    }
+
+    #[test]
+    fn ktls_needs_the_agent_and_the_kernel() {
+        let offered = [
+            "userspace".to_owned(),
+            "sockmap".to_owned(),
+            "ktls".to_owned(),
+        ];
+        let host = choose_routes(&[], Some(&offered), Err("no kernel TLS".to_owned())).unwrap();
+        assert!(!host.contains(&RouteKind::Ktls), "{host:?}");
+        let err = choose_routes(
+            &[RouteKind::Ktls],
+            Some(&offered),
+            Err("no CONFIG_TLS".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("no CONFIG_TLS") && err.contains("--vm"),
+            "{err}"
+        );
+        assert_eq!(
+            choose_routes(&VM_ROUTES, Some(&offered), Ok(())).unwrap(),
+            VM_ROUTES
+        );
+        let old_agent = ["userspace".to_owned(), "sockmap".to_owned()];
+        assert!(choose_routes(&[RouteKind::Ktls], Some(&old_agent), Ok(())).is_err());
     }
 }

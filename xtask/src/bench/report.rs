@@ -1,5 +1,6 @@
-//! The figures of one run and their Markdown report: medians, spread, ratios to direct and
-//! to haproxy, and the project's performance targets (docs/performance.md).
+//! The figures of one run and their Markdown report: medians, spread, ratios to direct, to
+//! haproxy and to the userspace data path, and the project's performance targets
+//! (docs/performance.md).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,6 +22,14 @@ pub enum Metric {
         streams: u32,
         reverse: bool,
     },
+    /// CPU seconds per GiB of one iperf3 stream A→B, all CPUs of the machine (the VM).
+    CpuMachine,
+    /// The same, both tunnel processes, user and system time.
+    CpuTunnel,
+    /// The same, both tunnel processes, user time only.
+    CpuTunnelUser,
+    /// The tunnel processes' user time as a share of their CPU time, in per cent.
+    TunnelUserShare,
     LatencyP50,
     LatencyP99,
     ConnectRate,
@@ -38,6 +47,10 @@ impl Metric {
                 if streams == 1 { "" } else { "s" },
                 if reverse { "B→A" } else { "A→B" }
             ),
+            Metric::CpuMachine => "CPU per GiB, whole machine (1 stream A→B)".to_owned(),
+            Metric::CpuTunnel => "CPU per GiB, tunnel processes (both sides)".to_owned(),
+            Metric::CpuTunnelUser => "CPU per GiB, tunnel processes in user space".to_owned(),
+            Metric::TunnelUserShare => "user-space share of the tunnel processes' CPU".to_owned(),
             Metric::LatencyP50 => "request/response round trip, p50".to_owned(),
             Metric::LatencyP99 => "request/response round trip, p99".to_owned(),
             Metric::ConnectRate => "new connections per second".to_owned(),
@@ -49,6 +62,8 @@ impl Metric {
     pub fn unit(self) -> &'static str {
         match self {
             Metric::Throughput { .. } => "Gbit/s",
+            Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => "s/GiB",
+            Metric::TunnelUserShare => "%",
             Metric::LatencyP50 | Metric::LatencyP99 => "µs",
             Metric::ConnectRate => "conn/s",
             Metric::RssIdle(_) | Metric::RssOpen(_) => "MiB",
@@ -63,6 +78,13 @@ impl Metric {
         match self {
             Metric::Throughput { .. } => format!("{value:.2}"),
             Metric::ConnectRate => thousands(value.round() as u64),
+            // Under emulation the userspace path costs tens of seconds per GiB, the kTLS
+            // agents' user time hundredths: both keep three significant digits.
+            Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => match value {
+                v if v >= 10.0 => format!("{v:.1}"),
+                v if v >= 1.0 => format!("{v:.2}"),
+                v => format!("{v:.3}"),
+            },
             _ => format!("{value:.1}"),
         }
     }
@@ -232,6 +254,7 @@ impl Results {
         }
 
         md.push_str(&self.targets());
+        md.push_str(&self.ktls_targets());
 
         if !self.failures.is_empty() || !self.setup_failures.is_empty() {
             md.push_str("\nFailures:\n\n");
@@ -256,7 +279,8 @@ impl Results {
         md
     }
 
-    /// (route, base) pairs: every tunnel against direct, every other route against haproxy.
+    /// (route, base) pairs: every tunnel against direct, every other route against haproxy,
+    /// the kernel data paths against userspace.
     fn ratio_columns(&self) -> Vec<(RouteKind, RouteKind)> {
         let has = |k| self.routes.contains(&k);
         let mut columns = Vec::new();
@@ -269,6 +293,9 @@ impl Results {
             }
             if route != RouteKind::Haproxy && has(RouteKind::Haproxy) {
                 columns.push((route, RouteKind::Haproxy));
+            }
+            if matches!(route, RouteKind::Sockmap | RouteKind::Ktls) && has(RouteKind::Userspace) {
+                columns.push((route, RouteKind::Userspace));
             }
         }
         columns
@@ -283,7 +310,8 @@ impl Results {
             .copied()
             .filter(|r| r.datapath().is_some())
             .collect();
-        if clink.is_empty() {
+        // Every target is a comparison with haproxy (or memory, measured with it).
+        if clink.is_empty() || !self.routes.contains(&RouteKind::Haproxy) {
             return String::new();
         }
         let mut md = String::from("\nTargets, read off this run:\n\n| target |");
@@ -348,6 +376,66 @@ impl Results {
         }
         md
     }
+
+    /// The kTLS data path's targets (issue 10), against the userspace path in this run: a
+    /// verdict per target, PASS or MISS, which never fails the run (a loaded machine moves
+    /// the figures; the verdict is there to be read).
+    fn ktls_targets(&self) -> String {
+        let (ktls, user) = (RouteKind::Ktls, RouteKind::Userspace);
+        if !self.routes.contains(&ktls) || !self.routes.contains(&user) {
+            return String::new();
+        }
+        let throughput: Vec<(Metric, f64)> = self
+            .metrics()
+            .into_iter()
+            .filter(|m| matches!(m, Metric::Throughput { .. }))
+            .filter_map(|m| Some((m, self.ratio(m, ktls, user)?)))
+            .collect();
+        let rows = [
+            (
+                "throughput ≥ 1.3× userspace",
+                (!throughput.is_empty()).then(|| {
+                    let figures = throughput
+                        .iter()
+                        .map(|(m, r)| format!("{}: {r:.2}×", short_case(*m)))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    (figures, throughput.iter().all(|(_, r)| *r >= 1.3))
+                }),
+            ),
+            (
+                "whole-machine CPU per GiB ≤ 0.6× userspace",
+                self.ratio(Metric::CpuMachine, ktls, user)
+                    .map(|r| (format!("{r:.2}×"), r <= 0.6)),
+            ),
+            (
+                "agents' user-space CPU per GiB ≤ 0.1× userspace's",
+                self.ratio(Metric::CpuTunnelUser, ktls, user)
+                    .map(|r| (format!("{r:.3}×"), r <= 0.1)),
+            ),
+        ];
+        let mut md = String::from(
+            "\nkTLS targets, clink ktls against clink userspace in this run:\n\n\
+             | target | ratio of medians | verdict |\n|---|---|---|\n",
+        );
+        for (target, outcome) in rows {
+            let (figures, verdict) = match outcome {
+                Some((figures, true)) => (figures, "PASS"),
+                Some((figures, false)) => (figures, "**MISS**"),
+                None => ("not measured".to_owned(), "—"),
+            };
+            let _ = writeln!(md, "| {target} | {figures} | {verdict} |");
+        }
+        md
+    }
+}
+
+/// `1 stream A→B` for a throughput row.
+fn short_case(metric: Metric) -> String {
+    metric
+        .label()
+        .strip_prefix("throughput, ")
+        .map_or_else(|| metric.label(), str::to_owned)
 }
 
 fn one_line(text: &str) -> String {
@@ -466,6 +554,49 @@ mod tests {
             md.contains("- clink userspace, new connections per second: refused by peer"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn ktls_is_judged_against_userspace_without_failing_the_run() {
+        let mut r = Results::new(vec![RouteKind::Userspace, RouteKind::Ktls]);
+        let down = Metric::Throughput {
+            streams: 1,
+            reverse: true,
+        };
+        for (metric, userspace, ktls) in [
+            (UP, 0.10, 0.15),
+            (down, 0.10, 0.12),
+            (Metric::CpuMachine, 200.0, 100.0),
+            (Metric::CpuTunnel, 120.0, 30.0),
+            (Metric::CpuTunnelUser, 80.0, 0.5),
+        ] {
+            r.add(metric, RouteKind::Userspace, userspace);
+            r.add(metric, RouteKind::Ktls, ktls);
+        }
+        let md = r.markdown();
+        assert!(md.contains("| clink ktls ÷ clink userspace |"), "{md}");
+        assert!(
+            md.contains(
+                "| throughput ≥ 1.3× userspace | 1 stream, A→B: 1.50×, 1 stream, B→A: 1.20× \
+                 | **MISS** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| whole-machine CPU per GiB ≤ 0.6× userspace | 0.50× | PASS |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| agents' user-space CPU per GiB ≤ 0.1× userspace's | 0.006× | PASS |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| CPU per GiB, tunnel processes in user space | s/GiB ↓ | 80.0 | 0.500 |"),
+            "{md}"
+        );
+        // Without haproxy there is nothing to hold the haproxy targets against.
+        assert!(!md.contains("1.5× haproxy"), "{md}");
+        assert!(!md.contains("Failures"), "{md}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub enum RouteKind {
     Userspace,
     /// ClusterLink-rs, sockmap data path (when the agent offers it).
     Sockmap,
+    /// ClusterLink-rs, kTLS data path (when the agent offers it and the kernel has kernel
+    /// TLS: in the VM of `--vm`).
+    Ktls,
     /// An haproxy mTLS pair.
     Haproxy,
     /// A stunnel mTLS pair.
@@ -44,10 +47,11 @@ pub enum RouteKind {
 }
 
 impl RouteKind {
-    pub const ALL: [RouteKind; 5] = [
+    pub const ALL: [RouteKind; 6] = [
         RouteKind::Direct,
         RouteKind::Userspace,
         RouteKind::Sockmap,
+        RouteKind::Ktls,
         RouteKind::Haproxy,
         RouteKind::Stunnel,
     ];
@@ -57,6 +61,7 @@ impl RouteKind {
             RouteKind::Direct => "direct",
             RouteKind::Userspace => "clink userspace",
             RouteKind::Sockmap => "clink sockmap",
+            RouteKind::Ktls => "clink ktls",
             RouteKind::Haproxy => "haproxy",
             RouteKind::Stunnel => "stunnel",
         }
@@ -69,6 +74,7 @@ impl RouteKind {
             RouteKind::Direct => "direct",
             RouteKind::Userspace => "userspace",
             RouteKind::Sockmap => "sockmap",
+            RouteKind::Ktls => "ktls",
             RouteKind::Haproxy => "haproxy",
             RouteKind::Stunnel => "stunnel",
         }
@@ -79,18 +85,31 @@ impl RouteKind {
         match self {
             RouteKind::Userspace => Some("userspace"),
             RouteKind::Sockmap => Some("sockmap"),
+            RouteKind::Ktls => Some("ktls"),
             _ => None,
         }
     }
 
     /// Whether the route's agents attach programs to a cgroup that its processes must join.
+    /// The kTLS route's clients connect to the Import listeners themselves, so its agents
+    /// get no `--cgroup` and attach nothing: the connect hooks would only rewrite addresses,
+    /// not change how bytes move.
     fn needs_cgroup(self) -> bool {
         matches!(self, RouteKind::Sockmap)
     }
 
+    /// Fixed per route rather than by position in [`Self::ALL`], so that adding a route
+    /// moves no other route's ports.
     fn ports(self) -> Ports {
-        let index = Self::ALL.iter().position(|k| *k == self).unwrap_or(0);
-        Ports(10_000 + 100 * index as u16)
+        let index = match self {
+            RouteKind::Direct => 0,
+            RouteKind::Userspace => 1,
+            RouteKind::Sockmap => 2,
+            RouteKind::Haproxy => 3,
+            RouteKind::Stunnel => 4,
+            RouteKind::Ktls => 5,
+        };
+        Ports(10_000 + 100 * index)
     }
 }
 
@@ -240,7 +259,9 @@ impl Route {
         self.start_servers(env)?;
         match self.kind {
             RouteKind::Direct => return Ok(()),
-            RouteKind::Userspace | RouteKind::Sockmap => self.start_agents(env)?,
+            RouteKind::Userspace | RouteKind::Sockmap | RouteKind::Ktls => {
+                self.start_agents(env)?
+            }
             RouteKind::Haproxy | RouteKind::Stunnel => self.start_proxies(env)?,
         }
         let netns = env.topo.a().netns();
@@ -278,6 +299,12 @@ impl Route {
     /// Where this route's clients run.
     pub fn client(&self) -> &Place {
         &self.client
+    }
+
+    /// The pid of the server in B behind `service`.
+    pub fn server_pid(&self, service: Service) -> Option<u32> {
+        let index = Service::ALL.iter().position(|s| *s == service)?;
+        self.servers.get(index).map(|server| server.id())
     }
 
     pub fn processes(&self) -> Option<&[Process; 2]> {
