@@ -307,7 +307,32 @@ fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f
     })
 }
 
-/// Serves `GET /metrics` until the task is dropped.
+/// `/metrics`, and `/healthz` for probes (kubelet, load balancers): the agent's event loop
+/// answers, which it only does once its state is loaded and its listeners are bound (this
+/// server starts last).
+fn answer(path: &str, metrics: &Metrics) -> hyper::Response<Full<Bytes>> {
+    let text = |status, body: &'static str| {
+        let mut r = hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+        *r.status_mut() = status;
+        r
+    };
+    match path {
+        "/metrics" => {
+            let mut r = hyper::Response::new(Full::new(Bytes::from(metrics.encode())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => text(StatusCode::NOT_FOUND, "see /metrics or /healthz\n"),
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
@@ -322,24 +347,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
-                async move {
-                    let mut resp = if req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(metrics.encode())));
-                        r.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
-                        );
-                        r
-                    } else {
-                        hyper::Response::new(Full::new(Bytes::from_static(b"see /metrics\n")))
-                    };
-                    if req.uri().path() != "/metrics" {
-                        *resp.status_mut() = StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
+                async move { Ok::<_, Infallible>(answer(req.uri().path(), &metrics)) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -358,6 +366,26 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn health_and_metrics_paths() {
+        use http_body_util::BodyExt as _;
+        let m = Metrics::default();
+        let body = |r: hyper::Response<Full<Bytes>>| async move {
+            (
+                r.status(),
+                r.into_body().collect().await.unwrap().to_bytes(),
+            )
+        };
+        assert_eq!(
+            body(answer("/healthz", &m)).await,
+            (StatusCode::OK, Bytes::from_static(b"ok\n"))
+        );
+        let (status, text) = body(answer("/metrics", &m)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(String::from_utf8_lossy(&text).contains("# EOF"));
+        assert_eq!(body(answer("/", &m)).await.0, StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn encodes_families_with_labels() {

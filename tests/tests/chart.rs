@@ -219,7 +219,7 @@ fn defaults_install_a_host_network_node_agent() {
 
     let agent = r.agent();
     for probe in ["startupProbe", "livenessProbe"] {
-        assert_eq!(agent[probe]["httpGet"]["path"], "/metrics", "{probe}");
+        assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
         assert_eq!(agent[probe]["httpGet"]["port"], "metrics", "{probe}");
     }
     assert_eq!(agent["readinessProbe"]["tcpSocket"]["port"], "gateway");

@@ -7,14 +7,15 @@
 //! no kernel TLS.
 
 use std::{
+    io::Write as _,
     net::{SocketAddr, TcpListener},
     time::Duration,
 };
 
 use clink_agent::{connections::BytePath, kernel::Ktls};
 use clink_tests::{
-    half_close_exchange, read_hash, require_root, sample, scrape, send_pattern, transfer_both_ways,
-    wait_metric, Datapath, Fabric, Sockets, METRICS_PORT,
+    exchange, half_close_exchange, pattern_digest, read_hash, refused, require_root, sample,
+    scrape, send_pattern, transfer_both_ways, wait_metric, Datapath, Fabric, Sockets, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -408,4 +409,106 @@ fn a_killed_ktls_agent_resets_its_clients_and_a_restart_works() {
     fabric.agents[0].start().unwrap();
     let client = fabric.connect(0, import_addr()).unwrap();
     transfer_both_ways(service, client, 4 * MIB + 1);
+}
+
+/// The end-to-end cases the other paths have, on agents that chose kTLS themselves
+/// (`--datapath auto` where the kernel has kernel TLS): 24 concurrent connections each way
+/// intact, a reset by the service passed on to the client, and a deleted policy that stops
+/// new connections.
+#[test]
+fn auto_takes_ktls_for_concurrent_connections_resets_and_policy_changes() {
+    if !kernel_tls("auto_takes_ktls_for_concurrent_connections_resets_and_policy_changes") {
+        return;
+    }
+    let (mut fabric, service) = allowed_service();
+    for agent in &mut fabric.agents {
+        agent.stop().unwrap();
+        for arg in agent.args.iter_mut().filter(|a| *a == "ktls") {
+            *arg = "auto".into();
+        }
+        agent.start().unwrap();
+        assert_eq!(
+            agent.status().unwrap().datapath,
+            "ktls",
+            "auto took another path"
+        );
+    }
+
+    // 24 at once, 2 MiB + i each way, every one checked at both ends.
+    const N: usize = 24;
+    let len = |i: usize| 2 * MIB + i;
+    let server = std::thread::spawn(move || {
+        let workers: Vec<_> = (0..N)
+            .map(|_| {
+                let (stream, _) = service.accept().unwrap();
+                std::thread::spawn(move || exchange(stream, 2, 2 * MIB, 100_000).unwrap())
+            })
+            .collect();
+        let received: Vec<_> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .map(|t| (t.received_len, t.received))
+            .collect();
+        (service, received)
+    });
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let client = fabric.connect(0, import_addr()).unwrap();
+            std::thread::spawn(move || exchange(client, i as u64 + 10, len(i), 65_537).unwrap())
+        })
+        .collect();
+    for client in clients {
+        let got = client.join().unwrap();
+        assert_eq!(got.received_len, 2 * MIB);
+        assert_eq!(got.received, pattern_digest(2, 2 * MIB));
+    }
+    let (service, mut received) = server.join().unwrap();
+    let mut expected: Vec<_> = (0..N)
+        .map(|i| (len(i), pattern_digest(i as u64 + 10, len(i))))
+        .collect();
+    received.sort();
+    expected.sort();
+    assert_eq!(received, expected, "what the service received");
+    assert_handed_off(&fabric, N as f64);
+
+    // The service resets its end: the client sees a reset, not an end of stream.
+    let mut client = fabric.connect(0, import_addr()).unwrap();
+    client.write_all(b"ping").unwrap();
+    let (mut accepted, _) = service.accept().unwrap();
+    let mut ping = [0u8; 4];
+    std::io::Read::read_exact(&mut accepted, &mut ping).unwrap();
+    socket2::SockRef::from(&accepted)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(accepted);
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut client, &mut rest);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client saw {read:?}, not the service's reset"
+    );
+
+    // No policy, no new connection (default deny), also on this path.
+    fabric
+        .a()
+        .clink_ok(&["delete", "accesspolicy", "allow-all"])
+        .unwrap();
+    // The agent may reset so fast that `connect` itself reports it.
+    let denied = match fabric.connect(0, import_addr()) {
+        Ok(mut stream) => refused(&mut stream),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(denied, "a connection got through without a policy");
+    let metrics = scrape(fabric.ns_a()).unwrap();
+    assert_eq!(
+        sample(
+            &metrics,
+            "clink_connection_paths_total{direction=\"egress\",path=\"ktls\"}"
+        ),
+        N as f64 + 1.0,
+        "{metrics}"
+    );
 }
