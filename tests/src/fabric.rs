@@ -5,8 +5,8 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
 };
 
-use anyhow::Result;
-use clink_testbed::{bin_path, make_certificates, Netns, Topology};
+use anyhow::{Context as _, Result};
+use clink_testbed::{bin_path, make_certificates, Netns, Pod, Topology};
 
 use crate::agent::Agent;
 use crate::sockmap::{Datapath, Sockets, SockmapSandbox};
@@ -166,6 +166,41 @@ impl Fabric {
         }
     }
 
+    /// A client in a new pod of cluster `i`'s node (its own namespace on a veth pair, its
+    /// process in the cluster's cgroup) connected to `service` (an Import's service address),
+    /// checked to have landed on the Import listener `listener_port` at the node address.
+    pub fn pod_client(
+        &self,
+        i: usize,
+        service: SocketAddr,
+        listener_port: u16,
+    ) -> Result<PodClient> {
+        let node = &self.topo.clusters()[i];
+        let pod = clink_testbed::pod(node)?;
+        let setup = self.agents[i]
+            .sockmap
+            .as_ref()
+            .context("pods need the cluster's cgroup (sockmap or ktls fabric)")?;
+        let sockets = Sockets::start(pod.netns(), &setup.cgroup)?;
+        let stream = sockets.connect(service).with_context(|| {
+            format!(
+                "connect from the pod to {service}; agent log:\n{}",
+                self.agents[i].log()
+            )
+        })?;
+        let landed = stream.peer_addr()?;
+        anyhow::ensure!(
+            landed == SocketAddr::from((node.ip(), listener_port)),
+            "the pod's connect to {service} landed on {landed}, not on the listener at the \
+             node address"
+        );
+        Ok(PodClient {
+            stream,
+            _sockets: sockets,
+            pod,
+        })
+    }
+
     /// The socket maker inside cluster `i`'s cgroup (sockmap data path only).
     pub fn sockets(&self, i: usize) -> Option<&Sockets> {
         self.sockets.get(i)
@@ -214,4 +249,12 @@ impl Fabric {
         ])?;
         Ok(())
     }
+}
+
+/// A pod's client connection (see [`Fabric::pod_client`]). Fields drop in order: the
+/// connection, the pod's process, then its namespace.
+pub struct PodClient {
+    pub stream: TcpStream,
+    _sockets: Sockets,
+    pub pod: Pod,
 }

@@ -13,7 +13,7 @@ mod traffic;
 
 pub use agent::Agent;
 pub use clink_testbed::require_root;
-pub use fabric::{Fabric, FABRIC, GATEWAY_PORT};
+pub use fabric::{Fabric, PodClient, FABRIC, GATEWAY_PORT};
 pub use files::tree;
 pub use metrics::{sample, scrape, scrape_at, total, wait_metric, METRICS_PORT};
 pub use sockmap::{Datapath, Sockets, SockmapSandbox, SockmapSetup};

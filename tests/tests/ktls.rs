@@ -15,7 +15,7 @@ use std::{
 use clink_agent::{connections::BytePath, kernel::Ktls};
 use clink_tests::{
     exchange, half_close_exchange, pattern_digest, read_hash, refused, require_root, sample,
-    scrape, send_pattern, transfer_both_ways, wait_metric, Datapath, Fabric, Sockets, METRICS_PORT,
+    scrape, send_pattern, transfer_both_ways, wait_metric, Datapath, Fabric, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -275,23 +275,9 @@ fn a_pod_client_reaches_the_service_address_over_ktls() {
     let (fabric, service) = allowed_service();
     let applied = fabric.a().apply(&import_with_service_address()).unwrap();
     assert!(applied.status.success(), "{applied:?}");
-    let node = fabric.topo.a();
-    let pod = clink_testbed::pod(node).expect("pod namespace");
-    let cgroup = &fabric.a().sockmap.as_ref().unwrap().cgroup;
-    let pod_sockets = Sockets::start(pod.netns(), cgroup).expect("pod process in the cgroup");
-
     let vip: SocketAddr = format!("{VIP}:{SERVICE_PORT}").parse().unwrap();
-    let client = pod_sockets.connect(vip).unwrap_or_else(|e| {
-        panic!(
-            "connect to the service address: {e}; agent log:\n{}",
-            fabric.a().log()
-        )
-    });
-    assert_eq!(
-        client.peer_addr().unwrap(),
-        SocketAddr::from((node.ip(), IMPORT_PORT)),
-        "the connect hook sends a pod to the listener at the node address"
-    );
+    let pod_client = fabric.pod_client(0, vip, IMPORT_PORT).expect("pod client");
+    let (pod, client) = (&pod_client.pod, pod_client.stream.try_clone().unwrap());
     assert_eq!(client.local_addr().unwrap().ip(), pod.ip());
 
     // The tunnel is set up and handed to the kernel before any byte moves: while the

@@ -26,7 +26,7 @@ use serde_json::Value;
 use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
 use clink_tests::{
     assert_intact, connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath,
-    Fabric, Patient, Sockets, SockmapSandbox, Transfer, METRICS_PORT,
+    Fabric, Patient, SockmapSandbox, Transfer, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -681,22 +681,9 @@ fn a_pod_client_reaches_the_service_address_at_the_node_address() {
     let (fabric, service) = sockmap_service();
     let applied = fabric.a().apply(&import_yaml(Some(VIP4)));
     assert!(applied.unwrap().status.success());
-    let node = fabric.topo.a();
-    let pod = clink_testbed::pod(node).expect("pod namespace");
-    let cgroup = &fabric.a().sockmap.as_ref().unwrap().cgroup;
-    let pod_sockets = Sockets::start(pod.netns(), cgroup).expect("pod process in the cgroup");
     let vip: SocketAddr = format!("{VIP4}:{SERVICE_PORT}").parse().unwrap();
-    let client = pod_sockets.connect(vip).unwrap_or_else(|e| {
-        panic!(
-            "connect to the service address: {e}; agent log:\n{}",
-            fabric.a().log()
-        )
-    });
-    assert_eq!(
-        client.peer_addr().unwrap(),
-        SocketAddr::from((node.ip(), IMPORT_PORT)),
-        "the connect hook sends a pod to the listener at the node address"
-    );
+    let pod = fabric.pod_client(0, vip, IMPORT_PORT).expect("pod client");
+    let client = pod.stream.try_clone().unwrap();
     let bpf = fabric.a().bpf().unwrap();
     let redirect = bpf
         .redirects

@@ -239,14 +239,19 @@ fn virtme_ng() -> Result<()> {
         }
     }
     println!("    virtme-ng {VIRTME_NG}: missing (boots the kernel of `cargo xtask vm-test`)");
+    pip_install(&venv, &format!("virtme-ng=={VIRTME_NG}"))
+}
+
+/// `pip install -q <requirement>` into the virtual environment `venv`, made first if needed.
+fn pip_install(venv: &Path, requirement: &str) -> Result<()> {
     if !venv.join("bin/pip").exists() {
         let mut create = Command::new(system_python());
-        create.args(["-m", "venv"]).arg(&venv);
+        create.args(["-m", "venv"]).arg(venv);
         step(&show(&create));
         check(&mut create)?;
     }
     let mut install = Command::new(venv.join("bin/pip"));
-    install.args(["install", "-q", &format!("virtme-ng=={VIRTME_NG}")]);
+    install.args(["install", "-q", requirement]);
     step(&show(&install));
     check(&mut install)
 }
@@ -343,20 +348,10 @@ fn kubernetes_validate() -> Result<()> {
         "    kubernetes-validate {KUBERNETES_VALIDATE}: missing (the chart tests validate \
          rendered manifests with it)"
     );
-    if !venv.join("bin/pip").exists() {
-        let mut create = Command::new(system_python());
-        create.args(["-m", "venv"]).arg(&venv);
-        step(&show(&create));
-        check(&mut create)?;
-    }
-    let mut install = Command::new(venv.join("bin/pip"));
-    install.args([
-        "install",
-        "-q",
+    pip_install(
+        &venv,
         &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
-    ]);
-    step(&show(&install));
-    check(&mut install)
+    )
 }
 
 /// Debian's python3 (which python3-venv serves), not whichever one PATH finds first.
