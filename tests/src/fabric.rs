@@ -44,6 +44,17 @@ impl Fabric {
         Self::on(clink_testbed::two_clusters()?, datapath)
     }
 
+    /// Two clusters on `datapath` with allow-all policies and one tunneled service: a
+    /// listener in cluster b (inside its cgroup on the kernel paths) exported as `svc` and
+    /// imported into cluster a on `import_port`.
+    pub fn with_service(datapath: Datapath, import_port: u16) -> Result<(Fabric, TcpListener)> {
+        let fabric = Self::two_clusters_on(datapath)?;
+        let service = fabric.listen(1)?;
+        fabric.allow_all()?;
+        fabric.export_import("svc", service.local_addr()?, import_port)?;
+        Ok((fabric, service))
+    }
+
     /// Two clusters whose agents run different data paths (`a` for `peer-a`, `b` for
     /// `peer-b`): a kTLS agent must interoperate with a userspace one. Not for sockmap, whose
     /// cgroup set-up is per fabric.

@@ -32,13 +32,7 @@ fn kernel_tls(test: &str) -> bool {
 }
 
 fn allowed_service() -> (Fabric, TcpListener) {
-    let fabric = Fabric::two_clusters_on(Datapath::Ktls).expect("fabric");
-    let service = fabric.listen(1).expect("service listener");
-    fabric.allow_all().expect("policies");
-    fabric
-        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
-        .expect("export and import");
-    (fabric, service)
+    Fabric::with_service(Datapath::Ktls, IMPORT_PORT).expect("fabric with a service")
 }
 
 /// Both agents handed `n` tunnels to the kernel and none stayed in userspace.
@@ -124,12 +118,8 @@ fn transfers_256_mib_each_way_intact_ktls() {
     drop(fabric);
 
     // The same through two userspace agents, an eighth of the bytes.
-    let fabric = Fabric::two_clusters_on(Datapath::Userspace).expect("fabric");
-    let service = fabric.listen(1).expect("service listener");
-    fabric.allow_all().expect("policies");
-    fabric
-        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
-        .expect("export and import");
+    let (fabric, service) =
+        Fabric::with_service(Datapath::Userspace, IMPORT_PORT).expect("userspace fabric");
     let user_len = len / 8;
     let userspace_ticks = agents_user_ticks_for(&fabric, service, user_len);
     let per_mib = |ticks: u64, len: usize| ticks as f64 / (len / MIB) as f64;

@@ -43,13 +43,7 @@ fn import_addr() -> SocketAddr {
 /// A sockmap fabric with an allow-all policy on both sides and one tunneled service; the
 /// listener is the service inside cluster b (and inside its cgroup).
 fn sockmap_service() -> (Fabric, TcpListener) {
-    let fabric = Fabric::two_clusters_on(Datapath::Sockmap).expect("sockmap fabric");
-    let service = fabric.listen(1).expect("service listener");
-    fabric.allow_all().expect("policies");
-    fabric
-        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
-        .expect("export and import");
-    (fabric, service)
+    Fabric::with_service(Datapath::Sockmap, IMPORT_PORT).expect("sockmap fabric with a service")
 }
 
 /// The Import `svc` of cluster a, with service addresses when `ips` is given.

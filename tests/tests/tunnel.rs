@@ -35,13 +35,7 @@ fn allowed_service() -> (Fabric, TcpListener) {
 
 /// [`allowed_service`] on `datapath`; clients connect with `fabric.connect(0, ...)`.
 fn allowed_service_on(datapath: Datapath) -> (Fabric, TcpListener) {
-    let fabric = Fabric::two_clusters_on(datapath).expect("fabric");
-    let service = fabric.listen(1).expect("service listener");
-    fabric.allow_all().expect("policies");
-    fabric
-        .export_import("svc", service.local_addr().unwrap(), IMPORT_PORT)
-        .expect("export and import");
-    (fabric, service)
+    Fabric::with_service(datapath, IMPORT_PORT).expect("fabric with a service")
 }
 
 /// Bytes that went through `clink_skmsg` at agents a and b so far, redirected or (flow
