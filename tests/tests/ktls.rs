@@ -417,12 +417,13 @@ fn auto_takes_ktls_for_concurrent_connections_resets_and_policy_changes() {
         let workers: Vec<_> = (0..N)
             .map(|_| {
                 let (stream, _) = service.accept().unwrap();
-                std::thread::spawn(move || exchange(stream, 2, 2 * MIB, 100_000).unwrap())
+                // A failure shows at the client too, with the agents' logs.
+                std::thread::spawn(move || exchange(stream, 2, 2 * MIB, 100_000).ok())
             })
             .collect();
         let received: Vec<_> = workers
             .into_iter()
-            .map(|w| w.join().unwrap())
+            .filter_map(|w| w.join().unwrap())
             .map(|t| (t.received_len, t.received))
             .collect();
         (service, received)
@@ -430,11 +431,28 @@ fn auto_takes_ktls_for_concurrent_connections_resets_and_policy_changes() {
     let clients: Vec<_> = (0..N)
         .map(|i| {
             let client = fabric.connect(0, import_addr()).unwrap();
-            std::thread::spawn(move || exchange(client, i as u64 + 10, len(i), 65_537).unwrap())
+            std::thread::spawn(move || exchange(client, i as u64 + 10, len(i), 65_537))
         })
         .collect();
-    for client in clients {
-        let got = client.join().unwrap();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if !failed.is_empty() {
+        let notable = |log: String| {
+            log.lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("reset"))
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        panic!(
+            "{} of {N} connections failed, first: {}\nagent a:\n{}\nagent b:\n{}",
+            failed.len(),
+            failed[0],
+            notable(fabric.a().log()),
+            notable(fabric.b().log())
+        );
+    }
+    for got in results.into_iter().map(Result::unwrap) {
         assert_eq!(got.received_len, 2 * MIB);
         assert_eq!(got.received, pattern_digest(2, 2 * MIB));
     }

@@ -160,9 +160,26 @@ where
                     path: BytePath::Ktls,
                 };
             }
-            Handoff::Userspace(tls, why) => {
+            Handoff::Userspace(tls, why, taken) => {
                 count(why.label());
                 info!(reason = %why, "kernel TLS did not take the tunnel; relaying in userspace");
+                if !taken.is_empty() {
+                    // Decrypted on the way to a record boundary: it goes first.
+                    let mut local = local;
+                    if let Err(e) = local.write_all(&taken).await {
+                        relay::arm_reset(&local);
+                        relay::arm_reset(tls.tcp());
+                        return Carried {
+                            sent: 0,
+                            received: 0,
+                            error: Some(e),
+                            path: BytePath::Userspace,
+                        };
+                    }
+                    let mut carried = relay_userspace(ctx, guard, local, tls).await;
+                    carried.received += taken.len() as u64;
+                    return carried;
+                }
                 tls
             }
             Handoff::Failed(e) => {
@@ -178,6 +195,19 @@ where
             }
         },
     };
+    relay_userspace(ctx, guard, local, tls).await
+}
+
+/// The userspace relay, over the data path's local leg (spliced on the sockmap path).
+async fn relay_userspace<S>(
+    ctx: &Context,
+    guard: &ConnGuard<'_>,
+    local: TcpStream,
+    tls: S,
+) -> Carried
+where
+    S: relay::OverTcp,
+{
     let local = ctx.datapath.local_leg(local, &ctx.metrics);
     let path = if local.spliced() {
         BytePath::Sockmap

@@ -153,7 +153,7 @@ impl Ktls {
     pub async fn handoff<S: TunnelTls>(&self, mut tls: S) -> Handoff<S> {
         let fd = match tls.parts().0.get_ref().as_fd().try_clone_to_owned() {
             Ok(fd) => fd,
-            Err(e) => return Handoff::Userspace(tls, Fallback::Ulp(e.to_string())),
+            Err(e) => return Handoff::Userspace(tls, Fallback::Ulp(e.to_string()), Vec::new()),
         };
         let handoff = self.try_handoff(tls).await;
         if matches!(handoff, Handoff::Failed(_)) {
@@ -165,18 +165,22 @@ impl Ktls {
     async fn try_handoff<S: TunnelTls>(&self, mut tls: S) -> Handoff<S> {
         let (io, conn) = tls.parts();
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-            return Handoff::Userspace(tls, Fallback::Version);
+            return Handoff::Userspace(tls, Fallback::Version, Vec::new());
         }
         let suite = match conn.negotiated_cipher_suite() {
             Some(suite) if self.takes(suite.suite()) => suite.suite(),
-            _ => return Handoff::Userspace(tls, Fallback::Cipher),
+            _ => return Handoff::Userspace(tls, Fallback::Cipher, Vec::new()),
         };
         if let Err(e) = setup_ulp(io.get_ref()) {
-            return Handoff::Userspace(tls, Fallback::Ulp(e.to_string()));
+            return Handoff::Userspace(tls, Fallback::Ulp(e.to_string()), Vec::new());
         }
-        match timeout(DRAIN_TIMEOUT, to_record_boundary(&mut tls)).await {
+        // Plaintext rustls decrypts on the way: taken out as it comes, because rustls stops
+        // reading once its own plaintext buffer (16 KiB) is full, and a peer that sends right
+        // after its `200` (the exporter's target talks first) fills it at once.
+        let mut plaintext = Vec::new();
+        match timeout(DRAIN_TIMEOUT, to_record_boundary(&mut tls, &mut plaintext)).await {
             Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return Handoff::Userspace(tls, Fallback::Buffered),
+            Ok(Ok(false)) => return Handoff::Userspace(tls, Fallback::Buffered, plaintext),
             Ok(Err(e)) => return Handoff::Failed(e),
             Err(_) => {
                 return Handoff::Failed(io::Error::new(
@@ -188,28 +192,21 @@ impl Ktls {
         let (io, conn) = tls.parts();
         match conn.process_new_packets() {
             Ok(state) if state.peer_has_closed() => {
-                return Handoff::Userspace(tls, Fallback::PeerClosed)
+                return Handoff::Userspace(tls, Fallback::PeerClosed, plaintext)
             }
             Ok(_) => {}
             Err(e) => return Handoff::Failed(io::Error::other(e)),
         }
         if conn.wants_write() {
-            return Handoff::Userspace(tls, Fallback::PendingWrite);
+            return Handoff::Userspace(tls, Fallback::PendingWrite, plaintext);
         }
         let queued = match bytes_queued_ever(io.get_ref()) {
             Ok(queued) => queued,
-            Err(e) => return Handoff::Userspace(tls, Fallback::Ulp(e.to_string())),
+            Err(e) => return Handoff::Userspace(tls, Fallback::Ulp(e.to_string()), plaintext),
         };
         // From here on the rustls session is given up: failures reset the connection.
-        let mut plaintext = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match conn.reader().read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => plaintext.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Handoff::Failed(e),
-            }
+        if let Err(e) = take_plaintext(conn, &mut plaintext) {
+            return Handoff::Failed(e);
         }
         let client = S::CLIENT;
         let (io, conn) = tls.into_parts();
@@ -249,10 +246,27 @@ fn install(tcp: &TcpStream, secrets: rustls::ExtractedSecrets) -> io::Result<u64
     Ok(tx_seq)
 }
 
+/// Moves the plaintext rustls has decrypted into `into`.
+fn take_plaintext<D>(conn: &mut ConnectionCommon<D>, into: &mut Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => into.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Gives rustls what `PeerIo` read ahead, then completes a record rustls holds only part of
-/// by reading exactly its missing bytes. `false`: rustls would not take more (its plaintext
-/// buffer is full), so the kernel cannot start at a boundary.
-async fn to_record_boundary<S: TunnelTls>(tls: &mut S) -> io::Result<bool> {
+/// by reading exactly its missing bytes; the plaintext rustls decrypts meanwhile goes to
+/// `plaintext`. `false`: rustls would not take more, so the kernel cannot start at a
+/// boundary.
+async fn to_record_boundary<S: TunnelTls>(
+    tls: &mut S,
+    plaintext: &mut Vec<u8>,
+) -> io::Result<bool> {
     let mut chunk = vec![0u8; MAX_RECORD + 5];
     loop {
         let (io, conn) = tls.parts();
@@ -269,6 +283,7 @@ async fn to_record_boundary<S: TunnelTls>(tls: &mut S) -> io::Result<bool> {
                 return Err(e);
             }
             conn.process_new_packets().map_err(io::Error::other)?;
+            take_plaintext(conn, plaintext)?;
             if taken == 0 {
                 return Ok(false);
             }
@@ -292,6 +307,7 @@ async fn to_record_boundary<S: TunnelTls>(tls: &mut S) -> io::Result<bool> {
                 return Err(io::Error::other("rustls refused the rest of a record"));
             }
             conn.process_new_packets().map_err(io::Error::other)?;
+            take_plaintext(conn, plaintext)?;
         }
     }
 }
@@ -336,8 +352,10 @@ pub enum Handoff<S> {
     /// The kernel has the session; the plaintext rustls had received goes to the local
     /// socket first.
     Kernel(Tunnel, Vec<u8>),
-    /// The kernel did not take it; the stream is intact and carries on in userspace.
-    Userspace(S, Fallback),
+    /// The kernel did not take it; the stream carries on in userspace, after the plaintext
+    /// already taken out of rustls (on the way to a record boundary), which goes to the
+    /// local socket first.
+    Userspace(S, Fallback, Vec<u8>),
     /// The session was lost half-way: reset the connection.
     Failed(io::Error),
 }
@@ -697,10 +715,14 @@ mod tests {
                     aes_256_gcm: true,
                     chacha20_poly1305: true,
                 };
-                let Handoff::Userspace(mut client, why) = fake.handoff(client).await else {
+                let Handoff::Userspace(mut client, why, taken) = fake.handoff(client).await else {
                     panic!("a kernel without kTLS took a session");
                 };
                 assert_eq!(why.label(), "fallback-no-ktls", "{why}");
+                assert!(
+                    taken.is_empty(),
+                    "nothing is taken from rustls before the checks"
+                );
                 let mut got = vec![0u8; early.len()];
                 client.read_exact(&mut got).await.unwrap();
                 assert_eq!(got, early);
@@ -717,7 +739,7 @@ mod tests {
             }
             let (client, plaintext) = match ktls.handoff(client).await {
                 Handoff::Kernel(tunnel, plaintext) => (tunnel, plaintext),
-                Handoff::Userspace(_, why) => panic!("{suite:?}: stayed in userspace: {why}"),
+                Handoff::Userspace(_, why, _) => panic!("{suite:?}: stayed in userspace: {why}"),
                 Handoff::Failed(e) => panic!("{suite:?}: {e}"),
             };
             assert_eq!(plaintext, early, "{suite:?}");
@@ -726,7 +748,7 @@ mod tests {
                     assert!(plaintext.is_empty());
                     tunnel
                 }
-                Handoff::Userspace(_, why) => panic!("{suite:?}: stayed in userspace: {why}"),
+                Handoff::Userspace(_, why, _) => panic!("{suite:?}: stayed in userspace: {why}"),
                 Handoff::Failed(e) => panic!("{suite:?}: {e}"),
             };
             through_two_kernel_tunnels(client, server).await;
@@ -777,7 +799,7 @@ mod tests {
             peer.read_exact(&mut answer).await.unwrap();
             let tunnel = match ktls.handoff(server).await {
                 Handoff::Kernel(tunnel, _) => tunnel,
-                Handoff::Userspace(_, why) => panic!("stayed in userspace: {why}"),
+                Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
                 Handoff::Failed(e) => panic!("{e}"),
             };
             let (mut app, app_local) = local_pair().await;
