@@ -111,6 +111,18 @@ struct Carried {
     path: BytePath,
 }
 
+impl Carried {
+    /// A connection that failed before any payload moved.
+    fn failed(error: std::io::Error, path: BytePath) -> Carried {
+        Carried {
+            sent: 0,
+            received: 0,
+            error: Some(error),
+            path,
+        }
+    }
+}
+
 /// Moves a tunneled connection's bytes between the local socket and the tunnel: in the
 /// kernel where the data path is kTLS and the kernel takes the session, else in userspace.
 async fn carry<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
@@ -124,78 +136,74 @@ where
             .get_or_create(&HandoffLabels { direction, result })
             .inc();
     };
-    let tls = match ctx.datapath.ktls() {
-        None => tls,
-        // Boxed, like the pump below: every connection task's future is as large as its
-        // largest state, and the userspace relay should not pay for the kTLS ones.
-        Some(ktls) => match Box::pin(ktls.handoff(tls)).await {
-            Handoff::Kernel(tunnel, plaintext) => {
-                count("kernel");
-                guard.set_path(BytePath::Ktls);
-                debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
-                let mut local = local;
-                if let Err(e) = local.write_all(&plaintext).await {
-                    relay::arm_reset(&local);
-                    relay::arm_reset(tunnel.tcp());
-                    return Carried {
-                        sent: 0,
-                        received: 0,
-                        error: Some(e),
-                        path: BytePath::Ktls,
-                    };
-                }
-                let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
-                let copied = outcome.copied + plaintext.len() as u64;
-                let spliced = (outcome.to_tunnel + outcome.from_tunnel) - outcome.copied;
-                for (moved, n) in [("spliced", spliced), ("copied", copied)] {
-                    ctx.metrics
-                        .ktls_bytes
-                        .get_or_create(&KtlsBytesLabels { moved })
-                        .inc_by(n);
-                }
-                return Carried {
-                    sent: outcome.to_tunnel,
-                    received: outcome.from_tunnel + plaintext.len() as u64,
-                    error: outcome.error,
-                    path: BytePath::Ktls,
-                };
-            }
-            Handoff::Userspace(tls, why, taken) => {
-                count(why.label());
-                info!(reason = %why, "kernel TLS did not take the tunnel; relaying in userspace");
-                if !taken.is_empty() {
-                    // Decrypted on the way to a record boundary: it goes first.
-                    let mut local = local;
-                    if let Err(e) = local.write_all(&taken).await {
-                        relay::arm_reset(&local);
-                        relay::arm_reset(tls.tcp());
-                        return Carried {
-                            sent: 0,
-                            received: 0,
-                            error: Some(e),
-                            path: BytePath::Userspace,
-                        };
-                    }
-                    let mut carried = relay_userspace(ctx, guard, local, tls).await;
-                    carried.received += taken.len() as u64;
-                    return carried;
-                }
-                tls
-            }
-            Handoff::Failed(e) => {
-                count("failed");
-                warn!(error = %e, "kernel TLS hand-off failed; connection reset");
-                relay::arm_reset(&local);
-                return Carried {
-                    sent: 0,
-                    received: 0,
-                    error: Some(e),
-                    path: BytePath::Ktls,
-                };
-            }
-        },
+    // Boxed, like the pump below: every connection task's future is as large as its largest
+    // state, and the userspace relay should not pay for the kTLS ones.
+    let handoff = match ctx.datapath.ktls() {
+        None => return relay_userspace(ctx, guard, local, tls).await,
+        Some(ktls) => Box::pin(ktls.handoff(tls)).await,
     };
-    relay_userspace(ctx, guard, local, tls).await
+    let mut local = local;
+    match handoff {
+        Handoff::Kernel(tunnel, plaintext) => {
+            count("kernel");
+            guard.set_path(BytePath::Ktls);
+            debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
+            if let Err(failed) =
+                write_early(&mut local, tunnel.tcp(), &plaintext, BytePath::Ktls).await
+            {
+                return failed;
+            }
+            let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
+            let copied = outcome.copied + plaintext.len() as u64;
+            let spliced = (outcome.to_tunnel + outcome.from_tunnel) - outcome.copied;
+            for (moved, n) in [("spliced", spliced), ("copied", copied)] {
+                ctx.metrics
+                    .ktls_bytes
+                    .get_or_create(&KtlsBytesLabels { moved })
+                    .inc_by(n);
+            }
+            Carried {
+                sent: outcome.to_tunnel,
+                received: outcome.from_tunnel + plaintext.len() as u64,
+                error: outcome.error,
+                path: BytePath::Ktls,
+            }
+        }
+        Handoff::Userspace(tls, why, taken) => {
+            count(why.label());
+            info!(reason = %why, "kernel TLS did not take the tunnel; relaying in userspace");
+            // Decrypted on the way to a record boundary (usually nothing): it goes first.
+            if let Err(failed) =
+                write_early(&mut local, tls.tcp(), &taken, BytePath::Userspace).await
+            {
+                return failed;
+            }
+            let mut carried = relay_userspace(ctx, guard, local, tls).await;
+            carried.received += taken.len() as u64;
+            carried
+        }
+        Handoff::Failed(e) => {
+            count("failed");
+            warn!(error = %e, "kernel TLS hand-off failed; connection reset");
+            relay::arm_reset(&local);
+            Carried::failed(e, BytePath::Ktls)
+        }
+    }
+}
+
+/// Writes `early` (plaintext taken out of rustls at the hand-off) to the local socket before
+/// any other byte; if that fails, both connections are reset and that is what was carried.
+async fn write_early(
+    local: &mut TcpStream,
+    tunnel: &TcpStream,
+    early: &[u8],
+    path: BytePath,
+) -> Result<(), Carried> {
+    local.write_all(early).await.map_err(|e| {
+        relay::arm_reset(local);
+        relay::arm_reset(tunnel);
+        Carried::failed(e, path)
+    })
 }
 
 /// The userspace relay, over the data path's local leg (spliced on the sockmap path).
