@@ -140,6 +140,11 @@ pub struct Agent {
     /// Heartbeat tasks report here; [`Agent::start`] spawns the task that applies the reports.
     events: mpsc::UnboundedSender<PeerEvent>,
     pending_events: std::sync::Mutex<Option<mpsc::UnboundedReceiver<PeerEvent>>>,
+    /// Counts published snapshots; Kubernetes mode's status writer waits on it.
+    published: tokio::sync::watch::Sender<u64>,
+    /// Set when the objects come from elsewhere (the Kubernetes API): why the admin API's
+    /// apply and delete are refused.
+    external: std::sync::OnceLock<String>,
 }
 
 impl Agent {
@@ -154,6 +159,8 @@ impl Agent {
             runtime: Mutex::new(Runtime::default()),
             events,
             pending_events: std::sync::Mutex::new(Some(pending)),
+            published: tokio::sync::watch::Sender::new(0),
+            external: std::sync::OnceLock::new(),
         }
     }
 
@@ -177,6 +184,10 @@ impl Agent {
         &self.ctx.metrics
     }
 
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.ctx.metrics.clone()
+    }
+
     /// What connections work from; the gateway listener gets it.
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
@@ -184,6 +195,22 @@ impl Agent {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.ctx.snapshot()
+    }
+
+    /// Changes with every new snapshot (an apply, a delete, a heartbeat's news).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Says that objects come from `source` (e.g. the Kubernetes API): the admin API then
+    /// refuses to change them, giving `source` as the reason.
+    pub fn set_external_source(&self, source: &str) {
+        let _ = self.external.set(source.to_owned());
+    }
+
+    /// Where objects come from when not from the admin API.
+    pub fn external_source(&self) -> Option<&str> {
+        self.external.get().map(String::as_str)
     }
 
     /// Derives the status of `objects` from what runs, makes them the state the next
@@ -202,6 +229,7 @@ impl Agent {
             .collect();
         self.ctx.datapath.objects_changed(&snapshot, &ports);
         self.ctx.snapshot.set(snapshot);
+        self.published.send_modify(|n| *n += 1);
     }
 
     /// Applies what heartbeats report until the agent is gone.

@@ -53,6 +53,39 @@ fn specificity(range: &IpNet) -> u8 {
     }
 }
 
+/// Where the attributes of a local client come from.
+pub enum Clients {
+    /// Standalone: address ranges from `--client-attributes`.
+    Ranges(ClientMap),
+    /// Kubernetes: the pods of this node, by pod IP.
+    Pods(std::sync::Arc<crate::k8s::PodCache>),
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients::Ranges(ClientMap::default())
+    }
+}
+
+impl Clients {
+    /// The attributes policies see for a client at `ip` (empty when nothing is known).
+    pub fn attributes(&self, ip: IpAddr) -> Attributes {
+        let ip = unmapped(ip);
+        match self {
+            Clients::Ranges(map) => map.attributes(ip),
+            Clients::Pods(pods) => pods.attributes(ip),
+        }
+    }
+}
+
+/// A dual-stack listener sees IPv4 clients as IPv4-mapped IPv6 addresses.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ClientMap {
     /// Most specific first.
@@ -89,10 +122,7 @@ impl ClientMap {
 
     /// The attributes of a client at `ip` (empty when no range contains it).
     pub fn attributes(&self, ip: IpAddr) -> Attributes {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         self.ranges
             .iter()
             .find(|(r, _)| contains(r, ip))

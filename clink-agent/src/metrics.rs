@@ -100,6 +100,21 @@ pub struct PathLabels {
     pub path: &'static str,
 }
 
+/// One resource the agent watches in Kubernetes mode (`clusterlink.net/imports`, `pods`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: &'static str,
+}
+
+/// One kind of write the leading agent makes to the API server, and how it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// `status`, `service`, `service-delete`, `target-port` or `event`.
+    pub what: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -127,6 +142,13 @@ pub struct Metrics {
     pub state_files_rejected: Counter,
     /// How long writing one change (an apply, a delete) to the state directory took.
     pub state_commit: Histogram,
+    /// Kubernetes mode: 1 while a resource's watch is in sync with the API server.
+    pub kubernetes_watch_up: Family<ResourceLabels, Gauge>,
+    /// Kubernetes mode: 1 while this agent holds the Lease and writes status and Services.
+    pub kubernetes_leader: Gauge,
+    pub kubernetes_writes: Family<WriteLabels, Counter>,
+    /// Kubernetes mode: objects the API server has that failed validation.
+    pub kubernetes_invalid_objects: Gauge,
 }
 
 impl Default for Metrics {
@@ -150,6 +172,10 @@ impl Default for Metrics {
             // 1 ms to ~16 s.
             state_commit: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             state_files_rejected: Counter::default(),
+            kubernetes_watch_up: Family::default(),
+            kubernetes_leader: Gauge::default(),
+            kubernetes_writes: Family::default(),
+            kubernetes_invalid_objects: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -238,6 +264,28 @@ impl Default for Metrics {
             "Time to write one change (an apply or a delete) to the state directory, off the \
              connection workers",
             m.state_commit.clone(),
+        );
+        registry.register(
+            "kubernetes_watch_up",
+            "Kubernetes mode: 1 while the watch of a resource is in sync with the API server; 0 \
+             while it is failing (the agent keeps serving the last objects it saw)",
+            m.kubernetes_watch_up.clone(),
+        );
+        registry.register(
+            "kubernetes_leader",
+            "Kubernetes mode: 1 while this agent holds the Lease and writes status and Services",
+            m.kubernetes_leader.clone(),
+        );
+        registry.register(
+            "kubernetes_writes",
+            "Kubernetes mode: writes of the leading agent to the API server, by what and result",
+            m.kubernetes_writes.clone(),
+        );
+        registry.register(
+            "kubernetes_invalid_objects",
+            "Kubernetes mode: objects in the API server that failed validation (each has a \
+             condition or an Event saying why)",
+            m.kubernetes_invalid_objects.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -95,7 +95,8 @@ pub struct Loaded {
     pub rejected: Vec<Rejected>,
 }
 
-/// Persistence behind the agent's object set (the Kubernetes store is a later addition).
+/// Persistence behind the agent's object set: a directory standalone, nothing in Kubernetes
+/// mode ([`ApiServerObjects`]), where the API server keeps the objects.
 pub trait Store: Send + Sync {
     /// Every stored object, after finishing a change a crash interrupted. Files that cannot
     /// be loaded are set aside and reported, not fatal.
@@ -105,6 +106,24 @@ pub trait Store: Send + Sync {
     fn check(&self, object: &Object) -> Result<(), ApiError>;
     /// Writes `batch` all or nothing: once this returns, it survives a crash whole.
     fn commit(&self, batch: &Batch) -> io::Result<()>;
+}
+
+/// The store of Kubernetes mode: the API server holds the objects, and the agent relists
+/// them at start-up and after every break in its watches, so it keeps nothing itself.
+pub struct ApiServerObjects;
+
+impl Store for ApiServerObjects {
+    fn load(&self) -> io::Result<Loaded> {
+        Ok(Loaded::default())
+    }
+
+    fn check(&self, _: &Object) -> Result<(), ApiError> {
+        Ok(())
+    }
+
+    fn commit(&self, _: &Batch) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 pub struct FileStore {

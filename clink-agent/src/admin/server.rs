@@ -157,6 +157,7 @@ impl Server {
     }
 
     async fn apply(&self, req: Request<Incoming>) -> Result<Reply, Fail> {
+        self.writable()?;
         let body = Limited::new(req.into_body(), MAX_BODY)
             .collect()
             .await
@@ -179,7 +180,19 @@ impl Server {
         .await
     }
 
+    /// Objects that come from the Kubernetes API are changed there, not here.
+    fn writable(&self) -> Result<(), Fail> {
+        match self.agent.external_source() {
+            Some(source) => Err(error(
+                StatusCode::CONFLICT,
+                format!("this agent's objects come from {source}; change them there (kubectl apply/delete)"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     async fn delete(&self, kind: &str, ns: &str, name: &str) -> Result<Reply, Fail> {
+        self.writable()?;
         let kind = parse_kind(kind)?;
         let key = ObjectKey {
             kind,

@@ -1,4 +1,4 @@
-//! `clink-agent`: the gateway agent of one peer (standalone mode).
+//! `clink-agent`: the gateway agent of one peer, standalone or as a Kubernetes DaemonSet pod.
 
 use std::{collections::BTreeMap, io::IsTerminal as _, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -8,11 +8,11 @@ use clink_agent::{
     admin,
     agent::Agent,
     api,
-    clients::ClientMap,
+    clients::{ClientMap, Clients},
     dataplane::{self, Context},
-    kernel, metrics,
+    k8s, kernel, metrics,
     peer::Dialer,
-    store::FileStore,
+    store::{ApiServerObjects, FileStore, Store},
     tls::Identity,
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind};
@@ -27,9 +27,14 @@ struct Args {
     /// Directory with cert.pem, key.pem and ca.pem (made by `clink peer-cert create`).
     #[arg(long)]
     certs: PathBuf,
-    /// State directory where objects are kept.
+    /// Where objects come from: standalone (the state directory and `clink apply`),
+    /// kubernetes (the API server's custom resources), or auto: kubernetes when running in
+    /// a pod with a service-account token, else standalone.
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: Mode,
+    /// State directory where objects are kept (standalone mode; required there).
     #[arg(long)]
-    state: PathBuf,
+    state: Option<PathBuf>,
     /// Gateway address peers connect to (mTLS).
     #[arg(long, default_value = "0.0.0.0:443")]
     listen: SocketAddr,
@@ -79,6 +84,76 @@ struct Args {
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Auto,
+    Standalone,
+    Kubernetes,
+}
+
+/// Kubernetes mode (the chart sets these from the downward API).
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Kubernetes mode")]
+struct KubernetesArgs {
+    /// The agents' namespace: Peers, the peer Secret and the Lease live here [default: the
+    /// service account's namespace].
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// This node's name: the pod cache holds the pods scheduled here.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This agent's identity in the leader election and in Events [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// A label of the agents' pods, KEY=VALUE (repeatable): every Import's Service selects
+    /// the pods that have them all.
+    #[arg(
+        long = "agent-selector",
+        value_name = "KEY=VALUE",
+        default_value = "app.kubernetes.io/name=clusterlink"
+    )]
+    agent_selector: Vec<String>,
+    /// The Lease that elects the agent writing status and Services.
+    #[arg(long, default_value = "clusterlink-agent")]
+    lease_name: String,
+    /// Seconds a leader keeps the Lease without renewing it: how long status and Services
+    /// wait for a new leader after one disappears.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_duration: u64,
+}
+
+impl KubernetesArgs {
+    fn options(&self, peer: &str) -> Result<k8s::Options> {
+        let namespace = self
+            .namespace
+            .clone()
+            .or_else(k8s::own_namespace)
+            .context("--namespace (or POD_NAMESPACE) is required outside a pod")?;
+        let node = self.node_name.clone().context(
+            "--node-name (or NODE_NAME, from spec.nodeName) is required in Kubernetes mode",
+        )?;
+        let identity = match &self.pod_name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("{peer}-{node}")),
+        };
+        let agent_selector = parse_pairs("--agent-selector", &self.agent_selector)?;
+        Ok(k8s::Options {
+            namespace,
+            node,
+            identity,
+            agent_selector,
+            lease_name: self.lease_name.clone(),
+            lease_duration: std::time::Duration::from_secs(self.lease_duration),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -87,13 +162,13 @@ enum LogFormat {
     Json,
 }
 
-fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>> {
+fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, String>> {
     let mut labels = BTreeMap::new();
     for pair in pairs {
         let (k, v) = pair
             .split_once('=')
-            .with_context(|| format!("--label {pair:?}: expected KEY=VALUE"))?;
-        api::check_label(k, v).map_err(|e| anyhow::anyhow!("--label {pair:?}: {e}"))?;
+            .with_context(|| format!("{flag} {pair:?}: expected KEY=VALUE"))?;
+        api::check_label(k, v).map_err(|e| anyhow::anyhow!("{flag} {pair:?}: {e}"))?;
         labels.insert(k.to_owned(), v.to_owned());
     }
     Ok(labels)
@@ -156,7 +231,17 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let labels = parse_labels(&args.labels)?;
+    let labels = parse_pairs("--label", &args.labels)?;
+    let kubernetes = match args.mode {
+        Mode::Kubernetes => true,
+        Mode::Standalone => false,
+        Mode::Auto => k8s::in_cluster(),
+    };
+    let kube_options = if kubernetes {
+        Some(args.kubernetes.options(&args.name)?)
+    } else {
+        None
+    };
     // First, so that a forced data path that cannot run fails before anything is bound. Its
     // programs are detached and unpinned on every way out (`shutdown` below, or drop).
     let datapath = kernel::select(&kernel::Options {
@@ -170,8 +255,24 @@ async fn run(args: Args) -> Result<()> {
         Some(_) => identity.for_ktls(),
         None => identity,
     };
-    let store = FileStore::open(&args.state)
-        .with_context(|| format!("opening state directory {}", args.state.display()))?;
+    let store: Box<dyn Store> = match (&kube_options, &args.state) {
+        (Some(_), _) => Box::new(ApiServerObjects),
+        (None, Some(state)) => Box::new(
+            FileStore::open(state)
+                .with_context(|| format!("opening state directory {}", state.display()))?,
+        ),
+        (None, None) => anyhow::bail!(
+            "--state is required in standalone mode (the directory where objects are kept)"
+        ),
+    };
+    let kube_client = match &kube_options {
+        Some(_) => Some(
+            kube::Client::try_default()
+                .await
+                .context("Kubernetes mode: no API server configuration (in-cluster service account or KUBECONFIG)")?,
+        ),
+        None => None,
+    };
     let gateway = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on gateway address {}", args.listen))?;
@@ -179,11 +280,18 @@ async fn run(args: Args) -> Result<()> {
     let metrics_listener = metrics::bind(args.metrics)
         .await
         .with_context(|| format!("cannot listen on metrics address {}", args.metrics))?;
-    let clients = match &args.client_attributes {
-        Some(path) => {
-            ClientMap::load(path).map_err(|e| anyhow::anyhow!("--client-attributes {e}"))?
-        }
-        None => ClientMap::default(),
+    let pods = kube_options
+        .as_ref()
+        .map(|o| Arc::new(k8s::PodCache::new(&o.node)));
+    let clients = match (&pods, &args.client_attributes) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--client-attributes is for standalone mode; in Kubernetes mode client attributes come from the pods"
+        ),
+        (Some(pods), None) => Clients::Pods(pods.clone()),
+        (None, Some(path)) => Clients::Ranges(
+            ClientMap::load(path).map_err(|e| anyhow::anyhow!("--client-attributes {e}"))?,
+        ),
+        (None, None) => Clients::default(),
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
@@ -193,7 +301,10 @@ async fn run(args: Args) -> Result<()> {
             datapath: datapath.name().to_owned(),
         })
         .set(1);
-    let client_ranges = clients.len();
+    let client_ranges = match &clients {
+        Clients::Ranges(map) => map.len(),
+        Clients::Pods(_) => 0,
+    };
     let ctx = Context {
         name: identity.name.clone(),
         labels,
@@ -207,10 +318,16 @@ async fn run(args: Args) -> Result<()> {
         datapath: datapath.clone(),
         connections: Default::default(),
     };
-    let agent = Arc::new(Agent::new(ctx, args.listen, Box::new(store)));
+    let agent = Arc::new(Agent::new(ctx, args.listen, store));
     for problem in agent.start().await.context("loading state")? {
         warn!("{problem}");
     }
+    let _kubernetes = match (kube_client, kube_options, pods) {
+        (Some(client), Some(options), Some(pods)) => {
+            Some(k8s::start(agent.clone(), client, options, pods))
+        }
+        _ => None,
+    };
     let _gateway = dataplane::serve_gateway(agent.context().clone(), gateway);
     let _metrics = tokio::spawn(metrics::serve(metrics_listener, metrics));
     let admin_task = tokio::spawn(admin::serve(admin_listener, agent.clone()));
@@ -219,6 +336,7 @@ async fn run(args: Args) -> Result<()> {
         gateway = %args.listen,
         admin = %args.admin.display(),
         metrics = %args.metrics,
+        mode = if kubernetes { "kubernetes" } else { "standalone" },
         client_ranges,
         datapath = datapath.name(),
         threads = args.threads.map_or_else(default_threads, usize::from),

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::connections::{BytePath, ConnTable};
 use crate::{
     api::ObjectKey,
-    clients::ClientMap,
+    clients::Clients,
     kernel::{
         ktls::{Handoff, TunnelTls},
         splice, Datapath,
@@ -47,7 +47,7 @@ pub struct Context {
     pub snapshot: SnapshotCell,
     pub peers: Peers,
     pub balancer: Balancer,
-    pub clients: ClientMap,
+    pub clients: Clients,
     pub metrics: Arc<Metrics>,
     pub datapath: Datapath,
     /// The open tunneled connections and their paths.

@@ -1,0 +1,543 @@
+//! What one agent per cluster writes: it holds a coordination.k8s.io Lease (through
+//! kube-lease-manager) and, while it does, makes the API server show what the agents do.
+//!
+//! - **Status**: each object's conditions (and a Peer's labels) as this agent derives them,
+//!   patched on the status subresource only when they differ from what the server has; a
+//!   condition keeps its `lastTransitionTime` while its status stays.
+//! - **Leased ports**: an Import applied without `targetPort` gets the port this agent
+//!   leased, written back to its spec; every agent then listens on it.
+//! - **Services**: one per Import, named after it in its namespace, by server-side apply
+//!   with [`FIELD_MANAGER`], owned by the Import (so the garbage collector removes it with
+//!   the Import, and the leader deletes it too), selecting the agents' pods on `targetPort`
+//!   with `internalTrafficPolicy: Local` so a pod reaches its own node's agent. A Service of
+//!   that name the agents did not make is never touched: `ImportServiceValid` says so.
+//! - **Events** for objects that fail validation and for Service conflicts.
+//!
+//! A change wakes the writer (a watch event, a new snapshot of the agent's); it also goes
+//! over everything every [`RESYNC`], and from scratch after each election.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+    Client,
+};
+use kube_lease_manager::LeaseManagerBuilder;
+use serde_json::{json, Value};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{
+    watch::api_resource, Options, Seen, Shared, FIELD_MANAGER, LABEL_IMPORT_NAME,
+    LABEL_IMPORT_NAMESPACE, LABEL_MANAGED_BY, MANAGED_BY,
+};
+use crate::{
+    agent::Agent,
+    api::{self, Import, Kind, Object, ObjectKey},
+    metrics::{Metrics, WriteLabels},
+    state::Snapshot,
+};
+
+/// How often the leader goes over everything even when nothing woke it.
+pub const RESYNC: Duration = Duration::from_secs(60);
+
+/// The reason of a False `ImportServiceValid` when a Service of the Import's name exists
+/// that the agents did not create.
+pub const REASON_SERVICE_CONFLICT: &str = "ServiceExists";
+/// The reason of a condition that reports a failed validation.
+pub const REASON_INVALID: &str = "InvalidSpec";
+
+/// The election's task and its verdict.
+pub struct Leading {
+    pub task: JoinHandle<()>,
+    pub leader: watch::Receiver<bool>,
+}
+
+/// Takes part in the election for the Lease `options.lease_name` in the agents' namespace.
+/// Losing the API server neither makes nor unmakes a leader by itself: the Lease expires
+/// after its duration and another agent takes it.
+pub fn elect(client: Client, options: &Options, metrics: Arc<Metrics>) -> Leading {
+    let (tx, rx) = watch::channel(false);
+    let duration = options.lease_duration.as_secs().max(2);
+    // Renew well before expiry; kube-lease-manager needs grace < duration.
+    let grace = (duration / 3).max(1);
+    let (name, namespace, identity) = (
+        options.lease_name.clone(),
+        options.namespace.clone(),
+        options.identity.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let built = LeaseManagerBuilder::new(client.clone(), &name)
+                .with_namespace(&namespace)
+                .with_identity(&identity)
+                .with_duration(duration)
+                .with_grace(grace)
+                .with_field_manager(FIELD_MANAGER)
+                .build()
+                .await;
+            match built {
+                Ok(manager) => {
+                    delay = Duration::from_secs(1);
+                    let (mut verdict, handle) = manager.watch().await;
+                    loop {
+                        let leading = *verdict.borrow_and_update();
+                        if *tx.borrow() != leading {
+                            metrics.kubernetes_leader.set(i64::from(leading));
+                            if leading {
+                                info!(lease = %name, %identity, "elected: this agent writes status and Services");
+                            } else {
+                                info!(lease = %name, "not the leader (another agent writes status and Services)");
+                            }
+                            tx.send_replace(leading);
+                        }
+                        if verdict.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    tx.send_replace(false);
+                    metrics.kubernetes_leader.set(0);
+                    match handle.await {
+                        Ok(Err(e)) => warn!(lease = %name, error = %e, "leader election stopped"),
+                        Err(e) => warn!(lease = %name, error = %e, "leader election stopped"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                Err(e) => warn!(
+                    lease = %name,
+                    %namespace,
+                    error = %e,
+                    "cannot take part in the leader election (the Role for coordination.k8s.io \
+                     leases in the agents' namespace is in the chart); retrying"
+                ),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    });
+    Leading { task, leader: rx }
+}
+
+/// Writes while this agent leads, until the task is dropped.
+pub async fn run(
+    agent: Arc<Agent>,
+    client: Client,
+    options: Arc<Options>,
+    shared: Arc<Shared>,
+    mut leader: watch::Receiver<bool>,
+) {
+    let mut published = agent.subscribe();
+    loop {
+        while !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut writer = Writer::new(client.clone(), options.clone(), agent.metrics_arc());
+        writer.remove_orphans(&shared).await;
+        loop {
+            writer.reconcile(&agent.snapshot(), &shared).await;
+            tokio::select! {
+                changed = leader.changed() => {
+                    if changed.is_err() || !*leader.borrow_and_update() {
+                        break;
+                    }
+                }
+                _ = shared.changed.notified() => {}
+                _ = published.changed() => {}
+                _ = tokio::time::sleep(RESYNC) => writer.forget_applied(),
+            }
+            // Let a burst of changes (a relist, a kubectl apply of many objects) settle.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The leader's writes and what it remembers of them.
+pub struct Writer {
+    client: Client,
+    options: Arc<Options>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// The Service last applied for each Import (its JSON).
+    applied: HashMap<ObjectKey, Value>,
+    /// Imports whose Service name is taken by a Service the agents did not make.
+    conflicts: HashMap<ObjectKey, String>,
+    /// Events already sent, by object and resourceVersion.
+    evented: HashSet<(ObjectKey, String)>,
+}
+
+impl Writer {
+    pub fn new(client: Client, options: Arc<Options>, metrics: Arc<Metrics>) -> Writer {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(options.identity.clone()),
+        };
+        Writer {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            options,
+            metrics,
+            applied: HashMap::new(),
+            conflicts: HashMap::new(),
+            evented: HashSet::new(),
+        }
+    }
+
+    /// Forgets what was applied, so the next pass checks every Service again.
+    pub fn forget_applied(&mut self) {
+        self.applied.clear();
+    }
+
+    fn count(&self, what: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.metrics
+            .kubernetes_writes
+            .get_or_create(&WriteLabels { what, result })
+            .inc();
+    }
+
+    /// One pass over everything: leased ports, Services, status, Events.
+    pub async fn reconcile(&mut self, snapshot: &Snapshot, shared: &Shared) {
+        let seen = shared.seen();
+        self.write_leased_ports(snapshot, &seen).await;
+        self.write_services(snapshot, &seen).await;
+        let mut keys: Vec<&ObjectKey> = seen.keys().collect();
+        keys.sort();
+        for key in keys {
+            let object = &seen[key];
+            if let Some(why) = &object.invalid {
+                self.event(key, object, REASON_INVALID, why).await;
+            }
+            if !matches!(key.kind, Kind::Peer | Kind::Export | Kind::Import) {
+                continue;
+            }
+            let desired = self.desired_status(key, object, snapshot);
+            if desired != object.status {
+                self.patch_status(key, &desired).await;
+            }
+        }
+    }
+
+    /// The status an object should have: the agent's, plus what only the leader knows
+    /// (validation failures, Service conflicts), with unchanged conditions keeping their
+    /// transition time.
+    pub fn desired_status(&self, key: &ObjectKey, seen: &Seen, snapshot: &Snapshot) -> api::Status {
+        let mut status = snapshot
+            .objects
+            .get(key)
+            .map(|o| o.status().clone())
+            .unwrap_or_else(|| seen.status.clone());
+        if let Some(why) = &seen.invalid {
+            let type_ = match key.kind {
+                Kind::Peer => api::PEER_REACHABLE,
+                Kind::Export => api::EXPORT_VALID,
+                _ if why.contains("spec.targetPort") => api::IMPORT_TARGET_PORT_VALID,
+                _ => api::IMPORT_SERVICE_VALID,
+            };
+            status.set_condition(type_, false, REASON_INVALID, why);
+        }
+        if let Some(why) = self.conflicts.get(key) {
+            status.set_condition(
+                api::IMPORT_SERVICE_VALID,
+                false,
+                REASON_SERVICE_CONFLICT,
+                why,
+            );
+        }
+        for c in &mut status.conditions {
+            if let Some(old) = seen.status.condition(&c.type_) {
+                if old.status == c.status {
+                    c.last_transition_time = old.last_transition_time.clone();
+                }
+            }
+        }
+        status
+    }
+
+    async fn patch_status(&self, key: &ObjectKey, status: &api::Status) {
+        let ar = api_resource(key.kind);
+        let api: Api<DynamicObject> = if key.kind.namespaced() {
+            Api::namespaced_with(self.client.clone(), &key.namespace, &ar)
+        } else {
+            Api::all_with(self.client.clone(), &ar)
+        };
+        let mut body = json!({ "conditions": status.conditions });
+        if key.kind == Kind::Peer {
+            // A merge patch removes what is null: labels the peer no longer announces.
+            body["labels"] = if status.labels.is_empty() {
+                Value::Null
+            } else {
+                json!(status.labels)
+            };
+        }
+        let patch = Patch::Merge(json!({ "status": body }));
+        match api
+            .patch_status(&key.name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                debug!(object = %key, "status written");
+                self.count("status", true);
+            }
+            Err(e) => {
+                self.count("status", false);
+                warn!(object = %key, error = %e, "cannot write status");
+            }
+        }
+    }
+
+    /// Writes back the port this agent leased for each Import applied without one.
+    async fn write_leased_ports(&self, snapshot: &Snapshot, seen: &HashMap<ObjectKey, Seen>) {
+        for (key, object) in seen {
+            if object.target_port != Some(0) || object.invalid.is_some() {
+                continue;
+            }
+            let Some(Object::Import(import)) = snapshot.objects.get(key) else {
+                continue;
+            };
+            let port = import.spec.target_port;
+            if port == 0 {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                self.client.clone(),
+                &key.namespace,
+                &api_resource(Kind::Import),
+            );
+            let patch = Patch::Merge(json!({ "spec": { "targetPort": port } }));
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.to_owned()),
+                ..PatchParams::default()
+            };
+            match api.patch(&key.name, &params, &patch).await {
+                Ok(_) => {
+                    info!(import = %key, port, "leased target port written back");
+                    self.count("target-port", true);
+                }
+                Err(e) => {
+                    self.count("target-port", false);
+                    warn!(import = %key, port, error = %e, "cannot write back the leased target port");
+                }
+            }
+        }
+    }
+
+    async fn write_services(&mut self, snapshot: &Snapshot, seen: &HashMap<ObjectKey, Seen>) {
+        for (key, object) in seen {
+            if key.kind != Kind::Import {
+                continue;
+            }
+            let Some(Object::Import(import)) = snapshot.objects.get(key) else {
+                continue;
+            };
+            // Until the leased port is in the spec, other agents may listen elsewhere.
+            let Some(port @ 1..) = object.target_port else {
+                continue;
+            };
+            if import.spec.target_port != port {
+                continue;
+            }
+            let desired = service_for(key, import, &object.uid, &self.options.agent_selector);
+            if self.applied.get(key) == Some(&desired) {
+                continue;
+            }
+            self.apply_service(key, object, desired).await;
+        }
+        let gone: Vec<ObjectKey> = self
+            .applied
+            .keys()
+            .filter(|k| !seen.contains_key(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.applied.remove(&key);
+            self.conflicts.remove(&key);
+            self.delete_service(&key).await;
+        }
+    }
+
+    async fn apply_service(&mut self, key: &ObjectKey, seen: &Seen, desired: Value) {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+        match api.get_opt(&key.name).await {
+            Ok(Some(existing)) if !managed(&existing) => {
+                let why = format!(
+                    "a Service named {} exists in {} that ClusterLink did not create; it is \
+                     left alone (delete it or rename the Import)",
+                    key.name, key.namespace
+                );
+                if self.conflicts.insert(key.clone(), why.clone()).is_none() {
+                    warn!(import = %key, "{why}");
+                    self.event(key, seen, REASON_SERVICE_CONFLICT, &why).await;
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(import = %key, error = %e, "cannot read the Import's Service");
+                return;
+            }
+        }
+        self.conflicts.remove(key);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch(&key.name, &params, &Patch::Apply(desired.clone()))
+            .await
+        {
+            Ok(_) => {
+                info!(import = %key, "Service applied");
+                self.count("service", true);
+                self.applied.insert(key.clone(), desired);
+            }
+            Err(e) => {
+                self.count("service", false);
+                warn!(import = %key, error = %e, "cannot apply the Import's Service");
+            }
+        }
+    }
+
+    /// Deletes the Service of a deleted Import, if it is the agents'.
+    async fn delete_service(&self, key: &ObjectKey) {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+        match api.get_opt(&key.name).await {
+            Ok(Some(existing)) if managed(&existing) => {}
+            Ok(_) => return,
+            Err(e) => {
+                warn!(import = %key, error = %e, "cannot read the Service of a deleted Import");
+                return;
+            }
+        }
+        match api.delete(&key.name, &DeleteParams::default()).await {
+            Ok(_) => {
+                info!(import = %key, "Service of the deleted Import removed");
+                self.count("service-delete", true);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                self.count("service-delete", false);
+                warn!(import = %key, error = %e, "cannot delete the Service of a deleted Import");
+            }
+        }
+    }
+
+    /// Deletes Services the agents made for Imports that no longer exist (deleted while no
+    /// agent led). The API server's garbage collector does the same through the owner
+    /// reference; this covers clusters (and emulators) where it did not run yet.
+    pub async fn remove_orphans(&mut self, shared: &Shared) {
+        let api: Api<Service> = Api::all(self.client.clone());
+        let list = match api
+            .list(&ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}")))
+            .await
+        {
+            Ok(list) => list,
+            Err(e) => {
+                warn!(error = %e, "cannot list the Import Services");
+                return;
+            }
+        };
+        let seen = shared.seen();
+        for service in list.items.iter().filter(|s| managed(s)) {
+            let labels = service.metadata.labels.clone().unwrap_or_default();
+            let (Some(name), Some(ns)) = (
+                labels.get(LABEL_IMPORT_NAME),
+                labels.get(LABEL_IMPORT_NAMESPACE),
+            ) else {
+                continue;
+            };
+            let key = ObjectKey {
+                kind: Kind::Import,
+                namespace: ns.clone(),
+                name: name.clone(),
+            };
+            if !seen.contains_key(&key) {
+                self.delete_service(&key).await;
+            }
+        }
+    }
+
+    /// One Event per object version and reason.
+    async fn event(&mut self, key: &ObjectKey, seen: &Seen, reason: &str, note: &str) {
+        let id = (key.clone(), format!("{}/{reason}", seen.resource_version));
+        if self.evented.contains(&id) {
+            return;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &seen.reference).await {
+            Ok(()) => {
+                self.count("event", true);
+                self.evented.insert(id);
+            }
+            Err(e) => {
+                self.count("event", false);
+                debug!(object = %key, error = %e, "cannot record an event");
+            }
+        }
+    }
+}
+
+/// Whether the agents made `service` (upstream's label says so).
+fn managed(service: &Service) -> bool {
+    service
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_MANAGED_BY))
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
+/// The Service of an Import: its name and namespace, `spec.port` to the agents'
+/// `targetPort`, owned by the Import.
+pub fn service_for(
+    key: &ObjectKey,
+    import: &Import,
+    uid: &str,
+    selector: &BTreeMap<String, String>,
+) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": key.name,
+            "namespace": key.namespace,
+            "labels": {
+                LABEL_MANAGED_BY: MANAGED_BY,
+                LABEL_IMPORT_NAME: key.name,
+                LABEL_IMPORT_NAMESPACE: key.namespace,
+            },
+            "ownerReferences": [{
+                "apiVersion": api::API_VERSION,
+                "kind": "Import",
+                "name": key.name,
+                "uid": uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{
+                "name": "tcp",
+                "protocol": "TCP",
+                "port": import.spec.port,
+                "targetPort": import.spec.target_port,
+            }],
+            // A pod's connection goes to its own node's agent: no second hop, and the
+            // agent sees the pod's own address for its attributes.
+            "internalTrafficPolicy": "Local",
+        },
+    })
+}

@@ -1,0 +1,414 @@
+//! Every agent's side of Kubernetes mode: watches of the five kinds (and of this node's
+//! pods) turned into the agent's own apply and delete, through the same validation and the
+//! same policy decision point as standalone mode.
+//!
+//! Objects are watched untyped ([`DynamicObject`]) and converted one by one, so that one
+//! object the types refuse cannot stop the others from loading: it is recorded as invalid
+//! (the leader gives it a condition and an Event) and the rest serve. An invalid change to an
+//! object that was valid leaves the last valid version in force. After a break (the API
+//! server unreachable, a watch expired) the watcher relists with backoff; the agent serves the
+//! objects it has meanwhile, then applies the relist whole and deletes what is gone.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    pin::pin,
+    sync::Arc,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    api::{Api, ApiResource, DynamicObject},
+    runtime::{
+        watcher::{self, Event},
+        WatchStreamExt as _,
+    },
+    Client, Resource as _, ResourceExt as _,
+};
+use serde_json::{json, Value};
+use tracing::{debug, info, warn};
+
+use super::{crd, PodCache, Seen, Shared};
+use crate::{
+    agent::{Agent, ChangeError},
+    api::{self, ApiError, Kind, Object, ObjectKey},
+    metrics::ResourceLabels,
+};
+
+/// The API resource of a kind, as the CRDs under `charts/clusterlink/crds/` define it.
+pub fn api_resource(kind: Kind) -> ApiResource {
+    match kind {
+        Kind::Peer => ApiResource::erase::<crd::Peer>(&()),
+        Kind::Export => ApiResource::erase::<crd::Export>(&()),
+        Kind::Import => ApiResource::erase::<crd::Import>(&()),
+        Kind::AccessPolicy => ApiResource::erase::<crd::AccessPolicy>(&()),
+        Kind::PrivilegedAccessPolicy => ApiResource::erase::<crd::PrivilegedAccessPolicy>(&()),
+    }
+}
+
+/// `clusterlink.net/<plural>`, as metrics and logs name a resource.
+pub fn resource_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Peer => "clusterlink.net/peers",
+        Kind::Export => "clusterlink.net/exports",
+        Kind::Import => "clusterlink.net/imports",
+        Kind::AccessPolicy => "clusterlink.net/accesspolicies",
+        Kind::PrivilegedAccessPolicy => "clusterlink.net/privilegedaccesspolicies",
+    }
+}
+
+/// Annotations the agent reads; kubectl's own (last-applied-configuration, which repeats
+/// the whole object) and every other tool's are left out of the agent's copy.
+const KEPT_ANNOTATIONS: &str = "clusterlink.net/";
+
+/// The agent's object for a custom resource: its spec under the standalone model's
+/// validation, with the name, namespace, labels and ClusterLink annotations of its metadata.
+/// An Export without `host` targets the Service of its name in its namespace.
+pub fn to_object(kind: Kind, object: &DynamicObject) -> Result<Object, ApiError> {
+    let name = object.name_any();
+    let namespace = object.namespace();
+    let mut spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
+    if kind == Kind::Export {
+        if let (Some(spec), Some(ns)) = (spec.as_object_mut(), &namespace) {
+            let empty = spec
+                .get("host")
+                .and_then(Value::as_str)
+                .is_none_or(|h| h.trim().is_empty());
+            if empty {
+                spec.insert("host".to_owned(), Value::String(format!("{name}.{ns}")));
+            }
+        }
+    }
+    let annotations: BTreeMap<String, String> = object
+        .annotations()
+        .iter()
+        .filter(|(k, _)| k.starts_with(KEPT_ANNOTATIONS))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut metadata = json!({ "name": name, "labels": object.labels() });
+    if kind.namespaced() {
+        metadata["namespace"] = json!(namespace.unwrap_or_default());
+    }
+    if !annotations.is_empty() {
+        metadata["annotations"] = json!(annotations);
+    }
+    Object::from_value(json!({
+        "apiVersion": api::API_VERSION,
+        "kind": kind.as_str(),
+        "metadata": metadata,
+        "spec": spec,
+    }))
+}
+
+/// The key of a watched object (valid or not).
+fn key_of(kind: Kind, object: &DynamicObject) -> ObjectKey {
+    ObjectKey {
+        kind,
+        namespace: if kind.namespaced() {
+            object.namespace().unwrap_or_default()
+        } else {
+            String::new()
+        },
+        name: object.name_any(),
+    }
+}
+
+/// What the leader needs to know of an object as the API server has it.
+fn seen(kind: Kind, object: &DynamicObject, invalid: Option<String>) -> Seen {
+    let status = object
+        .data
+        .get("status")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default();
+    let target_port = (kind == Kind::Import).then(|| {
+        object
+            .data
+            .pointer("/spec/targetPort")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(0)
+    });
+    Seen {
+        reference: object.object_ref(&api_resource(kind)),
+        uid: object.uid().unwrap_or_default(),
+        resource_version: object.resource_version().unwrap_or_default(),
+        status,
+        target_port,
+        invalid,
+    }
+}
+
+/// Keeps the agent's objects of `kind` equal to the API server's until the task is dropped.
+pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Arc<Shared>) {
+    let ar = api_resource(kind);
+    let api: Api<DynamicObject> = match kind {
+        // Peers are the agent's own configuration: only those of its namespace count.
+        Kind::Peer => Api::namespaced_with(client, &shared.namespace, &ar),
+        _ => Api::all_with(client, &ar),
+    };
+    let resource = resource_name(kind);
+    let up = shared
+        .metrics
+        .kubernetes_watch_up
+        .get_or_create(&ResourceLabels { resource })
+        .clone();
+    let mut events = pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+    let mut relist: Vec<DynamicObject> = Vec::new();
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => relist.clear(),
+            Ok(Event::InitApply(object)) => relist.push(object),
+            Ok(Event::InitDone) => {
+                let objects = std::mem::take(&mut relist);
+                let count = objects.len();
+                resync(&agent, kind, objects, &shared).await;
+                up.set(1);
+                if failing {
+                    info!(
+                        resource,
+                        objects = count,
+                        "back in sync with the API server"
+                    );
+                } else {
+                    info!(resource, objects = count, "synced from the API server");
+                }
+                failing = false;
+            }
+            Ok(Event::Apply(object)) => apply(&agent, kind, object, &shared).await,
+            Ok(Event::Delete(object)) => delete(&agent, kind, &object, &shared).await,
+            Err(e) => {
+                up.set(0);
+                if !failing {
+                    warn!(
+                        resource,
+                        "{}; serving the objects last seen until it answers again",
+                        explain(&e, resource)
+                    );
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// A watch failure in words an operator acts on: a 403 names the verb and resource the
+/// ServiceAccount lacks.
+pub(super) fn explain(e: &watcher::Error, resource: &str) -> String {
+    let (verb, source) = match e {
+        watcher::Error::InitialListFailed(s) => ("list", s),
+        watcher::Error::WatchStartFailed(s) | watcher::Error::WatchFailed(s) => ("watch", s),
+        other => return format!("cannot watch {resource}: {other}"),
+    };
+    match source {
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "missing RBAC: the agent's ServiceAccount may not {verb} {resource} ({}); the \
+             chart's ClusterRole grants it",
+            status.message
+        ),
+        other => format!("cannot {verb} {resource}: {other}"),
+    }
+}
+
+async fn apply(agent: &Arc<Agent>, kind: Kind, object: DynamicObject, shared: &Shared) {
+    let key = key_of(kind, &object);
+    let result = match to_object(kind, &object) {
+        Ok(o) => agent.apply(vec![o]).await.map(drop),
+        Err(e) => Err(ChangeError::Invalid(e)),
+    };
+    let invalid = match result {
+        Ok(()) => None,
+        Err(e) => {
+            warn!(object = %key, error = %e, "invalid; the last valid version (if any) stays in force");
+            Some(e.to_string())
+        }
+    };
+    shared.observe(key, seen(kind, &object, invalid));
+}
+
+async fn delete(agent: &Arc<Agent>, kind: Kind, object: &DynamicObject, shared: &Shared) {
+    let key = key_of(kind, object);
+    shared.forget(&key);
+    match agent.delete(&key).await {
+        Ok(()) | Err(ChangeError::NotFound(_)) => {}
+        Err(e) => warn!(object = %key, error = %e, "cannot delete"),
+    }
+}
+
+/// Makes the agent's objects of `kind` the relisted ones: valid ones applied in one batch
+/// (one by one if the batch is refused, so one bad object does not hold up the rest), and
+/// what the API server no longer has deleted.
+async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, shared: &Shared) {
+    let mut valid = Vec::new();
+    let mut seen_now = Vec::new();
+    for object in &objects {
+        let key = key_of(kind, object);
+        match to_object(kind, object) {
+            Ok(o) => {
+                valid.push(o);
+                seen_now.push((key, seen(kind, object, None)));
+            }
+            Err(e) => {
+                warn!(object = %key, error = %e, "invalid; not served");
+                seen_now.push((key, seen(kind, object, Some(e.to_string()))));
+            }
+        }
+    }
+    let listed: BTreeSet<ObjectKey> = seen_now.iter().map(|(k, _)| k.clone()).collect();
+    shared.replace_kind(kind, seen_now);
+    if let Err(e) = agent.apply(valid.clone()).await {
+        debug!(error = %e, "the relist as one apply was refused; applying one by one");
+        for object in valid {
+            let key = object.key();
+            if let Err(e) = agent.apply(vec![object]).await {
+                warn!(object = %key, error = %e, "invalid; not served");
+                shared.mark_invalid(&key, e.to_string());
+            }
+        }
+    }
+    let gone: Vec<ObjectKey> = agent
+        .snapshot()
+        .objects
+        .keys()
+        .filter(|k| k.kind == kind && !listed.contains(k))
+        .cloned()
+        .collect();
+    for key in gone {
+        match agent.delete(&key).await {
+            Ok(()) => info!(object = %key, "deleted while the watch was down"),
+            Err(ChangeError::NotFound(_)) => {}
+            Err(e) => warn!(object = %key, error = %e, "cannot delete"),
+        }
+    }
+}
+
+/// Keeps `pods` equal to the API server's pods of this node until the task is dropped.
+pub async fn sync_pods(client: Client, pods: Arc<PodCache>, shared: Arc<Shared>) {
+    let api: Api<Pod> = Api::all(client);
+    let resource = "pods";
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", pods.node()));
+    let up = shared
+        .metrics
+        .kubernetes_watch_up
+        .get_or_create(&ResourceLabels { resource })
+        .clone();
+    let mut events = pin!(watcher::watcher(api, config).default_backoff());
+    let mut relist: Vec<Pod> = Vec::new();
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => relist.clear(),
+            Ok(Event::InitApply(pod)) => relist.push(pod),
+            Ok(Event::InitDone) => {
+                pods.replace(&std::mem::take(&mut relist));
+                up.set(1);
+                info!(
+                    node = pods.node(),
+                    addresses = pods.len(),
+                    "pods of this node synced"
+                );
+                failing = false;
+            }
+            Ok(Event::Apply(pod)) => pods.apply(&pod),
+            Ok(Event::Delete(pod)) => pods.delete(&pod),
+            Err(e) => {
+                up.set(0);
+                if !failing {
+                    warn!(
+                        resource,
+                        "{}; client attributes come from the pods last seen",
+                        explain(&e, resource)
+                    );
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(kind: Kind, value: Value) -> DynamicObject {
+        let mut v = value;
+        v["apiVersion"] = json!(api::API_VERSION);
+        v["kind"] = json!(kind.as_str());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_custom_resource_becomes_the_agents_object() {
+        let import = dynamic(
+            Kind::Import,
+            json!({
+                "metadata": {
+                    "name": "db", "namespace": "shop", "uid": "u-1", "resourceVersion": "7",
+                    "labels": {"app": "db"},
+                    "annotations": {
+                        "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+                        "clusterlink.net/service-ip": "10.96.0.10",
+                    },
+                    "managedFields": [{"manager": "kubectl"}],
+                },
+                "spec": {"port": 5432, "sources": [
+                    {"peer": "b", "exportName": "db", "exportNamespace": "shop"}]},
+                "status": {"conditions": [{"type": "ImportServiceValid", "status": "True",
+                    "reason": "Valid"}]},
+            }),
+        );
+        let Object::Import(i) = to_object(Kind::Import, &import).unwrap() else {
+            panic!("not an Import")
+        };
+        assert_eq!(i.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(i.metadata.labels["app"], "db");
+        assert_eq!(
+            i.metadata.annotations.keys().collect::<Vec<_>>(),
+            ["clusterlink.net/service-ip"]
+        );
+        assert_eq!(i.spec.port, 5432);
+        assert!(i.status.is_empty(), "status is observed, never taken");
+        let s = seen(Kind::Import, &import, None);
+        assert_eq!((s.uid.as_str(), s.resource_version.as_str()), ("u-1", "7"));
+        assert_eq!(s.target_port, Some(0));
+        assert_eq!(s.status.conditions[0].type_, "ImportServiceValid");
+    }
+
+    #[test]
+    fn an_export_without_host_targets_its_service() {
+        let export = dynamic(
+            Kind::Export,
+            json!({"metadata": {"name": "db", "namespace": "shop"}, "spec": {"port": 5432}}),
+        );
+        let Object::Export(e) = to_object(Kind::Export, &export).unwrap() else {
+            panic!("not an Export")
+        };
+        assert_eq!(e.spec.host, "db.shop");
+    }
+
+    #[test]
+    fn a_bad_resource_is_refused_with_the_field() {
+        let bad = dynamic(
+            Kind::Import,
+            json!({"metadata": {"name": "db", "namespace": "shop"},
+                   "spec": {"port": 0, "sources": []}}),
+        );
+        let e = to_object(Kind::Import, &bad).unwrap_err().to_string();
+        assert!(e.contains("spec"), "{e}");
+        let unknown = dynamic(
+            Kind::Peer,
+            json!({"metadata": {"name": "b", "namespace": "cl"},
+                   "spec": {"gateways": [{"host": "x", "port": 443}], "colour": "red"}}),
+        );
+        assert!(to_object(Kind::Peer, &unknown).is_err());
+        let policy = dynamic(
+            Kind::PrivilegedAccessPolicy,
+            json!({"metadata": {"name": "deny-all"},
+                   "spec": {"action": "deny", "from": [{"workloadSelector": {}}],
+                            "to": [{"workloadSelector": {}}]}}),
+        );
+        let o = to_object(Kind::PrivilegedAccessPolicy, &policy).unwrap();
+        assert_eq!(o.key().namespace, "");
+    }
+}
