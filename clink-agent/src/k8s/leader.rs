@@ -541,3 +541,379 @@ pub fn service_for(
         },
     })
 }
+
+/// The writer's exact requests, against kube's mock service (no API server): paths, verbs,
+/// patch types, field manager and bodies. What the API server then does with them (merge,
+/// ownership, garbage collection) is the end-to-end tests' (tests/tests/kubernetes.rs).
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use hyper::{Method, Request, Response};
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::client::Body;
+    use tower_test::mock::{self, Handle};
+
+    use super::*;
+    use crate::k8s::Shared;
+
+    /// One request the writer must make, and the answer it gets.
+    struct Expect {
+        method: Method,
+        path: &'static str,
+        query: &'static str,
+        content_type: Option<&'static str>,
+        status: u16,
+        reply: Value,
+    }
+
+    fn expect(method: Method, path: &'static str, status: u16, reply: Value) -> Expect {
+        Expect {
+            method,
+            path,
+            query: "",
+            content_type: None,
+            status,
+            reply,
+        }
+    }
+
+    /// Answers the expected requests in order; returns their bodies.
+    async fn serve(
+        mut handle: Handle<Request<Body>, Response<Body>>,
+        script: Vec<Expect>,
+    ) -> Vec<Value> {
+        let mut bodies = Vec::new();
+        for e in script {
+            let (req, send) = handle
+                .next_request()
+                .await
+                .expect("the writer stopped early");
+            assert_eq!(
+                (req.method(), req.uri().path()),
+                (&e.method, e.path),
+                "request {}",
+                req.uri()
+            );
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            assert_eq!(query, e.query, "query of {} {}", e.method, e.path);
+            if let Some(ct) = e.content_type {
+                assert_eq!(req.headers()["content-type"], ct, "{} {}", e.method, e.path);
+            }
+            let body = req.into_body().collect_bytes().await.unwrap();
+            bodies.push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            let reply = serde_json::to_vec(&e.reply).unwrap();
+            send.send_response(
+                Response::builder()
+                    .status(e.status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(reply))
+                    .unwrap(),
+            );
+        }
+        bodies
+    }
+
+    fn options() -> Arc<Options> {
+        Arc::new(Options {
+            namespace: "clusterlink-system".into(),
+            node: "node-1".into(),
+            identity: "agent-abc".into(),
+            agent_selector: BTreeMap::from([(
+                "app.kubernetes.io/name".to_owned(),
+                "clusterlink".to_owned(),
+            )]),
+            lease_name: "clusterlink-agent".into(),
+            lease_duration: Duration::from_secs(15),
+        })
+    }
+
+    fn import_key() -> ObjectKey {
+        ObjectKey {
+            kind: Kind::Import,
+            namespace: "shop".into(),
+            name: "db".into(),
+        }
+    }
+
+    /// The agent's Import shop/db (listening on `target_port`), as the API server has it
+    /// (`api_target_port`, no status yet).
+    fn world(target_port: u16, api_target_port: u16) -> (Snapshot, Shared) {
+        let object = Object::from_value(json!({
+            "apiVersion": api::API_VERSION, "kind": "Import",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"port": 5432, "targetPort": target_port, "sources": [
+                {"peer": "b", "exportName": "db", "exportNamespace": "shop"}]},
+        }))
+        .unwrap();
+        let mut object = object;
+        object.status_mut().set_condition(
+            api::IMPORT_TARGET_PORT_VALID,
+            true,
+            "Listening",
+            "listening on port 40000",
+        );
+        let snapshot = Snapshot::build(BTreeMap::from([(import_key(), object)]));
+        let shared = Shared::new("clusterlink-system", Arc::new(Metrics::default()));
+        shared.observe(
+            import_key(),
+            Seen {
+                reference: reference("Import", "db", "uid-1"),
+                uid: "uid-1".into(),
+                resource_version: "12".into(),
+                status: api::Status::default(),
+                target_port: Some(api_target_port),
+                invalid: None,
+            },
+        );
+        (snapshot, shared)
+    }
+
+    fn reference(kind: &str, name: &str, uid: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(api::API_VERSION.into()),
+            kind: Some(kind.into()),
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        }
+    }
+
+    fn not_found() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": "NotFound", "code": 404, "message": "not found"})
+    }
+
+    #[tokio::test]
+    async fn an_import_gets_its_service_by_server_side_apply_and_its_status() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let (snapshot, shared) = world(40000, 40000);
+        let script = vec![
+            expect(
+                Method::GET,
+                "/api/v1/namespaces/shop/services/db",
+                404,
+                not_found(),
+            ),
+            Expect {
+                query: "&force=true&fieldManager=clusterlink-agent",
+                content_type: Some("application/apply-patch+yaml"),
+                ..expect(
+                    Method::PATCH,
+                    "/api/v1/namespaces/shop/services/db",
+                    200,
+                    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"}}),
+                )
+            },
+            Expect {
+                content_type: Some("application/merge-patch+json"),
+                ..expect(
+                    Method::PATCH,
+                    "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
+                    200,
+                    json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
+                           "metadata": {"name": "db"}}),
+                )
+            },
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
+        writer.reconcile(&snapshot, &shared).await;
+        let bodies = server.await.unwrap();
+        let service = &bodies[1];
+        assert_eq!(service["metadata"]["labels"][LABEL_MANAGED_BY], MANAGED_BY);
+        assert_eq!(service["metadata"]["labels"][LABEL_IMPORT_NAME], "db");
+        assert_eq!(
+            service["metadata"]["labels"][LABEL_IMPORT_NAMESPACE],
+            "shop"
+        );
+        assert_eq!(
+            service["metadata"]["ownerReferences"][0],
+            json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import", "name": "db",
+                   "uid": "uid-1", "controller": true, "blockOwnerDeletion": true})
+        );
+        assert_eq!(
+            service["spec"]["ports"],
+            json!([{"name": "tcp", "protocol": "TCP", "port": 5432, "targetPort": 40000}])
+        );
+        assert_eq!(
+            service["spec"]["selector"],
+            json!({"app.kubernetes.io/name": "clusterlink"})
+        );
+        assert_eq!(service["spec"]["internalTrafficPolicy"], "Local");
+        let status = &bodies[2]["status"];
+        assert_eq!(
+            status["conditions"][0]["type"],
+            api::IMPORT_TARGET_PORT_VALID
+        );
+        assert_eq!(status["conditions"][0]["status"], "True");
+        assert!(
+            status.get("labels").is_none(),
+            "labels are a Peer's: {status}"
+        );
+
+        // With the status written, a second pass writes nothing: the mock's server is gone,
+        // so a request would fail and be counted.
+        let mut seen = shared.seen().remove(&import_key()).unwrap();
+        seen.status = writer.desired_status(&import_key(), &seen, &snapshot);
+        shared.observe(import_key(), seen);
+        let before = writer.metrics.encode();
+        writer.reconcile(&snapshot, &shared).await;
+        assert_eq!(
+            before,
+            writer.metrics.encode(),
+            "no write on an unchanged world"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_the_agents_did_not_make_is_left_alone_and_reported() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let (snapshot, shared) = world(40000, 40000);
+        let theirs = json!({"apiVersion": "v1", "kind": "Service",
+                            "metadata": {"name": "db", "namespace": "shop",
+                                         "labels": {"app": "db"}},
+                            "spec": {"ports": [{"port": 5432}]}});
+        let script = vec![
+            expect(
+                Method::GET,
+                "/api/v1/namespaces/shop/services/db",
+                200,
+                theirs,
+            ),
+            expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/shop/events",
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                       "metadata": {"name": "e"}, "eventTime": null}),
+            ),
+            Expect {
+                content_type: Some("application/merge-patch+json"),
+                ..expect(
+                    Method::PATCH,
+                    "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
+                    200,
+                    json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
+                           "metadata": {"name": "db"}}),
+                )
+            },
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
+        writer.reconcile(&snapshot, &shared).await;
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies[1]["reason"], REASON_SERVICE_CONFLICT);
+        assert_eq!(bodies[1]["type"], "Warning");
+        let conditions = bodies[2]["status"]["conditions"].as_array().unwrap();
+        let service_valid = conditions
+            .iter()
+            .find(|c| c["type"] == api::IMPORT_SERVICE_VALID)
+            .unwrap();
+        assert_eq!(service_valid["status"], "False");
+        assert_eq!(service_valid["reason"], REASON_SERVICE_CONFLICT);
+        assert!(service_valid["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not create"));
+    }
+
+    #[tokio::test]
+    async fn a_leased_port_is_written_back_before_any_service() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        // The agent leased 40000; the API server's spec has no targetPort yet.
+        let (snapshot, shared) = world(40000, 0);
+        let script = vec![
+            Expect {
+                query: "&fieldManager=clusterlink-agent",
+                content_type: Some("application/merge-patch+json"),
+                ..expect(
+                    Method::PATCH,
+                    "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db",
+                    200,
+                    json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
+                           "metadata": {"name": "db"}}),
+                )
+            },
+            expect(
+                Method::PATCH,
+                "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
+                200,
+                json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
+                       "metadata": {"name": "db"}}),
+            ),
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
+        writer.reconcile(&snapshot, &shared).await;
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies[0], json!({"spec": {"targetPort": 40000}}));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_object_gets_a_condition_and_one_event() {
+        let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let snapshot = Snapshot::default();
+        let shared = Shared::new("clusterlink-system", Arc::new(Metrics::default()));
+        let key = ObjectKey {
+            kind: Kind::Export,
+            namespace: "shop".into(),
+            name: "db".into(),
+        };
+        shared.observe(
+            key.clone(),
+            Seen {
+                reference: reference("Export", "db", "uid-2"),
+                uid: "uid-2".into(),
+                resource_version: "3".into(),
+                status: api::Status::default(),
+                target_port: None,
+                invalid: Some("Export shop/db: spec.port: must be 1-65535".into()),
+            },
+        );
+        assert_eq!(
+            shared
+                .metrics
+                .encode()
+                .lines()
+                .find(|l| l.starts_with("clink_kubernetes_invalid_objects ")),
+            Some("clink_kubernetes_invalid_objects 1")
+        );
+        let script = vec![
+            expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/shop/events",
+                201,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                       "metadata": {"name": "e"}, "eventTime": null}),
+            ),
+            expect(
+                Method::PATCH,
+                "/apis/clusterlink.net/v1alpha1/namespaces/shop/exports/db/status",
+                200,
+                json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Export",
+                       "metadata": {"name": "db"}}),
+            ),
+        ];
+        let server = tokio::spawn(serve(handle, script));
+        let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
+        writer.reconcile(&snapshot, &shared).await;
+        let bodies = server.await.unwrap();
+        assert_eq!(bodies[0]["reason"], REASON_INVALID);
+        assert!(bodies[0]["note"].as_str().unwrap().contains("spec.port"));
+        let c = &bodies[1]["status"]["conditions"][0];
+        assert_eq!(
+            (&c["type"], &c["status"], &c["reason"]),
+            (
+                &json!(api::EXPORT_VALID),
+                &json!("False"),
+                &json!(REASON_INVALID)
+            )
+        );
+    }
+}
