@@ -215,7 +215,29 @@ fn defaults_install_a_host_network_node_agent() {
             "{expected} not in {args:?}"
         );
     }
-    assert!(!args.iter().any(|a| a.starts_with("--mode")), "{args:?}");
+    // Kubernetes mode by default: no state directory, the Services select the agents' pods,
+    // pods reach service addresses at their node's address (kubelet expands $(HOST_IP)).
+    for expected in [
+        "--mode=kubernetes",
+        "--agent-selector=app.kubernetes.io/name=clusterlink",
+        "--agent-selector=app.kubernetes.io/instance=cl",
+        "--node-address=$(HOST_IP)",
+    ] {
+        assert!(
+            args.iter().any(|a| a == expected),
+            "{expected} not in {args:?}"
+        );
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--state")), "{args:?}");
+    let env: Vec<&str> = r.agent()["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in ["NODE_NAME", "POD_NAMESPACE", "POD_NAME", "HOST_IP"] {
+        assert!(env.contains(&name), "{name} not in {env:?}");
+    }
 
     let agent = r.agent();
     for probe in ["startupProbe", "livenessProbe"] {
@@ -462,9 +484,9 @@ fn pod_placement_and_extras_render_valid_manifests() {
     );
 }
 
-/// The rendered arguments are ones the agent really accepts: it gets past argument parsing and
-/// stops at loading the (absent) certificates. `agent.mode=kubernetes` renders `--mode`,
-/// which the agent does not accept yet (issue 11); when it does, this test says so.
+/// The rendered arguments are ones the agent really accepts, in both modes: it gets past
+/// argument parsing and stops at loading the (absent) certificates. The downward-API
+/// variables are set and `$(VAR)` expanded as the kubelet does.
 #[test]
 fn the_agent_accepts_the_rendered_arguments() {
     if !tools("the chart's arguments against the agent") {
@@ -480,19 +502,27 @@ fn the_agent_accepts_the_rendered_arguments() {
     };
     let nowhere = tempfile::tempdir().unwrap();
     let certs = nowhere.path().join("no-certs");
+    let downward = [
+        ("NODE_NAME", "node-1"),
+        ("POD_NAMESPACE", "clusterlink-system"),
+        ("POD_NAME", "cl-clusterlink-x7k2p"),
+        ("HOST_IP", "192.0.2.10"),
+    ];
     let with_test_certs = |args: Vec<String>| -> Vec<String> {
         args.into_iter()
             .map(|a| {
                 if a.starts_with("--certs=") {
-                    format!("--certs={}", certs.display())
-                } else {
-                    a
+                    return format!("--certs={}", certs.display());
                 }
+                downward
+                    .iter()
+                    .fold(a, |a, (k, v)| a.replace(&format!("$({k})"), v))
             })
             .collect()
     };
     for values in [
         &[][..],
+        &["agent.mode=standalone"][..],
         &[
             "securityContext.privileged=false",
             "agent.datapath=userspace",
@@ -504,7 +534,11 @@ fn the_agent_accepts_the_rendered_arguments() {
         ][..],
     ] {
         let args = with_test_certs(Rendered::new(values).args());
-        let out = Command::new(&agent).args(&args).output().unwrap();
+        let out = Command::new(&agent)
+            .args(&args)
+            .envs(downward)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_ne!(
             out.status.code(),
@@ -516,12 +550,4 @@ fn the_agent_accepts_the_rendered_arguments() {
             "{values:?}: {args:?}: {stderr}"
         );
     }
-    let args = with_test_certs(Rendered::new(&["agent.mode=kubernetes"]).args());
-    assert!(args.contains(&"--mode=kubernetes".to_owned()));
-    let out = Command::new(&agent).args(&args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.code() == Some(2) && stderr.contains("--mode"),
-        "the agent now accepts --mode: update the chart's notes and README ({stderr})"
-    );
 }
