@@ -568,6 +568,19 @@ fn print_status(s: &StatusResponse) {
     println!("gateway:    {}", s.gateway);
     println!("data path:  {}", s.datapath);
     println!("uptime:     {}s", s.uptime_seconds);
+    match s.leader {
+        Some(leader) => println!(
+            "source:     {} ({})",
+            s.objects_from,
+            if leader {
+                "this agent leads: it writes status and Services"
+            } else {
+                "another agent writes status and Services"
+            }
+        ),
+        None if !s.objects_from.is_empty() => println!("source:     {}", s.objects_from),
+        None => {}
+    }
     let objects = s
         .objects
         .iter()

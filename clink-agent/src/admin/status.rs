@@ -52,5 +52,12 @@ pub(super) async fn collect(agent: &Agent, uptime: Duration) -> StatusResponse {
         peers,
         connections: agent.metrics().connection_totals(),
         paths: agent.context().connections.per_path(),
+        objects_from: agent
+            .external_source()
+            .unwrap_or("state directory")
+            .to_owned(),
+        leader: agent
+            .external_source()
+            .map(|_| agent.metrics().kubernetes_leader.get() == 1),
     }
 }

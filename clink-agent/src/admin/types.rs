@@ -34,6 +34,12 @@ pub struct StatusResponse {
     pub connections: Connections,
     /// Open connections per path their payload takes (`setup` while being set up).
     pub paths: BTreeMap<BytePath, u64>,
+    /// Where the objects come from: `state directory` (standalone) or `the Kubernetes API`.
+    #[serde(default)]
+    pub objects_from: String,
+    /// Kubernetes mode: whether this agent holds the Lease (writes status and Services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<bool>,
 }
 
 /// `GET /v1/connections`: the open tunneled connections, oldest first.
@@ -126,6 +132,8 @@ mod tests {
                 bytes_in: 5,
             },
             paths: BTreeMap::from([(BytePath::Ktls, 1), (BytePath::Userspace, 0)]),
+            objects_from: "the Kubernetes API".to_owned(),
+            leader: Some(true),
         }
     }
 
@@ -156,6 +164,8 @@ mod tests {
                 "peers": [{"name": "peer-b", "reachable": "True", "labels": {}}],
                 "connections": {"active": 1, "opened": 2, "failed": 3, "bytesOut": 4, "bytesIn": 5},
                 "paths": {"userspace": 0, "ktls": 1},
+                "objectsFrom": "the Kubernetes API",
+                "leader": true,
             }),
         );
     }
