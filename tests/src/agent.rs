@@ -31,6 +31,8 @@ pub struct Agent {
     gateway_port: u16,
     /// More `clink-agent` flags.
     pub args: Vec<String>,
+    /// Environment variables for the agent (e.g. `KUBECONFIG`).
+    pub env: Vec<(String, String)>,
     /// Run on the sockmap data path, inside this cgroup (see [`SockmapSetup`]); `None`: the
     /// userspace data path.
     pub sockmap: Option<SockmapSetup>,
@@ -55,6 +57,7 @@ impl Agent {
             child: None,
             gateway_port,
             args: Vec::new(),
+            env: Vec::new(),
             sockmap: None,
         })
     }
@@ -94,7 +97,8 @@ impl Agent {
         cmd.args(["--listen", &format!("0.0.0.0:{}", self.gateway_port)])
             .args(["--log-level", "info,clink_agent=debug,clink_ebpf=debug"])
             .args(self.datapath_args())
-            .args(&self.args);
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         // Generous: a debug build in a VM under software emulation (the kTLS tests) takes
         // well over 15 s to start and answer.
         let child = start_agent(&mut cmd, &self.files, Duration::from_secs(90), || {
