@@ -568,6 +568,16 @@ fn print_status(s: &StatusResponse) {
     println!("gateway:    {}", s.gateway);
     println!("data path:  {}", s.datapath);
     println!("uptime:     {}s", s.uptime_seconds);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = s.certificate.seconds_left(now);
+    let left = if left > 0 {
+        format!("{} days left", left / 86_400)
+    } else {
+        "EXPIRED".to_owned()
+    };
+    println!("certificate: {} ({left})", s.certificate);
     let objects = s
         .objects
         .iter()

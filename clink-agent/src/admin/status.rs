@@ -52,5 +52,6 @@ pub(super) async fn collect(agent: &Agent, uptime: Duration) -> StatusResponse {
         peers,
         connections: agent.metrics().connection_totals(),
         paths: agent.context().connections.per_path(),
+        certificate: agent.context().credentials.cert(),
     }
 }

@@ -12,6 +12,8 @@ pub use crate::agent::Change;
 pub use crate::connections::{BytePath, ConnectionInfo};
 /// Connection counters since the agent started, as `/metrics` has them.
 pub use crate::metrics::ConnectionTotals as Connections;
+/// A certificate's DNS name, serial and expiry.
+pub use crate::tls::CertInfo;
 
 /// `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +36,8 @@ pub struct StatusResponse {
     pub connections: Connections,
     /// Open connections per path their payload takes (`setup` while being set up).
     pub paths: BTreeMap<BytePath, u64>,
+    /// The peer certificate new connections present (after the last reload).
+    pub certificate: CertInfo,
 }
 
 /// `GET /v1/connections`: the open tunneled connections, oldest first.
@@ -126,6 +130,11 @@ mod tests {
                 bytes_in: 5,
             },
             paths: BTreeMap::from([(BytePath::Ktls, 1), (BytePath::Userspace, 0)]),
+            certificate: CertInfo {
+                dns_name: "peer-a".to_owned(),
+                serial: "1F2E".to_owned(),
+                not_after: 1_900_000_000,
+            },
         }
     }
 
@@ -156,6 +165,7 @@ mod tests {
                 "peers": [{"name": "peer-b", "reachable": "True", "labels": {}}],
                 "connections": {"active": 1, "opened": 2, "failed": 3, "bytesOut": 4, "bytesIn": 5},
                 "paths": {"userspace": 0, "ktls": 1},
+                "certificate": {"dnsName": "peer-a", "serial": "1F2E", "notAfter": 1_900_000_000},
             }),
         );
     }

@@ -20,7 +20,7 @@ use crate::{
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
     peer::io::{peer_io, PeerIo},
     policy::{attr, insert_labels, Attributes},
-    tls::dns_names,
+    tls::{dns_names, CertInfo},
     wire,
 };
 
@@ -63,11 +63,12 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
             return;
         }
     };
-    let peer = tls
+    let leaf = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first())
+        .and_then(|chain| chain.first());
+    let peer = leaf
         .map(dns_names)
         .and_then(|names| names.into_iter().next());
     let Some(peer) = peer else {
@@ -75,6 +76,12 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
         return;
     };
     Span::current().record("peer", field::display(&peer));
+    // Which certificate a peer presents, for certificate rotations.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(cert) = leaf.and_then(|leaf| CertInfo::from_der(leaf).ok()) {
+            debug!(serial = %cert.serial, not_after = %cert.not_after_text(), "client certificate");
+        }
+    }
     let mut buf = BytesMut::with_capacity(4096);
     // Importers keep a few handshaked connections ready: wait for their request longer than
     // for a handshake.
