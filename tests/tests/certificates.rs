@@ -1,7 +1,8 @@
 //! The peer certificate while agents run: a new one is served without a restart (files
 //! swapped the kubelet's way and polled, or replaced and announced with SIGHUP) while an open
 //! tunnel keeps streaming; a broken one is refused and the old one serves on; a broken one at
-//! start stops the agent naming the file.
+//! start stops the agent naming the file; and the gateway answers heartbeats of configured
+//! Peers only.
 
 use std::{
     io::{Read as _, Write as _},
@@ -372,6 +373,46 @@ fn a_broken_key_is_refused_and_the_old_certificate_serves_on() {
     replace_files(&certs, &new[1]).unwrap();
     wait_metric(fabric.ns_b(), METRICS_PORT, RELOADED, 1.0).unwrap();
     assert_eq!(b.status().unwrap().certificate.serial, serial_in(&new[1]));
+}
+
+/// Another member of the fabric (a valid certificate, but no Peer of that name at agent b)
+/// gets 403 on `/healthz`, as on CONNECT; a configured Peer gets 200 and b's labels.
+#[test]
+fn healthz_answers_configured_peers_only() {
+    if !require_root("healthz_answers_configured_peers_only") {
+        return;
+    }
+    let fabric = Fabric::two_clusters().expect("two clusters");
+    let certs = fabric.dir.path().join("certs");
+    let outsider = reissue_certificate(
+        &bin_path("clink").unwrap(),
+        &certs,
+        FABRIC,
+        "peer-x",
+        &certs,
+    )
+    .unwrap();
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: peer-b\r\n\r\n";
+    let (answer, _) = ask_gateway(
+        &fabric,
+        gateway_b(&fabric),
+        &outsider,
+        "peer-x",
+        "peer-b",
+        healthz,
+    );
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(!answer.contains("cluster=b"), "labels leaked: {answer}");
+    let (answer, _) = ask_gateway(
+        &fabric,
+        gateway_b(&fabric),
+        &fabric.a().certs_dir(),
+        "peer-a",
+        "peer-b",
+        healthz,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("cluster=b"), "{answer}");
 }
 
 /// A missing or broken certificate file stops the agent at start, naming the file and the
