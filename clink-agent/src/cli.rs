@@ -581,6 +581,16 @@ fn print_status(s: &StatusResponse) {
         None if !s.objects_from.is_empty() => println!("source:     {}", s.objects_from),
         None => {}
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = s.certificate.seconds_left(now);
+    let left = if left > 0 {
+        format!("{} days left", left / 86_400)
+    } else {
+        "EXPIRED".to_owned()
+    };
+    println!("certificate: {} ({left})", s.certificate);
     let objects = s
         .objects
         .iter()

@@ -2,7 +2,15 @@
 //! once per connection or per decision, never per byte read: byte totals are added when a
 //! connection closes.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -115,6 +123,12 @@ pub struct WriteLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` (new connections use the new certificate) or `error` (the previous one serves on).
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -149,6 +163,13 @@ pub struct Metrics {
     pub kubernetes_writes: Family<WriteLabels, Counter>,
     /// Kubernetes mode: objects the API server has that failed validation.
     pub kubernetes_invalid_objects: Gauge,
+    /// Reloads of the peer certificate directory, by result.
+    pub certificate_reloads: Family<ReloadLabels, Counter>,
+    /// Seconds until the served certificate's notAfter, set from `certificate_not_after`
+    /// at every scrape.
+    certificate_expiry: Gauge,
+    /// The served certificate's notAfter (Unix seconds).
+    certificate_not_after: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -176,6 +197,9 @@ impl Default for Metrics {
             kubernetes_leader: Gauge::default(),
             kubernetes_writes: Family::default(),
             kubernetes_invalid_objects: Gauge::default(),
+            certificate_reloads: Family::default(),
+            certificate_expiry: Gauge::default(),
+            certificate_not_after: AtomicI64::new(0),
             registry: Registry::default(),
         };
         registry.register(
@@ -287,12 +311,35 @@ impl Default for Metrics {
              condition or an Event saying why)",
             m.kubernetes_invalid_objects.clone(),
         );
+        registry.register(
+            "certificate_reloads",
+            "Reloads of the peer certificate files (on change or SIGHUP), by result: ok (new \
+             connections use the new certificate) or error (the previous one serves on; the \
+             log names the file)",
+            m.certificate_reloads.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the served peer certificate's notAfter; negative once expired",
+            m.certificate_expiry.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// The served certificate expires at `not_after` (Unix seconds).
+    pub fn set_certificate_not_after(&self, not_after: i64) {
+        self.certificate_not_after
+            .store(not_after, Ordering::Relaxed);
+    }
+
     pub fn encode(&self) -> String {
+        let not_after = self.certificate_not_after.load(Ordering::Relaxed);
+        if not_after != 0 {
+            self.certificate_expiry
+                .set(not_after - time::OffsetDateTime::now_utc().unix_timestamp());
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -463,6 +510,26 @@ mod tests {
             "clink_policy_decisions_total{direction=\"egress\",action=\"allow\",tier=\"namespaced\"} 1"
         ));
         assert!(text.contains("clink_connection_setup_seconds_count{direction=\"egress\"} 1"));
+    }
+
+    #[test]
+    fn certificate_expiry_is_counted_from_the_scrape() {
+        let m = Metrics::default();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let gauge = |m: &Metrics| sample_of(&m.encode(), "clink_certificate_expiry_seconds");
+        m.set_certificate_not_after(now + 3600);
+        let left = gauge(&m);
+        assert!((3590.0..=3600.0).contains(&left), "{left}");
+        m.set_certificate_not_after(now - 60);
+        let left = gauge(&m);
+        assert!(
+            (-70.0..=-60.0).contains(&left),
+            "an expired certificate: {left}"
+        );
+    }
+
+    fn sample_of(text: &str, name: &str) -> f64 {
+        samples(text, name).next().map_or(f64::NAN, |(_, v)| v)
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! | request | answer ([`types`]) |
 //! |---|---|
-//! | `GET /v1/status` | [`StatusResponse`]: agent name, gateway, data path, object counts, import ports, peers, counters, open connections per path |
+//! | `GET /v1/status` | [`StatusResponse`]: agent name, gateway, data path, object counts, import ports, peers, counters, open connections per path, the served certificate (serial, expiry) |
 //! | `GET /v1/connections` | [`ConnectionsResponse`]: every open tunneled connection and the path its payload takes |
 //! | `GET /v1/objects/<Kind>[?namespace=NS][&name=N]` | JSON array of objects |
 //! | `POST /v1/apply` (JSON array of objects) | [`ApplyResponse`], all or nothing |

@@ -59,5 +59,6 @@ pub(super) async fn collect(agent: &Agent, uptime: Duration) -> StatusResponse {
         leader: agent
             .external_source()
             .map(|_| agent.metrics().kubernetes_leader.get() == 1),
+        certificate: agent.context().credentials.cert(),
     }
 }

@@ -12,6 +12,8 @@ pub use crate::agent::Change;
 pub use crate::connections::{BytePath, ConnectionInfo};
 /// Connection counters since the agent started, as `/metrics` has them.
 pub use crate::metrics::ConnectionTotals as Connections;
+/// A certificate's DNS name, serial and expiry.
+pub use crate::tls::CertInfo;
 
 /// `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,10 @@ pub struct StatusResponse {
     /// Kubernetes mode: whether this agent holds the Lease (writes status and Services).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<bool>,
+    /// The peer certificate new connections present (after the last reload); empty from an
+    /// agent older than certificate reloading.
+    #[serde(default)]
+    pub certificate: CertInfo,
 }
 
 /// `GET /v1/connections`: the open tunneled connections, oldest first.
@@ -134,6 +140,11 @@ mod tests {
             paths: BTreeMap::from([(BytePath::Ktls, 1), (BytePath::Userspace, 0)]),
             objects_from: "the Kubernetes API".to_owned(),
             leader: Some(true),
+            certificate: CertInfo {
+                dns_name: "peer-a".to_owned(),
+                serial: "1F2E".to_owned(),
+                not_after: 1_900_000_000,
+            },
         }
     }
 
@@ -166,6 +177,7 @@ mod tests {
                 "paths": {"userspace": 0, "ktls": 1},
                 "objectsFrom": "the Kubernetes API",
                 "leader": true,
+                "certificate": {"dnsName": "peer-a", "serial": "1F2E", "notAfter": 1_900_000_000},
             }),
         );
     }

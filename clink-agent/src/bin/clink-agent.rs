@@ -13,7 +13,7 @@ use clink_agent::{
     k8s, kernel, metrics,
     peer::Dialer,
     store::{ApiServerObjects, FileStore, Store},
-    tls::Identity,
+    tls::reload::{self, Reloader},
 };
 use tokio::{net::TcpListener, signal::unix::SignalKind};
 use tracing::{info, warn};
@@ -27,6 +27,10 @@ struct Args {
     /// Directory with cert.pem, key.pem and ca.pem (made by `clink peer-cert create`).
     #[arg(long)]
     certs: PathBuf,
+    /// Seconds between looks at the --certs files: changed files are reloaded without a
+    /// restart (also at once on SIGHUP); 0: only on SIGHUP.
+    #[arg(long, value_name = "SECONDS", default_value_t = reload::DEFAULT_INTERVAL.as_secs())]
+    cert_reload_interval: u64,
     /// Where objects come from: standalone (the state directory and `clink apply`),
     /// kubernetes (the API server's custom resources), or auto: kubernetes when running in
     /// a pod with a service-account token, else standalone.
@@ -250,11 +254,8 @@ async fn run(args: Args) -> Result<()> {
         pin_dir: args.bpf_pin_dir.clone(),
         node_address: args.node_address,
     })?;
-    let identity = Identity::load(&args.certs, &args.name).context("loading certificates")?;
-    let identity = match datapath.ktls() {
-        Some(_) => identity.for_ktls(),
-        None => identity,
-    };
+    let certs = Reloader::load(&args.certs, &args.name, datapath.ktls().is_some())
+        .context("loading certificates")?;
     let store: Box<dyn Store> = match (&kube_options, &args.state) {
         (Some(_), _) => Box::new(ApiServerObjects),
         (None, Some(state)) => Box::new(
@@ -306,10 +307,10 @@ async fn run(args: Args) -> Result<()> {
         Clients::Pods(_) => 0,
     };
     let ctx = Context {
-        name: identity.name.clone(),
+        name: args.name.clone(),
         labels,
-        server: identity.server.clone(),
-        dialer: Arc::new(Dialer::new(identity.client.clone())),
+        credentials: certs.credentials(),
+        dialer: Arc::new(Dialer::new(certs.credentials())),
         snapshot: Default::default(),
         peers: Default::default(),
         balancer: Default::default(),
@@ -322,6 +323,13 @@ async fn run(args: Args) -> Result<()> {
     for problem in agent.start().await.context("loading state")? {
         warn!("{problem}");
     }
+    let reload_every = std::time::Duration::from_secs(args.cert_reload_interval);
+    let _certs = certs
+        .spawn(
+            metrics.clone(),
+            (!reload_every.is_zero()).then_some(reload_every),
+        )
+        .context("watching the certificate files")?;
     let _kubernetes = match (kube_client, kube_options, pods) {
         (Some(client), Some(options), Some(pods)) => {
             Some(k8s::start(agent.clone(), client, options, pods))

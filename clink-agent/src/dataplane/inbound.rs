@@ -1,6 +1,8 @@
 //! Ingress: a peer connected to the gateway port. The TLS handshake proves the peer's identity
-//! (a certificate of our fabric); the certificate's DNS name must be one of our Peers. Then one
-//! request head: `GET /healthz` is answered with our labels; `CONNECT <export>.<ns>:443` is
+//! (a certificate of our fabric); the certificate's DNS name must be one of our Peers, for
+//! heartbeats as for tunnels (another member of the fabric learns nothing here, not even our
+//! labels). Then one request head: `GET /healthz` is answered with our labels;
+//! `CONNECT <export>.<ns>:443` is
 //! checked against the Export and ingress policy (with the peer identity from the certificate,
 //! never from headers), the export target is dialled, and after `200` the bytes flow.
 
@@ -20,7 +22,7 @@ use crate::{
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
     peer::io::{peer_io, PeerIo},
     policy::{attr, insert_labels, Attributes},
-    tls::dns_names,
+    tls::{dns_names, CertInfo},
     wire,
 };
 
@@ -63,11 +65,12 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
             return;
         }
     };
-    let peer = tls
+    let leaf = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first())
+        .and_then(|chain| chain.first());
+    let peer = leaf
         .map(dns_names)
         .and_then(|names| names.into_iter().next());
     let Some(peer) = peer else {
@@ -75,6 +78,12 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
         return;
     };
     Span::current().record("peer", field::display(&peer));
+    // Which certificate a peer presents, for certificate rotations.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(cert) = leaf.and_then(|leaf| CertInfo::from_der(leaf).ok()) {
+            debug!(serial = %cert.serial, not_after = %cert.not_after_text(), "client certificate");
+        }
+    }
     let mut buf = BytesMut::with_capacity(4096);
     // Importers keep a few handshaked connections ready: wait for their request longer than
     // for a handshake.
@@ -96,7 +105,7 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
         }
     };
     match (request.method.as_str(), request.target.as_str()) {
-        ("GET", "/healthz") => healthz(&ctx, &mut tls).await,
+        ("GET", "/healthz") => healthz(&ctx, &mut tls, &peer).await,
         ("CONNECT", _) => connect(ctx, tls, peer, request, buf, started).await,
         (method, target) => {
             warn!(method, target, "unsupported request");
@@ -124,7 +133,15 @@ async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = timeout(LINGER_TIME, drain).await;
 }
 
-async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>) {
+/// Answers a configured Peer's heartbeat with our labels; any other member of the fabric gets
+/// `403`, as its CONNECT would.
+async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>, peer: &str) {
+    if !ctx.snapshot().peers.contains_key(peer) {
+        // Debug, not warn: an unconfigured member's heartbeats come every few seconds.
+        debug!("heartbeat refused: certificate of a fabric member that is not one of our Peers");
+        refuse(tls, 403, &format!("peer {peer:?} is not known here")).await;
+        return;
+    }
     debug!("heartbeat");
     let labels = wire::format_labels(&ctx.labels);
     let _ = tls

@@ -8,7 +8,6 @@ pub mod relay;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use rustls::ServerConfig;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
@@ -32,6 +31,7 @@ use crate::{
     },
     peer::{Dialer, Peers},
     state::{Snapshot, SnapshotCell},
+    tls::Credentials,
 };
 
 /// What the data path needs of the agent: who we are, the current objects and policies,
@@ -41,8 +41,9 @@ pub struct Context {
     /// This peer's name (its certificate's DNS name) and the labels it announces.
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    /// TLS for the gateway port: our certificate, client certificates of the fabric required.
-    pub server: Arc<ServerConfig>,
+    /// Our certificate and the fabric CA, as the last (re)load left them: the gateway takes
+    /// its configuration from here per accepted connection, the dialer per dial.
+    pub credentials: Arc<Credentials>,
     pub dialer: Arc<Dialer>,
     pub snapshot: SnapshotCell,
     pub peers: Peers,
@@ -62,12 +63,14 @@ impl Context {
 
 /// Accepts peers on the gateway port until the task is dropped.
 pub fn serve_gateway(ctx: Arc<Context>, listener: TcpListener) -> JoinHandle<()> {
-    let acceptor = TlsAcceptor::from(ctx.server.clone());
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, from)) => {
-                    tokio::spawn(inbound::serve(ctx.clone(), acceptor.clone(), tcp, from));
+                    // The certificate and CA of the moment: a reload applies from the next
+                    // connection on, open ones keep theirs.
+                    let acceptor = TlsAcceptor::from(ctx.credentials.server());
+                    tokio::spawn(inbound::serve(ctx.clone(), acceptor, tcp, from));
                 }
                 Err(e) => accept_failed(e).await,
             }

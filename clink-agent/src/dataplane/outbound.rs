@@ -199,7 +199,8 @@ async fn try_source(
         &format!("{}/{}", import.namespace, import.name),
         src,
     );
-    let mut pooled = health.as_ref().and_then(|h| h.pool.take());
+    let generation = ctx.dialer.generation();
+    let mut pooled = health.as_ref().and_then(|h| h.pool.take(generation));
     let (tls, buf, response) = loop {
         let reused = pooled.is_some();
         let mut tls = match pooled.take() {

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use rustls::{pki_types::ServerName, ClientConfig};
+use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
@@ -12,7 +12,7 @@ use super::{
     io::{peer_io, PeerIo},
     PeerHealth,
 };
-use crate::api::Endpoint;
+use crate::{api::Endpoint, tls::Credentials};
 
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -26,15 +26,21 @@ pub enum DialError {
     NoGateway,
 }
 
-/// Opens mTLS connections to peers with this agent's client configuration (certificate,
-/// fabric CA, session resumption cache).
+/// Opens mTLS connections to peers with this agent's current client configuration
+/// (certificate, fabric CA, session resumption cache), taken from [`Credentials`] per dial.
 pub struct Dialer {
-    client: Arc<ClientConfig>,
+    credentials: Arc<Credentials>,
 }
 
 impl Dialer {
-    pub fn new(client: Arc<ClientConfig>) -> Dialer {
-        Dialer { client }
+    pub fn new(credentials: Arc<Credentials>) -> Dialer {
+        Dialer { credentials }
+    }
+
+    /// The generation of the credentials new dials use: pooled connections of an older one
+    /// are not used for new tunnels.
+    pub fn generation(&self) -> u64 {
+        self.credentials.generation()
     }
 
     /// Opens an mTLS connection to `peer`, trying its gateways in order of health. Returns the
@@ -53,6 +59,7 @@ impl Dialer {
             Some(h) => h.gateway_order(gateways.len()),
             None => (0..gateways.len()).collect(),
         };
+        let (client, _) = self.credentials.client();
         let mut last = DialError::NoGateway;
         for index in order {
             let gw = &gateways[index];
@@ -81,7 +88,7 @@ impl Dialer {
             };
             let _ = tcp.set_nodelay(true);
             let started = std::time::Instant::now();
-            let connector = TlsConnector::from(self.client.clone());
+            let connector = TlsConnector::from(client.clone());
             match timeout(
                 CONNECT_TIMEOUT,
                 connector.connect(server_name.clone(), peer_io(tcp)),

@@ -26,9 +26,15 @@ pub const POOL_MAX_IDLE: Duration = Duration::from_secs(20);
 /// Connections to one peer that have finished their TLS handshake and wait for a CONNECT, so
 /// that a new client connection costs one round trip, not three. Filled in the background
 /// after each use, so idle peers hold none.
+///
+/// Each connection is kept with the generation of the credentials it was made with
+/// ([`crate::tls::Credentials`]): after a certificate reload, connections made with the
+/// previous certificate are dropped instead of used, so every tunnel opened after a reload
+/// presents the new certificate (the pool would otherwise serve up to [`POOL_MAX_IDLE`] of
+/// old ones).
 #[derive(Default)]
 pub struct Pool {
-    idle: std::sync::Mutex<VecDeque<(Instant, TlsStream<PeerIo>)>>,
+    idle: std::sync::Mutex<VecDeque<Idle>>,
     filling: AtomicBool,
 }
 
@@ -38,13 +44,22 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// One pooled connection: since when it waits, and the credentials generation it was made
+/// with.
+struct Idle {
+    since: Instant,
+    generation: u64,
+    conn: TlsStream<PeerIo>,
+}
+
 impl Pool {
-    /// The freshest idle connection still young enough to use.
-    pub fn take(&self) -> Option<TlsStream<PeerIo>> {
+    /// The freshest idle connection still young enough to use and made with credentials of
+    /// `generation` (the current one); older ones are dropped.
+    pub fn take(&self, generation: u64) -> Option<TlsStream<PeerIo>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((since, conn)) = idle.pop_back() {
-            if since.elapsed() < POOL_MAX_IDLE {
-                return Some(conn);
+        while let Some(entry) = idle.pop_back() {
+            if entry.since.elapsed() < POOL_MAX_IDLE && entry.generation == generation {
+                return Some(entry.conn);
             }
         }
         None
@@ -58,10 +73,14 @@ impl Pool {
         self.len() == 0
     }
 
-    fn put(&self, conn: TlsStream<PeerIo>) {
+    fn put(&self, conn: TlsStream<PeerIo>, generation: u64) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(since, _)| since.elapsed() < POOL_MAX_IDLE);
-        idle.push_back((Instant::now(), conn));
+        idle.retain(|e| e.since.elapsed() < POOL_MAX_IDLE && e.generation == generation);
+        idle.push_back(Idle {
+            since: Instant::now(),
+            generation,
+            conn,
+        });
     }
 }
 
@@ -81,8 +100,11 @@ pub fn refill(dialer: &Arc<Dialer>, peer: &str, gateways: &[Endpoint], health: &
             let Some(dialer) = dialer.upgrade() else {
                 break;
             };
+            // Read before dialing: a reload during the dial makes the connection count as
+            // old, never an old one as new.
+            let generation = dialer.generation();
             match dialer.connect_tls(&peer, &gateways, Some(&health)).await {
-                Ok((conn, _)) => health.pool.put(conn),
+                Ok((conn, _)) => health.pool.put(conn, generation),
                 Err(e) => {
                     debug!(%peer, error = %e, "could not refill the connection pool");
                     break;

@@ -33,7 +33,10 @@ mod root;
 mod topology;
 
 pub use agent::{checked, peer_reachable, start_agent, AgentFiles, Clink};
-pub use certs::make_certificates;
+pub use certs::{
+    kubelet_layout, kubelet_update, make_certificates, reissue_certificate, replace_files,
+    PEER_FILES,
+};
 pub use cgroup::{cgroup2_root, command_in, Cgroup};
 pub use k8s_tools::{helm_path, k8s_tools_dir, kubernetes_validate_path, require_k8s_tool};
 pub use ktls::{ktls_available, require_ktls, set_tls_ulp, REQUIRE_KTLS};
