@@ -35,7 +35,10 @@ mod topology;
 pub use agent::{checked, peer_reachable, start_agent, AgentFiles, Clink};
 pub use certs::make_certificates;
 pub use cgroup::{cgroup2_root, command_in, Cgroup};
-pub use k8s_tools::{helm_path, k8s_tools_dir, kubernetes_validate_path, require_k8s_tool};
+pub use k8s_tools::{
+    helm_path, k8s_python_path, k8s_tools_dir, kmock_path, kubectl_path, kubernetes_validate_path,
+    require_k8s_tool,
+};
 pub use ktls::{ktls_available, require_ktls, set_tls_ulp, REQUIRE_KTLS};
 pub use logs::{last_lines, read_from, strip_ansi};
 pub use names::unique_name;
