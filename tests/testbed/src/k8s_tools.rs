@@ -43,6 +43,11 @@ pub fn k8s_python_path() -> PathBuf {
     k8s_tools_dir().join("venv/bin/python")
 }
 
+/// The API-server emulator's program in this repository.
+pub fn apiserver_script() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../k8s/apiserver.py"))
+}
+
 /// Whether a test that needs `tool` (one of the paths above) can run.
 ///
 /// True when it is installed. Otherwise, in CI (`CI=true`) it panics so that a skipped test
