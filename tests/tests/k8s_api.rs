@@ -712,6 +712,39 @@ async fn kube_watcher_sees_an_import_added_modified_and_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_discovery_resolves_the_crds_and_the_built_in_kinds() {
+    let Some(api) = emulator_with_crds("kube-rs discovery") else {
+        return;
+    };
+    // The other way to point kube-rs at it: the URL alone (namespace "default").
+    let client = Client::try_from(Config::new(api.url().parse().unwrap())).unwrap();
+    let discovery = kube::Discovery::new(client).run().await.unwrap();
+    let resolve = |group: &str, version: &str, kind: &str| {
+        discovery
+            .resolve_gvk(&kube::api::GroupVersionKind::gvk(group, version, kind))
+            .unwrap_or_else(|| panic!("{group}/{version} {kind} not discovered"))
+    };
+    let (import, caps) = resolve("clusterlink.net", "v1alpha1", "Import");
+    assert_eq!(import.plural, "imports");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
+    assert!(caps.subresources.iter().any(|(r, _)| r.plural == "status"));
+    let (_, caps) = resolve("clusterlink.net", "v1alpha1", "PrivilegedAccessPolicy");
+    assert_eq!(caps.scope, kube::discovery::Scope::Cluster);
+    assert!(caps.subresources.is_empty());
+    for (group, kind) in [
+        ("", "Pod"),
+        ("", "Service"),
+        ("", "Secret"),
+        ("", "Event"),
+        ("events.k8s.io", "Event"),
+        ("coordination.k8s.io", "Lease"),
+    ] {
+        resolve(group, "v1", kind);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_resumes_from_a_resource_version_and_expires_after_compaction() {
     let Some(api) = emulator("watches from a resource version") else {
         return;
