@@ -534,7 +534,8 @@ class Store:
             if path not in new_leaves:
                 del owners[path]
         if applied is not None:
-            paths = set(leaves(applied))
+            # Only what was stored: the status in an apply to the object is not.
+            paths = set(leaves(applied)) & set(new_leaves)
             for path in paths:
                 owners[path] = manager
             self.applied[okey][manager] = paths
