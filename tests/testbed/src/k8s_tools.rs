@@ -1,6 +1,8 @@
-//! The Kubernetes tools the chart tests run: a static helm and kubernetes-validate, both
-//! installed by `cargo xtask setup` into one cache directory (no API server is needed or
-//! obtainable here: helm renders offline, kubernetes-validate checks against bundled schemas).
+//! The Kubernetes tools the tests run: a static helm and kubectl, kubernetes-validate, and
+//! the Python environment of the API-server emulator (tests/k8s/apiserver.py), all installed
+//! by `cargo xtask setup` into one cache directory. No real API server is obtainable here:
+//! helm renders offline, kubernetes-validate checks against bundled schemas, and kubectl,
+//! kube-rs and the agent talk to the emulator (`crate::ApiServer`).
 
 use std::path::PathBuf;
 
@@ -20,9 +22,30 @@ pub fn helm_path() -> PathBuf {
     k8s_tools_dir().join("bin/helm")
 }
 
+/// The static kubectl taken from the same npm package as helm.
+pub fn kubectl_path() -> PathBuf {
+    k8s_tools_dir().join("bin/kubectl")
+}
+
 /// kubernetes-validate from PyPI, in a virtual environment of its own.
 pub fn kubernetes_validate_path() -> PathBuf {
     k8s_tools_dir().join("venv/bin/kubernetes-validate")
+}
+
+/// kmock's command, in the same virtual environment: present once setup has installed what the
+/// emulator runs on (kmock 0.8 with aiohttp and jsonpatch).
+pub fn kmock_path() -> PathBuf {
+    k8s_tools_dir().join("venv/bin/kmock")
+}
+
+/// The Python of that virtual environment, which runs the emulator.
+pub fn k8s_python_path() -> PathBuf {
+    k8s_tools_dir().join("venv/bin/python")
+}
+
+/// The API-server emulator's program in this repository.
+pub fn apiserver_script() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../k8s/apiserver.py"))
 }
 
 /// Whether a test that needs `tool` (one of the paths above) can run.

@@ -22,6 +22,7 @@
 mod agent;
 mod certs;
 mod cgroup;
+mod k8s_api;
 mod k8s_tools;
 mod ktls;
 mod logs;
@@ -38,7 +39,11 @@ pub use certs::{
     PEER_FILES,
 };
 pub use cgroup::{cgroup2_root, command_in, Cgroup};
-pub use k8s_tools::{helm_path, k8s_tools_dir, kubernetes_validate_path, require_k8s_tool};
+pub use k8s_api::{chart_crds_dir, ApiRequest, ApiServer};
+pub use k8s_tools::{
+    apiserver_script, helm_path, k8s_python_path, k8s_tools_dir, kmock_path, kubectl_path,
+    kubernetes_validate_path, require_k8s_tool,
+};
 pub use ktls::{ktls_available, require_ktls, set_tls_ulp, REQUIRE_KTLS};
 pub use logs::{last_lines, read_from, strip_ansi};
 pub use names::unique_name;
@@ -48,8 +53,8 @@ pub use process::{bin_path, wait_for, ChildGuard};
 pub use root::require_root;
 pub use topology::{pod, three_clusters, two_clusters, Cluster, Pod, Topology};
 
-/// Removes the namespaces, cgroups and pin directories left by test bed processes that were
-/// killed before they could clean up. Returns what it removed.
+/// Removes the namespaces, cgroups, pin directories and API-emulator directories left by test
+/// bed processes that were killed before they could clean up. Returns what it removed.
 pub fn remove_stale() -> anyhow::Result<Vec<String>> {
     let mut removed: Vec<String> = remove_stale_namespaces()?
         .into_iter()
@@ -58,6 +63,7 @@ pub fn remove_stale() -> anyhow::Result<Vec<String>> {
     for path in cgroup::remove_stale()?
         .into_iter()
         .chain(pins::remove_stale()?)
+        .chain(k8s_api::remove_stale()?)
     {
         removed.push(path.display().to_string());
     }
