@@ -291,8 +291,9 @@ impl Default for Metrics {
         );
         registry.register(
             "kubernetes_watch_up",
-            "Kubernetes mode: 1 while the watch of a resource is in sync with the API server; 0 \
-             while it is failing (the agent keeps serving the last objects it saw)",
+            "Kubernetes mode: 0 from a failed watch request of a resource until the API server \
+             answers that watch again (meanwhile the agent serves the last objects it saw); 1 \
+             otherwise",
             m.kubernetes_watch_up.clone(),
         );
         registry.register(

@@ -20,6 +20,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iperf3", "the demo's traffic"),
     (
+        "iptables",
+        "the Kubernetes-mode tests cut an agent off its API server in a test namespace",
+    ),
+    (
         "bpftool",
         "the tests check the agent's eBPF programs and maps with it",
     ),

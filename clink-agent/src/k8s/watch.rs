@@ -176,8 +176,14 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
                 }
                 failing = false;
             }
-            Ok(Event::Apply(object)) => apply(&agent, kind, object, &shared).await,
-            Ok(Event::Delete(object)) => delete(&agent, kind, &object, &shared).await,
+            Ok(Event::Apply(object)) => {
+                answered(&up, &mut failing, resource);
+                apply(&agent, kind, object, &shared).await;
+            }
+            Ok(Event::Delete(object)) => {
+                answered(&up, &mut failing, resource);
+                delete(&agent, kind, &object, &shared).await;
+            }
             Err(e) => {
                 up.set(0);
                 if !failing {
@@ -190,6 +196,14 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
                 failing = true;
             }
         }
+    }
+}
+
+/// An event after a failure: the watch resumed where it was (no relist needed).
+fn answered(up: &prometheus_client::metrics::gauge::Gauge, failing: &mut bool, resource: &str) {
+    if std::mem::take(failing) {
+        up.set(1);
+        info!(resource, "the API server answers again; watch resumed");
     }
 }
 
@@ -310,8 +324,14 @@ pub async fn sync_pods(client: Client, pods: Arc<PodCache>, shared: Arc<Shared>)
                 );
                 failing = false;
             }
-            Ok(Event::Apply(pod)) => pods.apply(&pod),
-            Ok(Event::Delete(pod)) => pods.delete(&pod),
+            Ok(Event::Apply(pod)) => {
+                answered(&up, &mut failing, resource);
+                pods.apply(&pod);
+            }
+            Ok(Event::Delete(pod)) => {
+                answered(&up, &mut failing, resource);
+                pods.delete(&pod);
+            }
             Err(e) => {
                 up.set(0);
                 if !failing {
