@@ -4,6 +4,7 @@ mod bench;
 mod clink;
 mod demo;
 mod fuzz;
+mod image;
 mod run;
 mod setup;
 mod vm;
@@ -52,6 +53,10 @@ enum Task {
     Crds,
     /// Run the cargo-fuzz targets in fuzz/ (nightly), each for a fixed time.
     Fuzz(fuzz::Options),
+    /// Build the agent's container image (static musl binaries, FROM scratch) as an OCI
+    /// archive under target/image/, with no container engine and no base image, and check
+    /// it; or only check an archive (--check).
+    Image(image::Options),
     /// Two clusters, one agent each, iperf3 through the mTLS tunnel and directly, then a
     /// policy removal that denies the next connection. Needs root.
     Demo,
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         Task::Fuzz(opts) => setup::setup()
             .and_then(|()| fuzz::fuzz(&opts))
             .map(|()| ExitCode::SUCCESS),
+        Task::Image(opts) => image::image(opts),
         Task::Demo => demo::demo(),
         Task::Bench(opts) => bench::bench(opts),
         Task::BenchTool { tool } => bench::run_tool(tool).map(|()| ExitCode::SUCCESS),

@@ -95,15 +95,14 @@ const CARGO_TOOLS: &[CargoTool] = &[
 
 pub fn setup() -> Result<()> {
     step("setup: checking what the build and the tests need");
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     qemu()?;
     virtme_ng()?;
     layer_tool(&LayerTool::helm())?;
     layer_tool(&LayerTool::kubectl())?;
     kubernetes_validate()?;
     kmock()?;
-    nightly_rust_src()?;
-    bpf_linker()?;
+    ebpf_toolchain()?;
     clippy()?;
     for tool in CARGO_TOOLS {
         cargo_tool(tool)?;
@@ -112,9 +111,17 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-fn debian_packages() -> Result<()> {
+/// The nightly toolchain with rust-src and bpf-linker: what clink-agent's build.rs needs to
+/// build the eBPF programs it embeds.
+pub fn ebpf_toolchain() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+/// Installs those of `packages` (name, why) that are missing, saying which.
+pub fn debian_packages(packages: &[(&str, &str)]) -> Result<()> {
     let mut missing = Vec::new();
-    for (package, why) in DEBIAN_PACKAGES {
+    for (package, why) in packages {
         if dpkg_installed(package)? {
             println!("    {package}: installed");
         } else {
