@@ -396,6 +396,34 @@ mod tests {
     }
 
     #[test]
+    fn a_forbidden_watch_names_the_verb_and_resource() {
+        let forbidden = |code| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(json!({
+                    "status": "Failure", "code": code, "reason": "Forbidden",
+                    "message": "imports.clusterlink.net is forbidden: User \"system:serviceaccount:cl:agent\" cannot list resource",
+                }))
+                .unwrap(),
+            ))
+        };
+        let list = explain(
+            &watcher::Error::InitialListFailed(forbidden(403)),
+            "clusterlink.net/imports",
+        );
+        assert!(
+            list.starts_with(
+                "missing RBAC: the agent's ServiceAccount may not list clusterlink.net/imports"
+            ),
+            "{list}"
+        );
+        assert!(list.contains("system:serviceaccount:cl:agent"), "{list}");
+        let watch = explain(&watcher::Error::WatchStartFailed(forbidden(403)), "pods");
+        assert!(watch.contains("may not watch pods"), "{watch}");
+        let other = explain(&watcher::Error::InitialListFailed(forbidden(500)), "pods");
+        assert!(other.starts_with("cannot list pods"), "{other}");
+    }
+
+    #[test]
     fn an_export_without_host_targets_its_service() {
         let export = dynamic(
             Kind::Export,
