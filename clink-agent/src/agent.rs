@@ -111,6 +111,8 @@ impl Drop for Task {
 
 struct ImportListener {
     port: u16,
+    /// Whether the agent chose the port (the Import had no `targetPort`).
+    leased: bool,
     _task: Task,
 }
 
@@ -269,7 +271,7 @@ impl Agent {
                 match bind_import(key, import) {
                     Ok(l) => {
                         let port = import.spec.listen_port();
-                        self.serve_import(&mut runtime, key, port, l);
+                        self.serve_import(&mut runtime, key, port, l, false);
                     }
                     Err(e) => {
                         problems.push(format!("{e} (not served until re-applied)"));
@@ -290,14 +292,16 @@ impl Agent {
         key: &ObjectKey,
         port: u16,
         listener: TcpListener,
+        leased: bool,
     ) {
-        info!(import = %key, port, "listening for import");
+        info!(import = %key, port, leased, "listening for import");
         let task = dataplane::serve_import(self.ctx.clone(), key.clone(), listener);
         runtime.failed_imports.remove(key);
         runtime.listeners.insert(
             key.clone(),
             ImportListener {
                 port,
+                leased,
                 _task: Task(task),
             },
         );
@@ -370,30 +374,31 @@ impl Agent {
             if import.spec.target_port != 0 && current == Some(import.spec.target_port) {
                 continue;
             }
-            let listener = if import.spec.target_port != 0 {
-                bind_import(key, import)?
-            } else {
+            let leased = import.spec.target_port == 0;
+            let listener = if leased {
                 let (port, listener) = lease(key, import, &taken)?;
                 import.spec.target_port = port;
                 taken.push(port);
                 listener
+            } else {
+                bind_import(key, import)?
             };
-            bound.push((key.clone(), import.spec.target_port, listener));
+            bound.push((key.clone(), import.spec.target_port, listener, leased));
         }
 
         let batch = Batch {
             put: changes
                 .iter()
                 .filter(|(key, change)| {
-                    *change != Change::Unchanged || bound.iter().any(|(k, _, _)| k == key)
+                    *change != Change::Unchanged || bound.iter().any(|(k, ..)| k == key)
                 })
                 .map(|(key, _)| next[key].clone())
                 .collect(),
             delete: Vec::new(),
         };
         self.commit(batch).await?;
-        for (key, port, listener) in bound {
-            self.serve_import(&mut runtime, &key, port, listener);
+        for (key, port, listener, leased) in bound {
+            self.serve_import(&mut runtime, &key, port, listener, leased);
         }
         self.sync_heartbeats(&mut runtime, &next);
         self.publish(next, &runtime).await;
@@ -561,6 +566,8 @@ fn keep_leased_port(object: &mut Object, old: &Object) {
 /// the workers.
 struct Serving {
     ports: HashMap<ObjectKey, u16>,
+    /// Imports listening on a port the agent leased.
+    leased: std::collections::HashSet<ObjectKey>,
     failed_imports: HashMap<ObjectKey, String>,
 }
 
@@ -573,6 +580,12 @@ impl Serving {
                 .map(|(k, l)| (k.clone(), l.port))
                 .collect(),
             failed_imports: runtime.failed_imports.clone(),
+            leased: runtime
+                .listeners
+                .iter()
+                .filter(|(_, l)| l.leased)
+                .map(|(k, _)| k.clone())
+                .collect(),
         }
     }
 }
@@ -594,6 +607,11 @@ fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Serving) 
             Object::Import(i) => {
                 let (ok, reason, message) =
                     match (runtime.ports.get(key), runtime.failed_imports.get(key)) {
+                        (Some(port), _) if runtime.leased.contains(key) => (
+                            true,
+                            api::REASON_LEASED,
+                            format!("listening on port {port}, leased (no targetPort was given)"),
+                        ),
                         (Some(port), _) => (true, "Listening", format!("listening on port {port}")),
                         (None, Some(e)) => (false, api::REASON_ERROR, e.clone()),
                         (None, None) => (false, api::REASON_ERROR, "not listening".to_owned()),

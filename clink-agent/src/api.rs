@@ -138,6 +138,8 @@ pub const IMPORT_SERVICE_VALID: &str = "ImportServiceValid";
 pub const REASON_HEARTBEAT: &str = "Heartbeat";
 /// The reason of every failed condition, as ClusterLink reports it.
 pub const REASON_ERROR: &str = "Error";
+/// `ImportTargetPortValid` when the agents chose the port (upstream's reason).
+pub const REASON_LEASED: &str = "Leased";
 
 impl Status {
     pub fn is_empty(&self) -> bool {

@@ -330,6 +330,7 @@ fn an_import_becomes_a_service_and_pods_labels_decide_access() -> Result<()> {
         Duration::from_secs(30),
     )?;
     assert!(message.contains(&leased.to_string()), "{reason}: {message}");
+    assert_eq!(reason, "Leased", "{message}");
     wait_condition(
         &c.api_b,
         &["export", "svc", "-n", APP],
@@ -698,8 +699,13 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
         || holder(&api).as_deref() == Some(survivor_name),
     )?;
     let took = killed.elapsed();
+    eprintln!(
+        "the survivor took the Lease {took:?} after the leader was killed ({LEASE_SECONDS}s lease)"
+    );
     assert!(
-        took <= Duration::from_secs(LEASE_SECONDS * 3),
+        // The Lease expires at most one duration after the last renewal; the survivor's next
+        // try comes within a grace period. Twice the duration leaves room for a busy machine.
+        took <= Duration::from_secs(LEASE_SECONDS * 2),
         "takeover took {took:?} with a {LEASE_SECONDS}s lease"
     );
     api.kubectl_input(&["apply", "-f", "-"], &export("after"))?;
