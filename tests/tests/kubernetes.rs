@@ -216,13 +216,44 @@ impl Clusters {
             _dir: dir,
         })
     }
+}
 
-    fn peer_yaml(name: &str, ip: std::net::Ipv4Addr) -> String {
-        format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata:\n  name: {name}\n  \
-             namespace: {SYSTEM}\nspec:\n  gateways:\n  - host: {ip}\n    port: {GATEWAY_PORT}\n"
-        )
-    }
+/// `kubectl apply -f -` of `yaml`.
+fn apply(api: &ApiServer, yaml: &str) -> Result<()> {
+    api.kubectl_input(&["apply", "-f", "-"], yaml).map(drop)
+}
+
+/// ClusterLink objects as users write them (docs/examples), in [`APP`] unless a Peer.
+fn peer_yaml(name: &str, ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Peer\nmetadata:\n  name: {name}\n  \
+         namespace: {SYSTEM}\nspec:\n  gateways:\n  - host: {ip}\n    port: {GATEWAY_PORT}\n---\n"
+    )
+}
+
+fn export_yaml(name: &str, host: impl std::fmt::Display, port: u16) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: {name}\n  \
+         namespace: {APP}\nspec:\n  host: {host}\n  port: {port}\n---\n"
+    )
+}
+
+/// An Import of peer-b's `export`; `target_port` 0 leaves it to the agents to lease.
+fn import_yaml(name: &str, port: u16, target_port: u16, export: &str) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: {name}\n  \
+         namespace: {APP}\nspec:\n  port: {port}\n  targetPort: {target_port}\n  sources:\n  \
+         - peer: peer-b\n    exportName: {export}\n    exportNamespace: {APP}\n---\n"
+    )
+}
+
+/// An AccessPolicy allowing clients that match `from` (a YAML flow map of attributes).
+fn allow_yaml(name: &str, from: &str) -> String {
+    format!(
+        "apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: {name}\n  \
+         namespace: {APP}\nspec:\n  action: allow\n  from: [{{workloadSelector: {{matchLabels: {from}}}}}]\n  \
+         to: [{{workloadSelector: {{}}}}]\n---\n"
+    )
 }
 
 /// The import's Service: named after it, `spec.port` to the leased `targetPort` on the agents,
@@ -238,33 +269,19 @@ fn an_import_becomes_a_service_and_pods_labels_decide_access() -> Result<()> {
     let target = service.local_addr()?;
 
     // Cluster b: peer-a may connect; it exports the service; its policy allows every client.
-    c.api_b.kubectl_input(
-        &["apply", "-f", "-"],
-        &format!(
-            "{}---\napiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: svc\n  \
-             namespace: {APP}\nspec:\n  host: {}\n  port: {}\n---\n\
-             apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: allow-all\n  \
-             namespace: {APP}\nspec:\n  action: allow\n  from: [{{workloadSelector: {{}}}}]\n  \
-             to: [{{workloadSelector: {{}}}}]\n",
-            Clusters::peer_yaml("peer-a", c.topo.a().ip()),
-            target.ip(),
-            target.port()
-        ),
+    apply(
+        &c.api_b,
+        &(peer_yaml("peer-a", c.topo.a().ip())
+            + &export_yaml("svc", target.ip(), target.port())
+            + &allow_yaml("allow-all", "{}")),
     )?;
     // Cluster a: the Import without targetPort (leased and written back), and a policy that
     // lets only clients labelled app=front out.
-    c.api_a.kubectl_input(
-        &["apply", "-f", "-"],
-        &format!(
-            "{}---\napiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: svc\n  \
-             namespace: {APP}\nspec:\n  port: 8080\n  sources:\n  - peer: peer-b\n    \
-             exportName: svc\n    exportNamespace: {APP}\n---\n\
-             apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: front-only\n  \
-             namespace: {APP}\nspec:\n  action: allow\n  from:\n  - workloadSelector:\n      \
-             matchLabels: {{client.clusterlink.net/labels.app: front}}\n  \
-             to: [{{workloadSelector: {{}}}}]\n",
-            Clusters::peer_yaml("peer-b", c.topo.b().ip()),
-        ),
+    apply(
+        &c.api_a,
+        &(peer_yaml("peer-b", c.topo.b().ip())
+            + &import_yaml("svc", 8080, 0, "svc")
+            + &allow_yaml("front-only", "{client.clusterlink.net/labels.app: front}")),
     )?;
 
     // The leased port is written back, and the Service follows it.
@@ -386,14 +403,9 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
         return Ok(());
     }
     let c = Clusters::start()?;
-    c.api_a.kubectl_input(
-        &["apply", "-f", "-"],
-        &format!(
-            "{}---\napiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: good\n  \
-             namespace: {APP}\nspec:\n  port: 8080\n  targetPort: 41000\n  sources:\n  - peer: peer-b\n    \
-             exportName: svc\n    exportNamespace: {APP}\n",
-            Clusters::peer_yaml("peer-b", c.topo.b().ip()),
-        ),
+    apply(
+        &c.api_a,
+        &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("good", 8080, 41000, "svc")),
     )?;
     wait_condition(
         &c.api_a,
@@ -403,14 +415,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
         Duration::from_secs(30),
     )?;
     // Valid under the CRD's schema, refused by the agent: the port is the other Import's.
-    c.api_a.kubectl_input(
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: clash\n  \
-             namespace: {APP}\nspec:\n  port: 9000\n  targetPort: 41000\n  sources:\n  - peer: peer-b\n    \
-             exportName: svc\n    exportNamespace: {APP}\n"
-        ),
-    )?;
+    apply(&c.api_a, &import_yaml("clash", 9000, 41000, "svc"))?;
     let (_, reason, message) = wait_condition(
         &c.api_a,
         &["import", "clash", "-n", APP],
@@ -458,14 +463,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
              selector: {{app: db}}\n"
         ),
     )?;
-    c.api_a.kubectl_input(
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: taken\n  \
-             namespace: {APP}\nspec:\n  port: 7000\n  sources:\n  - peer: peer-b\n    \
-             exportName: svc\n    exportNamespace: {APP}\n"
-        ),
-    )?;
+    apply(&c.api_a, &import_yaml("taken", 7000, 0, "svc"))?;
     let (_, reason, message) = wait_condition(
         &c.api_a,
         &["import", "taken", "-n", APP],
@@ -495,35 +493,21 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
     let c = Clusters::start()?;
     let service = listen_in(c.topo.b().netns())?;
     let target = service.local_addr()?;
-    let b_objects = format!(
-        "{}---\napiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: svc\n  \
-         namespace: {APP}\nspec:\n  host: {}\n  port: {}\n---\n\
-         apiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\nmetadata:\n  name: allow-all\n  \
-         namespace: {APP}\nspec:\n  action: allow\n  from: [{{workloadSelector: {{}}}}]\n  \
-         to: [{{workloadSelector: {{}}}}]\n",
-        Clusters::peer_yaml("peer-a", c.topo.a().ip()),
-        target.ip(),
-        target.port()
-    );
-    c.api_b.kubectl_input(&["apply", "-f", "-"], &b_objects)?;
+    apply(
+        &c.api_b,
+        &(peer_yaml("peer-a", c.topo.a().ip())
+            + &export_yaml("svc", target.ip(), target.port())
+            + &allow_yaml("allow-all", "{}")),
+    )?;
     // "old" imports an export b does not have: probes of its listener never reach the
     // service, whose accept queue the transfers below read.
-    let import = |name: &str, port: u16, export: &str| {
-        format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: {name}\n  \
-             namespace: {APP}\nspec:\n  port: {port}\n  targetPort: {port}\n  sources:\n  - peer: peer-b\n    \
-             exportName: {export}\n    exportNamespace: {APP}\n"
-        )
-    };
-    let a_objects = format!(
-        "{}---\n{}---\n{}---\napiVersion: clusterlink.net/v1alpha1\nkind: AccessPolicy\n\
-         metadata:\n  name: allow-all\n  namespace: {APP}\nspec:\n  action: allow\n  \
-         from: [{{workloadSelector: {{}}}}]\n  to: [{{workloadSelector: {{}}}}]\n",
-        Clusters::peer_yaml("peer-b", c.topo.b().ip()),
-        import("svc", 42001, "svc"),
-        import("old", 42002, "none"),
-    );
-    c.api_a.kubectl_input(&["apply", "-f", "-"], &a_objects)?;
+    apply(
+        &c.api_a,
+        &(peer_yaml("peer-b", c.topo.b().ip())
+            + &import_yaml("svc", 42001, 42001, "svc")
+            + &import_yaml("old", 42002, 42002, "none")
+            + &allow_yaml("allow-all", "{}")),
+    )?;
     wait_condition(
         &c.api_a,
         &["peer", "peer-b", "-n", SYSTEM],
@@ -653,12 +637,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
         get(api, &["lease", "clusterlink-agent", "-n", SYSTEM])
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
     };
-    let export = |name: &str| {
-        format!(
-            "apiVersion: clusterlink.net/v1alpha1\nkind: Export\nmetadata:\n  name: {name}\n  \
-             namespace: {APP}\nspec:\n  host: 10.9.9.9\n  port: 80\n"
-        )
-    };
+    let export = |name: &str| export_yaml(name, "10.9.9.9", 80);
     let mut leader = None;
     wait_for("a leader", Duration::from_secs(30), || {
         leader = holder(&api);
@@ -681,7 +660,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
         },
     )
     .with_context(|| format!("{statuses:?}"))?;
-    api.kubectl_input(&["apply", "-f", "-"], &export("before"))?;
+    apply(&api, &export("before"))?;
     wait_condition(
         &api,
         &["export", "before", "-n", APP],
@@ -708,7 +687,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
         took <= Duration::from_secs(LEASE_SECONDS * 2),
         "takeover took {took:?} with a {LEASE_SECONDS}s lease"
     );
-    api.kubectl_input(&["apply", "-f", "-"], &export("after"))?;
+    apply(&api, &export("after"))?;
     wait_condition(
         &api,
         &["export", "after", "-n", APP],
