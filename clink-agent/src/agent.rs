@@ -610,7 +610,7 @@ fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Serving) 
                         (Some(port), _) if runtime.leased.contains(key) => (
                             true,
                             api::REASON_LEASED,
-                            format!("listening on port {port}, leased (no targetPort was given)"),
+                            format!("listening on port {port}"),
                         ),
                         (Some(port), _) => (true, "Listening", format!("listening on port {port}")),
                         (None, Some(e)) => (false, api::REASON_ERROR, e.clone()),

@@ -371,6 +371,7 @@ fn import_status_reports_leases_and_unknown_peers() {
     let port_ok = condition(&busy, "ImportTargetPortValid");
     assert_eq!(port_ok["status"], "True");
     assert_eq!(port_ok["message"], format!("listening on port {leased}"));
+    assert_eq!(port_ok["reason"], "Leased");
     assert_eq!(condition(&busy, "ImportServiceValid")["status"], "True");
     // Re-applying the same import keeps its lease.
     let out = a
