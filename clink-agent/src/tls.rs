@@ -824,9 +824,13 @@ mod tests {
         let info = CertInfo::from_pem(&pem).unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
-        let expected = parsed.serial.to_str_radix(16).to_uppercase();
+        // openssl prints whole bytes: a serial whose first byte is below 0x10 keeps its 0.
+        let mut expected = parsed.serial.to_str_radix(16).to_uppercase();
+        if expected.len() % 2 == 1 {
+            expected.insert(0, '0');
+        }
         assert_eq!(info.serial, expected);
-        assert!(!info.serial.starts_with('0') || info.serial == "00");
+        assert!(!info.serial.starts_with("00") || info.serial == "00");
         assert_eq!(info.dns_name, "peer-a");
     }
 
