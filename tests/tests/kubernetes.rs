@@ -218,6 +218,22 @@ impl Clusters {
     }
 }
 
+impl Clusters {
+    /// Cluster b: a service listening in its namespace, exported as `svc` to peer-a, whose
+    /// clients every policy of b allows.
+    fn export_from_b(&self) -> Result<std::net::TcpListener> {
+        let service = listen_in(self.topo.b().netns())?;
+        let target = service.local_addr()?;
+        apply(
+            &self.api_b,
+            &(peer_yaml("peer-a", self.topo.a().ip())
+                + &export_yaml("svc", target.ip(), target.port())
+                + &allow_yaml("allow-all", "{}")),
+        )?;
+        Ok(service)
+    }
+}
+
 /// `kubectl apply -f -` of `yaml`.
 fn apply(api: &ApiServer, yaml: &str) -> Result<()> {
     api.kubectl_input(&["apply", "-f", "-"], yaml).map(drop)
@@ -265,16 +281,7 @@ fn an_import_becomes_a_service_and_pods_labels_decide_access() -> Result<()> {
         return Ok(());
     }
     let c = Clusters::start()?;
-    let service = listen_in(c.topo.b().netns())?;
-    let target = service.local_addr()?;
-
-    // Cluster b: peer-a may connect; it exports the service; its policy allows every client.
-    apply(
-        &c.api_b,
-        &(peer_yaml("peer-a", c.topo.a().ip())
-            + &export_yaml("svc", target.ip(), target.port())
-            + &allow_yaml("allow-all", "{}")),
-    )?;
+    let service = c.export_from_b()?;
     // Cluster a: the Import without targetPort (leased and written back), and a policy that
     // lets only clients labelled app=front out.
     apply(
@@ -491,14 +498,7 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
         return Ok(());
     }
     let c = Clusters::start()?;
-    let service = listen_in(c.topo.b().netns())?;
-    let target = service.local_addr()?;
-    apply(
-        &c.api_b,
-        &(peer_yaml("peer-a", c.topo.a().ip())
-            + &export_yaml("svc", target.ip(), target.port())
-            + &allow_yaml("allow-all", "{}")),
-    )?;
+    let service = c.export_from_b()?;
     // "old" imports an export b does not have: probes of its listener never reach the
     // service, whose accept queue the transfers below read.
     apply(
