@@ -614,6 +614,19 @@ mod tests {
         bodies
     }
 
+    /// The status write of `kind` db at `path`: a merge patch on the status subresource.
+    fn status_patch(path: &'static str, kind: &str) -> Expect {
+        Expect {
+            content_type: Some("application/merge-patch+json"),
+            ..expect(
+                Method::PATCH,
+                path,
+                200,
+                json!({"apiVersion": api::API_VERSION, "kind": kind, "metadata": {"name": "db"}}),
+            )
+        }
+    }
+
     fn options() -> Arc<Options> {
         Arc::new(Options {
             namespace: "clusterlink-system".into(),
@@ -707,16 +720,10 @@ mod tests {
                     json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"}}),
                 )
             },
-            Expect {
-                content_type: Some("application/merge-patch+json"),
-                ..expect(
-                    Method::PATCH,
-                    "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
-                    200,
-                    json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
-                           "metadata": {"name": "db"}}),
-                )
-            },
+            status_patch(
+                "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
+                "Import",
+            ),
         ];
         let server = tokio::spawn(serve(handle, script));
         let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
@@ -791,16 +798,10 @@ mod tests {
                 json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
                        "metadata": {"name": "e"}, "eventTime": null}),
             ),
-            Expect {
-                content_type: Some("application/merge-patch+json"),
-                ..expect(
-                    Method::PATCH,
-                    "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
-                    200,
-                    json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
-                           "metadata": {"name": "db"}}),
-                )
-            },
+            status_patch(
+                "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
+                "Import",
+            ),
         ];
         let server = tokio::spawn(serve(handle, script));
         let mut writer = Writer::new(client, options(), Arc::new(Metrics::default()));
@@ -839,12 +840,9 @@ mod tests {
                            "metadata": {"name": "db"}}),
                 )
             },
-            expect(
-                Method::PATCH,
+            status_patch(
                 "/apis/clusterlink.net/v1alpha1/namespaces/shop/imports/db/status",
-                200,
-                json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Import",
-                       "metadata": {"name": "db"}}),
+                "Import",
             ),
         ];
         let server = tokio::spawn(serve(handle, script));
@@ -892,12 +890,9 @@ mod tests {
                 json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
                        "metadata": {"name": "e"}, "eventTime": null}),
             ),
-            expect(
-                Method::PATCH,
+            status_patch(
                 "/apis/clusterlink.net/v1alpha1/namespaces/shop/exports/db/status",
-                200,
-                json!({"apiVersion": "clusterlink.net/v1alpha1", "kind": "Export",
-                       "metadata": {"name": "db"}}),
+                "Export",
             ),
         ];
         let server = tokio::spawn(serve(handle, script));
