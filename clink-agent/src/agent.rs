@@ -737,6 +737,6 @@ pub fn bind_any(port: u16) -> std::io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
+    socket.listen(crate::limits::LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }

@@ -14,7 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn, Request, StatusCode};
+use hyper::{service::service_fn, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -28,6 +28,8 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
+
+use crate::limits;
 
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
 
@@ -108,6 +110,21 @@ pub struct PathLabels {
     pub path: &'static str,
 }
 
+/// A connection refused at a cap (see `limits`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `gateway`, `import`, `metrics` or `admin`.
+    pub listener: &'static str,
+    /// `connections`, `import-connections`, `handshakes` or `http-connections`.
+    pub limit: &'static str,
+}
+
+/// One of the caps of `limits`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
 /// One resource the agent watches in Kubernetes mode (`clusterlink.net/imports`, `pods`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabels {
@@ -170,6 +187,11 @@ pub struct Metrics {
     certificate_expiry: Gauge,
     /// The served certificate's notAfter (Unix seconds).
     certificate_not_after: AtomicI64,
+    /// Connections refused at a cap, by listener and cap.
+    pub refusals: Family<RefusalLabels, Counter>,
+    /// The caps in force, and how much of each is in use.
+    pub limits: Family<LimitLabels, Gauge>,
+    pub limits_in_use: Family<LimitLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -200,6 +222,9 @@ impl Default for Metrics {
             certificate_reloads: Family::default(),
             certificate_expiry: Gauge::default(),
             certificate_not_after: AtomicI64::new(0),
+            refusals: Family::default(),
+            limits: Family::default(),
+            limits_in_use: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -324,6 +349,24 @@ impl Default for Metrics {
             "Seconds until the served peer certificate's notAfter; negative once expired",
             m.certificate_expiry.clone(),
         );
+        registry.register(
+            "connection_refusals",
+            "Connections refused at a cap, by listener (gateway, import, metrics, admin) and \
+             cap (connections, import-connections, handshakes, http-connections); the gateway \
+             answers a CONNECT past the cap with 503, other refusals are resets",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "connection_limit",
+            "The connection caps in force (--max-connections, --max-import-connections, \
+             --max-handshakes, or derived from the open-file limit)",
+            m.limits.clone(),
+        );
+        registry.register(
+            "connection_limit_in_use",
+            "Permits of each connection cap held now",
+            m.limits_in_use.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -429,7 +472,11 @@ fn answer(path: &str, metrics: &Metrics) -> hyper::Response<Full<Bytes>> {
 }
 
 /// Serves `GET /metrics` and `GET /healthz` until the task is dropped.
+/// At most [`limits::HTTP_CONNECTIONS`] at once, each sending its request heads within
+/// [`limits::HEADER_TIMEOUT`]: a local user cannot hold the agent's descriptors with partial
+/// requests.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let cap = limits::HttpCap::new("metrics", &metrics.refusals);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -439,24 +486,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            debug!("metrics endpoint at its connection cap; closing a connection");
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(answer(req.uri().path(), &metrics)) }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = limits::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 debug!(error = %e, "metrics connection ended");
             }
+            drop(permit);
         });
     }
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    limits::bind_tcp(addr)
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub struct Agent {
     /// Run on the sockmap data path, inside this cgroup (see [`SockmapSetup`]); `None`: the
     /// userspace data path.
     pub sockmap: Option<SockmapSetup>,
+    /// Start the agent with this open-file limit (soft and hard, through `prlimit`).
+    pub open_files: Option<u64>,
 }
 
 impl Agent {
@@ -59,6 +61,7 @@ impl Agent {
             args: Vec::new(),
             env: Vec::new(),
             sockmap: None,
+            open_files: None,
         })
     }
 
@@ -87,7 +90,16 @@ impl Agent {
         let agent = bin_path("clink-agent")?;
         let mut cmd = match &self.sockmap {
             None => {
-                let mut cmd = Command::new("ip");
+                // prlimit sets its own limit and executes the rest, as `ip netns exec` does:
+                // the process stays the agent's.
+                let mut cmd = match self.open_files {
+                    Some(n) => {
+                        let mut cmd = Command::new("prlimit");
+                        cmd.arg(format!("--nofile={n}:{n}")).args(["--", "ip"]);
+                        cmd
+                    }
+                    None => Command::new("ip"),
+                };
                 cmd.args(["netns", "exec", &self.netns]).arg(agent);
                 cmd
             }
@@ -123,6 +135,40 @@ impl Agent {
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// How many descriptors the agent has open now (0 when it does not run).
+    pub fn open_fds(&self) -> usize {
+        self.pid()
+            .and_then(|pid| fs::read_dir(format!("/proc/{pid}/fd")).ok())
+            .map_or(0, Iterator::count)
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Agent::wait_exit`]).
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self.pid().context("the agent does not run")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(())
+    }
+
+    /// Waits up to `within` for the agent to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("the agent does not run")?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The agent's process id while it runs: to kill it from another thread than the one

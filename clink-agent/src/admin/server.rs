@@ -7,9 +7,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Method, Request, StatusCode,
-};
+use hyper::{body::Incoming, service::service_fn, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::UnixListener;
@@ -23,6 +21,7 @@ use super::{
 use crate::{
     agent::{off_workers, Agent, ChangeError},
     api::{Kind, Object, ObjectKey},
+    limits,
     state::Snapshot,
 };
 
@@ -63,6 +62,9 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
         agent,
         started: Instant::now(),
     });
+    // At most `HTTP_CONNECTIONS` at once, each sending its request heads in time: a client
+    // that stalls cannot take the socket from `clink`.
+    let cap = limits::HttpCap::new("admin", &server.agent.context().metrics.refusals);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -72,18 +74,23 @@ pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
                 continue;
             }
         };
+        let Some(permit) = cap.admit() else {
+            warn!("admin API at its connection cap; closing a connection");
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = limits::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 debug!(error = %e, "admin connection ended");
             }
+            drop(permit);
         });
     }
 }

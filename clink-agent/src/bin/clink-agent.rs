@@ -10,12 +10,12 @@ use clink_agent::{
     api,
     clients::{ClientMap, Clients},
     dataplane::{self, Context},
-    k8s, kernel, metrics,
+    k8s, kernel, limits, metrics,
     peer::Dialer,
     store::{ApiServerObjects, FileStore, Store},
     tls::reload::{self, Reloader},
 };
-use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio::signal::unix::SignalKind;
 use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
@@ -84,6 +84,9 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
+    #[command(flatten)]
+    limits: LimitArgs,
+
     #[arg(long, env = "CLINK_LOG", default_value = "info")]
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
@@ -128,6 +131,40 @@ struct KubernetesArgs {
     /// wait for a new leader after one disappears.
     #[arg(long, value_name = "SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
     lease_duration: u64,
+}
+
+/// Caps and shutdown: what the agent takes on at once, and how it stops.
+#[derive(clap::Args, Debug)]
+struct LimitArgs {
+    /// Tunneled connections at once, both directions together. Past it the gateway answers a
+    /// CONNECT with 503 and Import listeners reset new clients. Default: what the open-file
+    /// limit holds after the descriptors the agent keeps for itself (logged at start).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Clients of one Import at once, so one Import cannot take all of --max-connections.
+    /// Default: only --max-connections applies.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_import_connections: Option<u32>,
+    /// Gateway connections in their TLS handshake or waiting for their request, at once; past
+    /// it new ones are reset. Default: 1,024 (less when the open-file limit is low).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes: Option<u32>,
+    /// Seconds open connections may take to finish after SIGTERM or Ctrl-C, while no new ones
+    /// are accepted; then those still open are reset and the agent exits. A second signal
+    /// ends the wait. Keep it below Kubernetes' terminationGracePeriodSeconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 25)]
+    drain_timeout: u64,
+}
+
+impl LimitArgs {
+    fn requested(&self) -> limits::Requested {
+        let size = |n: Option<u32>| n.map(|n| n as usize);
+        limits::Requested {
+            connections: size(self.max_connections),
+            import_connections: size(self.max_import_connections),
+            handshakes: size(self.max_handshakes),
+        }
+    }
 }
 
 impl KubernetesArgs {
@@ -274,12 +311,10 @@ async fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
-    let gateway = TcpListener::bind(args.listen)
-        .await
+    let gateway = limits::bind_tcp(args.listen)
         .with_context(|| format!("cannot listen on gateway address {}", args.listen))?;
     let admin_listener = admin::bind(&args.admin)?;
     let metrics_listener = metrics::bind(args.metrics)
-        .await
         .with_context(|| format!("cannot listen on metrics address {}", args.metrics))?;
     let pods = kube_options
         .as_ref()
@@ -306,6 +341,30 @@ async fn run(args: Args) -> Result<()> {
         Clients::Ranges(map) => map.len(),
         Clients::Pods(_) => 0,
     };
+    let per_connection = if datapath.ktls().is_some() {
+        limits::FDS_PER_KTLS_CONNECTION
+    } else {
+        limits::FDS_PER_CONNECTION
+    };
+    let open_files = limits::open_file_limit();
+    let (caps, warning) = limits::Caps::derive(args.limits.requested(), open_files, per_connection)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(warning) = warning {
+        warn!("{warning}");
+    }
+    info!(
+        open_files,
+        max_connections = caps.connections,
+        max_import_connections = caps.import_connections,
+        max_handshakes = caps.handshakes,
+        "connection caps"
+    );
+    let limits = limits::Limits::new(
+        caps,
+        metrics.refusals.clone(),
+        metrics.limits.clone(),
+        metrics.limits_in_use.clone(),
+    );
     let ctx = Context {
         name: args.name.clone(),
         labels,
@@ -318,6 +377,8 @@ async fn run(args: Args) -> Result<()> {
         metrics: metrics.clone(),
         datapath: datapath.clone(),
         connections: Default::default(),
+        limits,
+        draining: tokio::sync::watch::Sender::new(false),
     };
     let agent = Arc::new(Agent::new(ctx, args.listen, store));
     for problem in agent.start().await.context("loading state")? {
@@ -336,7 +397,7 @@ async fn run(args: Args) -> Result<()> {
         }
         _ => None,
     };
-    let _gateway = dataplane::serve_gateway(agent.context().clone(), gateway);
+    let gateway_task = dataplane::serve_gateway(agent.context().clone(), gateway);
     let _metrics = tokio::spawn(metrics::serve(metrics_listener, metrics));
     let admin_task = tokio::spawn(admin::serve(admin_listener, agent.clone()));
     info!(
@@ -357,8 +418,59 @@ async fn run(args: Args) -> Result<()> {
         _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
         _ = term.recv() => info!("terminated; shutting down"),
     }
+    drain(
+        agent.context(),
+        std::time::Duration::from_secs(args.limits.drain_timeout),
+        &mut term,
+    )
+    .await;
+    gateway_task.abort();
     admin_task.abort();
     let _ = std::fs::remove_file(&args.admin);
     datapath.shutdown();
     Ok(())
+}
+
+/// The first part of shutting down: no new connections (the gateway and Import listeners
+/// close; the admin API and metrics stay up), then up to `timeout` for the open ones to end.
+/// Returns early on a second signal.
+async fn drain(
+    ctx: &dataplane::Context,
+    timeout: std::time::Duration,
+    term: &mut tokio::signal::unix::Signal,
+) {
+    ctx.stop_accepting();
+    let open = ctx.limits.open_connections();
+    if open == 0 {
+        return;
+    }
+    info!(
+        open,
+        drain_timeout_s = timeout.as_secs(),
+        "draining: new connections are refused, open ones may finish"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+            _ = tokio::signal::ctrl_c() => {
+                info!("second signal: not waiting for open connections");
+                break;
+            }
+            _ = term.recv() => {
+                info!("second signal: not waiting for open connections");
+                break;
+            }
+        }
+        if ctx.limits.open_connections() == 0 {
+            info!("drained: every connection has ended");
+            return;
+        }
+    }
+    warn!(
+        open = ctx.limits.open_connections(),
+        "drain timeout: closing the connections still open"
+    );
 }

@@ -19,6 +19,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
 use super::{relay, ConnGuard, Context};
 use crate::{
+    limits::{Listener, Permit},
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
     peer::io::{peer_io, PeerIo},
     policy::{attr, insert_labels, Attributes},
@@ -35,7 +36,14 @@ const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
-pub async fn serve(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
+/// Serves one gateway connection; `handshake` is its permit until its request is read.
+pub async fn serve(
+    ctx: Arc<Context>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    from: SocketAddr,
+    handshake: Permit,
+) {
     let span = info_span!(
         "ingress",
         peer_addr = %from,
@@ -45,10 +53,10 @@ pub async fn serve(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, fro
         decision = field::Empty,
         datapath = ctx.datapath.name(),
     );
-    handle(ctx, acceptor, tcp).instrument(span).await
+    handle(ctx, acceptor, tcp, handshake).instrument(span).await
 }
 
-async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
+async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handshake: Permit) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
@@ -106,7 +114,27 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
     };
     match (request.method.as_str(), request.target.as_str()) {
         ("GET", "/healthz") => healthz(&ctx, &mut tls, &peer).await,
-        ("CONNECT", _) => connect(ctx, tls, peer, request, buf, started).await,
+        ("CONNECT", _) => {
+            drop(handshake);
+            let Some(permit) = ctx.limits.connection(Listener::Gateway, None) else {
+                let max = ctx.limits.caps().connections;
+                if let Some(refused) = ctx.limits.should_log_refusal() {
+                    warn!(
+                        refused,
+                        max_connections = max,
+                        "at capacity: CONNECT refused (503)"
+                    );
+                }
+                refuse(
+                    &mut tls,
+                    503,
+                    &format!("at capacity: {max} tunneled connections"),
+                )
+                .await;
+                return;
+            };
+            connect(ctx, tls, peer, request, buf, started, permit).await
+        }
         (method, target) => {
             warn!(method, target, "unsupported request");
             refuse(&mut tls, 405, "only CONNECT and GET /healthz are served").await;
@@ -161,6 +189,7 @@ async fn connect(
     request: wire::Request,
     early: BytesMut,
     started: Instant,
+    _permit: Permit,
 ) {
     let import = request
         .header_values(wire::IMPORT_HEADER)

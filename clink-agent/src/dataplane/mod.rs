@@ -6,7 +6,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod relay;
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use tokio::{
     io::AsyncWriteExt as _,
@@ -25,6 +25,7 @@ use crate::{
         splice, Datapath,
     },
     lb::Balancer,
+    limits::{Limits, Listener},
     metrics::{
         BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
         PathLabels,
@@ -53,24 +54,51 @@ pub struct Context {
     pub datapath: Datapath,
     /// The open tunneled connections and their paths.
     pub connections: ConnTable,
+    /// The caps on connections at once, and their permits.
+    pub limits: Limits,
+    /// Set to `true` once the agent shuts down: the gateway and the Import listeners stop
+    /// accepting (and close), open connections go on.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Context {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.get()
     }
+
+    /// Stops every listener of the data path (also those an apply binds later).
+    pub fn stop_accepting(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Accepts from `listener` until the agent drains (`None` then: the caller closes it).
+    async fn accept(
+        &self,
+        listener: &TcpListener,
+    ) -> Option<std::io::Result<(TcpStream, SocketAddr)>> {
+        let mut draining = self.draining.subscribe();
+        tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => None,
+            accepted = listener.accept() => Some(accepted),
+        }
+    }
 }
 
-/// Accepts peers on the gateway port until the task is dropped.
+/// Accepts peers on the gateway port until the agent drains or the task is dropped.
 pub fn serve_gateway(ctx: Arc<Context>, listener: TcpListener) -> JoinHandle<()> {
     tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
+        while let Some(accepted) = ctx.accept(&listener).await {
+            match accepted {
                 Ok((tcp, from)) => {
+                    let Some(permit) = ctx.limits.handshake() else {
+                        at_capacity(&ctx, tcp, from, "gateway");
+                        continue;
+                    };
                     // The certificate and CA of the moment: a reload applies from the next
                     // connection on, open ones keep theirs.
                     let acceptor = TlsAcceptor::from(ctx.credentials.server());
-                    tokio::spawn(inbound::serve(ctx.clone(), acceptor, tcp, from));
+                    tokio::spawn(inbound::serve(ctx.clone(), acceptor, tcp, from, permit));
                 }
                 Err(e) => accept_failed(e).await,
             }
@@ -78,18 +106,43 @@ pub fn serve_gateway(ctx: Arc<Context>, listener: TcpListener) -> JoinHandle<()>
     })
 }
 
-/// Accepts clients of one Import until the task is dropped.
+/// Accepts clients of one Import until the agent drains or the task is dropped.
 pub fn serve_import(ctx: Arc<Context>, key: ObjectKey, listener: TcpListener) -> JoinHandle<()> {
+    let own = ctx.limits.import_semaphore();
     tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
+        while let Some(accepted) = ctx.accept(&listener).await {
+            match accepted {
                 Ok((tcp, from)) => {
-                    tokio::spawn(outbound::serve(ctx.clone(), key.clone(), tcp, from));
+                    let Some(permit) = ctx.limits.connection(Listener::Import, Some(&own)) else {
+                        at_capacity(&ctx, tcp, from, "import");
+                        continue;
+                    };
+                    tokio::spawn(outbound::serve(ctx.clone(), key.clone(), tcp, from, permit));
                 }
                 Err(e) => accept_failed(e).await,
             }
         }
     })
+}
+
+/// Refuses a connection past a cap: a reset, at once, so the descriptor is free again and the
+/// client knows. Logged at most once per [`crate::limits::REFUSAL_LOG_INTERVAL`], with how many were
+/// refused since (each counts in `clink_connection_refusals_total`).
+fn at_capacity(ctx: &Context, tcp: TcpStream, from: SocketAddr, listener: &str) {
+    relay::arm_reset(&tcp);
+    drop(tcp);
+    if let Some(refused) = ctx.limits.should_log_refusal() {
+        let caps = ctx.limits.caps();
+        warn!(
+            listener,
+            client = %from,
+            refused,
+            max_connections = caps.connections,
+            max_import_connections = caps.import_connections,
+            max_handshakes = caps.handshakes,
+            "at capacity: refusing connections (reset)"
+        );
+    }
 }
 
 /// Accept errors are transient (EMFILE, ECONNABORTED): log and back off briefly instead of

@@ -18,6 +18,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 use super::{relay, ConnGuard, Context};
 use crate::{
     api::{ImportSource, ObjectKey, Peer},
+    limits::Permit,
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
     peer::{io::PeerIo, pool, DialError},
     policy::{attr, insert_labels, Attributes},
@@ -55,13 +56,21 @@ impl SourceError {
             SourceError::Refused { status: 403, .. } => "refused-403",
             SourceError::Refused { status: 404, .. } => "refused-404",
             SourceError::Refused { status: 502, .. } => "refused-502",
+            SourceError::Refused { status: 503, .. } => "refused-503",
             SourceError::Refused { .. } => "refused",
             SourceError::Wire(_) | SourceError::NoAnswer => "protocol",
         }
     }
 }
 
-pub async fn serve(ctx: Arc<Context>, import: ObjectKey, client: TcpStream, from: SocketAddr) {
+/// Serves one client of an Import; `permit` is its place under the connection caps.
+pub async fn serve(
+    ctx: Arc<Context>,
+    import: ObjectKey,
+    client: TcpStream,
+    from: SocketAddr,
+    permit: Permit,
+) {
     let span = info_span!(
         "egress",
         import = %format!("{}/{}", import.namespace, import.name),
@@ -78,7 +87,8 @@ pub async fn serve(ctx: Arc<Context>, import: ObjectKey, client: TcpStream, from
             span.record("service_addr", field::display(service));
         }
     }
-    handle(ctx, import, client, from).instrument(span).await
+    handle(ctx, import, client, from).instrument(span).await;
+    drop(permit);
 }
 
 fn source_attributes(ctx: &Context, client: SocketAddr) -> Attributes {
