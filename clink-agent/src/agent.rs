@@ -256,6 +256,9 @@ impl Agent {
     /// allow are reset, or only logged with `--keep-established` (`connections`). Off the
     /// workers, like the rest of a change: it grows with the open connections.
     async fn recheck_connections(&self) {
+        if self.ctx.connections.is_empty() {
+            return;
+        }
         let ctx = self.ctx.clone();
         let outcome = off_workers(move || ctx.connections.recheck(&ctx.snapshot())).await;
         if outcome.ended + outcome.kept > 0 {

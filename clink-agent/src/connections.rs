@@ -294,6 +294,11 @@ impl ConnTable {
         self.lock().remove(&id);
     }
 
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// The open connections, oldest first.
     pub fn list(&self) -> Vec<ConnectionInfo> {
         let mut all: Vec<ConnectionInfo> = self.lock().values().map(|e| e.info.clone()).collect();
