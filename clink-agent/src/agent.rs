@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     api::{self, ApiError, Import, Object, ObjectKey, PeerSpec},
+    connections,
     dataplane::{self, Context},
     kernel::Datapath,
     metrics::{Metrics, PeerLabels},
@@ -251,11 +252,49 @@ impl Agent {
         });
     }
 
+    /// Decides every open connection again after a change: those the new objects no longer
+    /// allow are reset, or only logged with `--keep-established` (`connections`). Off the
+    /// workers, like the rest of a change: it grows with the open connections.
+    async fn recheck_connections(&self) {
+        if self.ctx.connections.is_empty() {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        let outcome = off_workers(move || ctx.connections.recheck(&ctx.snapshot())).await;
+        if outcome.ended + outcome.kept > 0 {
+            info!(
+                allowed = outcome.allowed,
+                reset = outcome.ended,
+                kept = outcome.kept,
+                "open connections decided again after the change"
+            );
+        }
+    }
+
+    /// Ends connections idle for `--idle-timeout`, looking every quarter of it, until the
+    /// agent is gone.
+    fn spawn_idle_sweeper(&self) {
+        let Some(limit) = self.ctx.connections.closing().idle_timeout else {
+            return;
+        };
+        let ctx = Arc::downgrade(&self.ctx);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(limit / connections::IDLE_SWEEPS);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(ctx) = ctx.upgrade() else { return };
+                ctx.connections.sweep_idle(limit);
+            }
+        });
+    }
+
     /// Loads the store at start-up. State files that cannot be loaded are set aside, and
     /// objects that cannot run (an Import whose port is taken) are reported in their status;
     /// both are returned for the log, and the others serve.
     pub async fn start(self: &Arc<Self>) -> std::io::Result<Vec<String>> {
         self.spawn_status_task();
+        self.spawn_idle_sweeper();
         let store = self.store.clone();
         let loaded = off_workers(move || store.load()).await?;
         self.ctx
@@ -403,6 +442,9 @@ impl Agent {
         self.sync_heartbeats(&mut runtime, &next);
         self.publish(next, &runtime).await;
         log_applied(&changes);
+        if changes.iter().any(|(_, c)| *c != Change::Unchanged) {
+            self.recheck_connections().await;
+        }
         Ok(changes)
     }
 
@@ -425,6 +467,7 @@ impl Agent {
         self.sync_heartbeats(&mut runtime, &next);
         self.publish(next, &runtime).await;
         info!(object = %key, "deleted");
+        self.recheck_connections().await;
         Ok(())
     }
 

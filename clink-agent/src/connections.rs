@@ -1,21 +1,38 @@
-//! The open tunneled connections and the path each one's payload takes: what
-//! `clink connections` and `clink bpf` list, and what `clink status` counts per path.
+//! The open tunneled connections: the path each one's payload takes (what `clink connections`
+//! and `clink bpf` list, and what `clink status` counts per path), and what may end one from
+//! the agent's side (ARCHITECTURE.md, "Dead peers, idle connections and revoked access").
 //!
 //! A connection is entered when its tunnel is set up (both peers agreed) and leaves when it
-//! ends; its path is known once the bytes start to move (`setup` until then). The table is
-//! written twice per connection and read only by the admin API, so one lock is enough.
+//! ends; its path is known once the bytes start to move (`setup` until then). Each entry keeps
+//! what the connection was admitted with ([`Admission`]) and its [`Lifetime`], so that
+//!
+//! * after a change of the objects, [`ConnTable::recheck`] decides every open connection again
+//!   against the new snapshot and ends those it no longer allows (unless `--keep-established`);
+//! * every quarter of `--idle-timeout`, [`ConnTable::sweep_idle`] ends those whose byte count
+//!   four sweeps in a row found unchanged.
+//!
+//! The table is written twice per connection and read by the admin API, a change and the idle
+//! sweep, so one lock is enough; policy decisions are made outside it.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::{
+    api::{ImportSource, ObjectKey},
+    lifetime::{Ending, Lifetime},
+    policy::Attributes,
+    state::Snapshot,
+};
 
 /// The path a connection's payload takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -76,38 +93,200 @@ pub struct ConnectionInfo {
     pub opened_at: u64,
 }
 
+/// Sweeps per idle timeout (see [`ConnTable::sweep_idle`]).
+pub const IDLE_SWEEPS: u32 = 4;
+
+/// When the agent ends open connections itself (`--idle-timeout`, `--keep-established`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Closing {
+    /// End a connection that moved no byte either way for this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Keep connections a change no longer allows open (only new ones are refused).
+    pub keep_established: bool,
+}
+
+/// What one connection was admitted with: enough to decide it again after a change.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub side: Admitted,
+    /// The namespace whose AccessPolicies decided: the Import's (egress) or the Export's
+    /// (ingress).
+    pub namespace: String,
+    /// The attributes the decision saw, as they were then.
+    pub src: Attributes,
+    pub dst: Attributes,
+}
+
+/// The objects a connection stands on.
+#[derive(Clone, Debug)]
+pub enum Admitted {
+    /// A local client of Import `import`, carried by its source `source`.
+    Egress {
+        import: ObjectKey,
+        source: ImportSource,
+    },
+    /// A client of Peer `peer` for Export `name` in `namespace`.
+    Ingress {
+        namespace: String,
+        name: String,
+        peer: String,
+    },
+}
+
+impl Admission {
+    /// Decides the connection again against `snapshot`, with the attributes it was admitted
+    /// with: `Err` says why it is no longer allowed.
+    pub fn recheck(&self, snapshot: &Snapshot) -> Result<(), Ending> {
+        match &self.side {
+            Admitted::Egress { import, source } => {
+                let Some(object) = snapshot.imports.get(import) else {
+                    return Err(Ending::Removed(format!("{import} was deleted")));
+                };
+                if !object.spec.sources.contains(source) {
+                    return Err(Ending::Removed(format!(
+                        "{import} no longer has the source {}/{}@{}",
+                        source.export_namespace, source.export_name, source.peer
+                    )));
+                }
+                if !snapshot.peers.contains_key(&source.peer) {
+                    return Err(Ending::Removed(format!("Peer {} was deleted", source.peer)));
+                }
+            }
+            Admitted::Ingress {
+                namespace,
+                name,
+                peer,
+            } => {
+                if !snapshot.peers.contains_key(peer) {
+                    return Err(Ending::Removed(format!("Peer {peer} was deleted")));
+                }
+                if !snapshot
+                    .exports
+                    .contains_key(&(namespace.clone(), name.clone()))
+                {
+                    return Err(Ending::Removed(format!(
+                        "Export {namespace}/{name} was deleted"
+                    )));
+                }
+            }
+        }
+        let decision = snapshot
+            .policies
+            .decide(&self.namespace, &self.src, &self.dst);
+        if decision.is_allowed() {
+            Ok(())
+        } else {
+            let direction = match self.side {
+                Admitted::Egress { .. } => "egress",
+                Admitted::Ingress { .. } => "ingress",
+            };
+            Err(Ending::Denied(format!("{direction} {decision}")))
+        }
+    }
+}
+
+/// One open connection as its task holds it: how the agent ends it, and what it was admitted
+/// with.
+pub struct Conn {
+    pub id: u64,
+    pub lifetime: Lifetime,
+    admission: Admission,
+}
+
+struct Entry {
+    info: ConnectionInfo,
+    conn: Arc<Conn>,
+    /// The idle sweep's last look: the byte count then, and how many sweeps in a row found
+    /// it unchanged.
+    seen: u64,
+    quiet_sweeps: u32,
+}
+
+/// What a recheck after a change came to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recheck {
+    /// Connections still allowed.
+    pub allowed: usize,
+    /// Connections no longer allowed and ended.
+    pub ended: usize,
+    /// Connections no longer allowed and kept (`--keep-established`).
+    pub kept: usize,
+}
+
 /// The open connections.
 #[derive(Default)]
 pub struct ConnTable {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, ConnectionInfo>>,
+    open: Mutex<HashMap<u64, Entry>>,
+    closing: Closing,
 }
 
 impl ConnTable {
-    /// Enters a connection (path [`BytePath::Setup`]) and returns its id.
-    pub fn insert(&self, direction: &str, service: &str, peer: &str, local: SocketAddr) -> u64 {
+    pub fn new(closing: Closing) -> ConnTable {
+        ConnTable {
+            closing,
+            ..ConnTable::default()
+        }
+    }
+
+    pub fn closing(&self) -> Closing {
+        self.closing
+    }
+
+    /// Enters a connection (path [`BytePath::Setup`]) admitted with `admission`.
+    pub fn insert(
+        &self,
+        direction: &str,
+        service: &str,
+        peer: &str,
+        local: SocketAddr,
+        admission: Admission,
+    ) -> Arc<Conn> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let opened_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let conn = Arc::new(Conn {
+            id,
+            lifetime: Lifetime::default(),
+            admission,
+        });
         self.lock().insert(
             id,
-            ConnectionInfo {
-                id,
-                direction: direction.to_owned(),
-                service: service.to_owned(),
-                peer: peer.to_owned(),
-                local,
-                path: BytePath::Setup,
-                opened_at,
+            Entry {
+                info: ConnectionInfo {
+                    id,
+                    direction: direction.to_owned(),
+                    service: service.to_owned(),
+                    peer: peer.to_owned(),
+                    local,
+                    path: BytePath::Setup,
+                    opened_at,
+                },
+                conn: conn.clone(),
+                seen: 0,
+                quiet_sweeps: 0,
             },
         );
-        id
+        conn
+    }
+
+    /// Decides a connection just entered again against `current` when it was admitted by an
+    /// older snapshot: a connection set up during a change is then not missed by the change's
+    /// [`ConnTable::recheck`], which walks the table after the new snapshot is published.
+    pub fn admitted(&self, conn: &Conn, decided_with: &Arc<Snapshot>, current: &Arc<Snapshot>) {
+        if Arc::ptr_eq(decided_with, current) {
+            return;
+        }
+        let info = self.lock().get(&conn.id).map(|e| e.info.clone());
+        if let Some(info) = info {
+            self.decide_again(conn, &info, current, &mut Recheck::default());
+        }
     }
 
     pub fn set_path(&self, id: u64, path: BytePath) {
-        if let Some(info) = self.lock().get_mut(&id) {
-            info.path = path;
+        if let Some(entry) = self.lock().get_mut(&id) {
+            entry.info.path = path;
         }
     }
 
@@ -115,9 +294,14 @@ impl ConnTable {
         self.lock().remove(&id);
     }
 
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// The open connections, oldest first.
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        let mut all: Vec<ConnectionInfo> = self.lock().values().cloned().collect();
+        let mut all: Vec<ConnectionInfo> = self.lock().values().map(|e| e.info.clone()).collect();
         all.sort_by_key(|c| c.id);
         all
     }
@@ -125,13 +309,104 @@ impl ConnTable {
     /// Open connections per path, every path listed.
     pub fn per_path(&self) -> BTreeMap<BytePath, u64> {
         let mut counts: BTreeMap<BytePath, u64> = BytePath::ALL.iter().map(|p| (*p, 0)).collect();
-        for info in self.lock().values() {
-            *counts.entry(info.path).or_default() += 1;
+        for entry in self.lock().values() {
+            *counts.entry(entry.info.path).or_default() += 1;
         }
         counts
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, ConnectionInfo>> {
+    /// Decides every open connection again against `snapshot` (after a change) and ends
+    /// those it no longer allows, or only logs them with `--keep-established`. Each is
+    /// logged with the reason.
+    pub fn recheck(&self, snapshot: &Snapshot) -> Recheck {
+        // Decided outside the lock: connections open and close meanwhile.
+        let open: Vec<(Arc<Conn>, ConnectionInfo)> = self
+            .lock()
+            .values()
+            .map(|e| (e.conn.clone(), e.info.clone()))
+            .collect();
+        let mut outcome = Recheck::default();
+        for (conn, info) in &open {
+            self.decide_again(conn, info, snapshot, &mut outcome);
+        }
+        outcome
+    }
+
+    fn decide_again(
+        &self,
+        conn: &Conn,
+        info: &ConnectionInfo,
+        snapshot: &Snapshot,
+        outcome: &mut Recheck,
+    ) {
+        let Err(why) = conn.admission.recheck(snapshot) else {
+            outcome.allowed += 1;
+            return;
+        };
+        if self.closing.keep_established {
+            outcome.kept += 1;
+            info!(
+                id = conn.id,
+                direction = info.direction,
+                service = info.service,
+                peer = info.peer,
+                reason = %why,
+                "open connection no longer allowed; kept (--keep-established)"
+            );
+        } else if conn.lifetime.end(why.clone()) {
+            outcome.ended += 1;
+            info!(
+                id = conn.id,
+                direction = info.direction,
+                service = info.service,
+                peer = info.peer,
+                reason = %why,
+                "open connection no longer allowed; resetting it"
+            );
+        }
+    }
+
+    /// Ends every open connection (both sockets are reset); how many.
+    pub fn end_all(&self, why: &Ending) -> usize {
+        self.lock()
+            .values()
+            .filter(|entry| entry.conn.lifetime.end(why.clone()))
+            .count()
+    }
+
+    /// One look of the idle sweep, which runs every [`IDLE_SWEEPS`]th of `limit`: ends every
+    /// connection whose byte count the last [`IDLE_SWEEPS`] sweeps found unchanged, so one
+    /// is ended after between 1 and 1.25 times `limit` without a byte (counting sweeps, not
+    /// comparing clocks, keeps a late sweep from adding another period). Returns how many it
+    /// ended.
+    pub fn sweep_idle(&self, limit: Duration) -> usize {
+        let mut ended = 0;
+        for entry in self.lock().values_mut() {
+            let moved = entry.conn.lifetime.moved();
+            if moved != entry.seen {
+                entry.seen = moved;
+                entry.quiet_sweeps = 0;
+                continue;
+            }
+            entry.quiet_sweeps += 1;
+            if entry.quiet_sweeps >= IDLE_SWEEPS && entry.conn.lifetime.end(Ending::Idle(limit)) {
+                ended += 1;
+                let info = &entry.info;
+                info!(
+                    id = info.id,
+                    direction = info.direction,
+                    service = info.service,
+                    peer = info.peer,
+                    moved,
+                    idle_s = limit.as_secs_f64(),
+                    "idle connection; resetting it"
+                );
+            }
+        }
+        ended
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
         // A panic while holding the lock leaves plain data behind: still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -140,13 +415,95 @@ impl ConnTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{api::parse_yaml, policy::attr};
+
+    const PEER_AND_IMPORT: &str = "\
+apiVersion: clusterlink.net/v1alpha1
+kind: Peer
+metadata: {name: peer-b, namespace: default}
+spec:
+  gateways: [{host: 10.0.0.2, port: 443}]
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: Import
+metadata: {name: db, namespace: shop}
+spec:
+  port: 5432
+  sources: [{peer: peer-b, exportName: db, exportNamespace: shop}]
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: Export
+metadata: {name: db, namespace: shop}
+spec: {host: 127.0.0.1, port: 5432}
+";
+
+    const ALLOW_SHOP: &str = "\
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: AccessPolicy
+metadata: {name: allow-db, namespace: shop}
+spec:
+  action: allow
+  from: [{workloadSelector: {}}]
+  to: [{workloadSelector: {matchLabels: {export.clusterlink.net/name: db}}}]
+";
+
+    fn snapshot(yaml: &str) -> Arc<Snapshot> {
+        let objects = parse_yaml("test", yaml)
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.key(), o))
+            .collect();
+        Arc::new(Snapshot::build(objects))
+    }
+
+    fn egress() -> Admission {
+        let mut dst = Attributes::new();
+        dst.insert(attr::EXPORT_NAME.into(), "db".into());
+        dst.insert(attr::EXPORT_NAMESPACE.into(), "shop".into());
+        Admission {
+            side: Admitted::Egress {
+                import: ObjectKey {
+                    kind: crate::api::Kind::Import,
+                    namespace: "shop".into(),
+                    name: "db".into(),
+                },
+                source: ImportSource {
+                    peer: "peer-b".into(),
+                    export_name: "db".into(),
+                    export_namespace: "shop".into(),
+                },
+            },
+            namespace: "shop".into(),
+            src: Attributes::new(),
+            dst,
+        }
+    }
+
+    fn ingress() -> Admission {
+        Admission {
+            side: Admitted::Ingress {
+                namespace: "shop".into(),
+                name: "db".into(),
+                peer: "peer-b".into(),
+            },
+            ..egress()
+        }
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:5000".parse().unwrap()
+    }
 
     #[test]
     fn entries_follow_their_connection() {
         let table = ConnTable::default();
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let a = table.insert("egress", "default/a", "peer-b", local);
-        let b = table.insert("ingress", "default/b", "peer-c", local);
+        let a = table
+            .insert("egress", "default/a", "peer-b", local(), egress())
+            .id;
+        let b = table
+            .insert("ingress", "default/b", "peer-c", local(), ingress())
+            .id;
         assert!(b > a);
         table.set_path(a, BytePath::Ktls);
         let list = table.list();
@@ -164,5 +521,108 @@ mod tests {
         let json = serde_json::to_value(&table.list()[0]).unwrap();
         assert_eq!(json["path"], "setup");
         assert!(json["openedAt"].as_u64().unwrap() > 0);
+    }
+
+    #[test]
+    fn a_change_ends_what_it_no_longer_allows_and_says_why() {
+        let allowed = snapshot(&format!("{PEER_AND_IMPORT}{ALLOW_SHOP}"));
+        assert_eq!(egress().recheck(&allowed), Ok(()));
+        assert_eq!(ingress().recheck(&allowed), Ok(()));
+        let denied = snapshot(PEER_AND_IMPORT);
+        assert_eq!(
+            egress().recheck(&denied),
+            Err(Ending::Denied(
+                "egress deny by default (no policy matched)".into()
+            ))
+        );
+        let without_peer = snapshot(&PEER_AND_IMPORT.replace("peer-b", "peer-c"));
+        assert_eq!(
+            ingress().recheck(&without_peer),
+            Err(Ending::Removed("Peer peer-b was deleted".into()))
+        );
+        assert_eq!(
+            egress().recheck(&without_peer),
+            Err(Ending::Removed(
+                "Import shop/db no longer has the source shop/db@peer-b".into()
+            ))
+        );
+        let nothing = snapshot("");
+        assert_eq!(
+            egress().recheck(&nothing),
+            Err(Ending::Removed("Import shop/db was deleted".into()))
+        );
+
+        let table = ConnTable::default();
+        let first = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        let second = table.insert("ingress", "shop/db", "peer-b", local(), ingress());
+        assert_eq!(
+            table.recheck(&allowed),
+            Recheck {
+                allowed: 2,
+                ..Recheck::default()
+            }
+        );
+        assert_eq!(
+            table.recheck(&denied),
+            Recheck {
+                ended: 2,
+                ..Recheck::default()
+            }
+        );
+        assert_eq!(first.lifetime.ending().map(Ending::label), Some("denied"));
+        assert_eq!(second.lifetime.ending().map(Ending::label), Some("denied"));
+        // Ended once: a later change does not count them again.
+        assert_eq!(table.recheck(&nothing).ended, 0);
+
+        // One set up while a change was published is decided against the new snapshot.
+        let late = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        table.admitted(&late, &allowed, &allowed);
+        assert_eq!(late.lifetime.ending(), None);
+        table.admitted(&late, &allowed, &denied);
+        assert_eq!(late.lifetime.ending().map(Ending::label), Some("denied"));
+    }
+
+    #[test]
+    fn keep_established_keeps_them() {
+        let table = ConnTable::new(Closing {
+            idle_timeout: None,
+            keep_established: true,
+        });
+        let conn = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        assert_eq!(
+            table.recheck(&snapshot(PEER_AND_IMPORT)),
+            Recheck {
+                kept: 1,
+                ..Recheck::default()
+            }
+        );
+        assert_eq!(conn.lifetime.ending(), None);
+    }
+
+    #[test]
+    fn the_idle_sweep_ends_only_connections_whose_count_stood_still() {
+        let table = ConnTable::default();
+        let limit = Duration::from_secs(2);
+        let quiet = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        let busy = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        let late = table.insert("egress", "shop/db", "peer-b", local(), egress());
+        for sweep in 1..=IDLE_SWEEPS + 2 {
+            busy.lifetime.add_moved(1);
+            if sweep == 2 {
+                late.lifetime.add_moved(10);
+            }
+            let ended = table.sweep_idle(limit);
+            // The quiet one at the fourth sweep; the late one four sweeps after its bytes.
+            let expected = usize::from(sweep == IDLE_SWEEPS || sweep == IDLE_SWEEPS + 2);
+            assert_eq!(ended, expected, "sweep {sweep}");
+        }
+        assert_eq!(quiet.lifetime.ending(), Some(&Ending::Idle(limit)));
+        assert_eq!(late.lifetime.ending(), Some(&Ending::Idle(limit)));
+        assert_eq!(busy.lifetime.ending(), None);
+        assert_eq!(
+            table.sweep_idle(limit),
+            0,
+            "an ended one is not ended again"
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod k8s;
 pub mod kernel;
 pub mod lb;
+pub mod lifetime;
 pub mod limits;
 pub mod metrics;
 pub mod peer;

@@ -146,6 +146,14 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// A tunneled connection the agent reset itself, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TerminatedLabels {
+    pub direction: &'static str,
+    /// `idle`, `denied`, `removed` or `peer-timeout` (see `lifetime::Ending`).
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~3.3 s.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -182,6 +190,8 @@ pub struct Metrics {
     pub kubernetes_invalid_objects: Gauge,
     /// Reloads of the peer certificate directory, by result.
     pub certificate_reloads: Family<ReloadLabels, Counter>,
+    /// Tunneled connections the agent reset itself, by reason.
+    pub terminated: Family<TerminatedLabels, Counter>,
     /// Seconds until the served certificate's notAfter, set from `certificate_not_after`
     /// at every scrape.
     certificate_expiry: Gauge,
@@ -220,6 +230,7 @@ impl Default for Metrics {
             kubernetes_writes: Family::default(),
             kubernetes_invalid_objects: Gauge::default(),
             certificate_reloads: Family::default(),
+            terminated: Family::default(),
             certificate_expiry: Gauge::default(),
             certificate_not_after: AtomicI64::new(0),
             refusals: Family::default(),
@@ -343,6 +354,14 @@ impl Default for Metrics {
              connections use the new certificate) or error (the previous one serves on; the \
              log names the file)",
             m.certificate_reloads.clone(),
+        );
+        registry.register(
+            "connections_terminated",
+            "Tunneled connections the agent reset, both sides, by reason: idle (no byte either \
+             way for --idle-timeout), denied (a policy change denies it), removed (its Import, \
+             Export or Peer was deleted or no longer names it), peer-timeout (the peer stopped \
+             answering: TCP keepalive or --peer-user-timeout)",
+            m.terminated.clone(),
         );
         registry.register(
             "certificate_expiry_seconds",

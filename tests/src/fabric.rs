@@ -55,6 +55,20 @@ impl Fabric {
         Ok((fabric, service))
     }
 
+    /// [`Fabric::with_service`] with more `clink-agent` flags: `args[0]` for `peer-a`,
+    /// `args[1]` for `peer-b`.
+    pub fn with_service_args(
+        datapath: Datapath,
+        import_port: u16,
+        args: [&[&str]; 2],
+    ) -> Result<(Fabric, TcpListener)> {
+        let fabric = Self::on_with(clink_testbed::two_clusters()?, datapath, &args)?;
+        let service = fabric.listen(1)?;
+        fabric.allow_all()?;
+        fabric.export_import("svc", service.local_addr()?, import_port)?;
+        Ok((fabric, service))
+    }
+
     /// Two clusters whose agents run different data paths (`a` for `peer-a`, `b` for
     /// `peer-b`): a kTLS agent must interoperate with a userspace one. Not for sockmap, whose
     /// cgroup set-up is per fabric.
@@ -96,6 +110,11 @@ impl Fabric {
 
     /// Every agent is labelled `cluster=<its letter>`.
     fn on(topo: Topology, datapath: Datapath) -> Result<Fabric> {
+        Self::on_with(topo, datapath, &[])
+    }
+
+    /// [`Fabric::on`], agent `i` started with `args[i]` too (if given).
+    fn on_with(topo: Topology, datapath: Datapath, args: &[&[&str]]) -> Result<Fabric> {
         let dir = tempfile::Builder::new().prefix("clink-e2e-").tempdir()?;
         let certs = dir.path().join("certs");
         let names: Vec<String> = (0..topo.clusters().len())
@@ -104,7 +123,7 @@ impl Fabric {
         let peers: Vec<&str> = names.iter().map(String::as_str).collect();
         make_certificates(&bin_path("clink")?, &certs, FABRIC, &peers)?;
         let mut agents = Vec::new();
-        for (name, cluster) in names.iter().zip(topo.clusters()) {
+        for (i, (name, cluster)) in names.iter().zip(topo.clusters()).enumerate() {
             let mut agent = Agent::new(
                 name,
                 cluster.netns(),
@@ -113,6 +132,8 @@ impl Fabric {
                 GATEWAY_PORT,
             )?;
             agent.args = vec!["--label".into(), format!("cluster={}", &name[5..])];
+            let extra = args.get(i).copied().unwrap_or_default();
+            agent.args.extend(extra.iter().map(|a| (*a).to_owned()));
             if datapath == Datapath::Ktls {
                 agent.args.extend(["--datapath".into(), "ktls".into()]);
             }

@@ -9,9 +9,10 @@ use clink_agent::{
     agent::Agent,
     api,
     clients::{ClientMap, Clients},
+    connections::{Closing, ConnTable},
     dataplane::{self, Context},
     k8s, kernel, limits, metrics,
-    peer::Dialer,
+    peer::{Dialer, Keepalive, PeerTimeouts},
     store::{ApiServerObjects, FileStore, Store},
     tls::reload::{self, Reloader},
 };
@@ -83,6 +84,34 @@ struct Args {
     /// thread instead of waking another].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    // Dead peers, idle connections and revoked access (ARCHITECTURE.md, "Dead peers, idle
+    // connections and revoked access").
+    /// Seconds a peer (tunnel) connection may be quiet before TCP keepalive probes start; 0:
+    /// no keepalive. With --peer-user-timeout a quiet dead peer is noticed at the first probe
+    /// at least that long after its last packet, else after --peer-keepalive-count probes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=32767))]
+    peer_keepalive: u64,
+    /// Seconds between keepalive probes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=32767))]
+    peer_keepalive_interval: u64,
+    /// Unanswered keepalive probes that reset a peer connection (when --peer-user-timeout
+    /// is 0; otherwise the user timeout decides).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=127))]
+    peer_keepalive_count: u32,
+    /// Seconds data sent to a peer may stay unacknowledged before the connection is reset
+    /// (TCP_USER_TIMEOUT), both sides of the tunnel then reset; 0: the kernel's default
+    /// (about 15 minutes of retransmissions).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=2_000_000))]
+    peer_user_timeout: u64,
+    /// Seconds a tunneled connection may move no byte either way before the agent resets
+    /// it (checked every quarter of it); 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    idle_timeout: u64,
+    /// Keep open connections that a change (a policy, or their Import, Export or Peer
+    /// deleted) no longer allows; only new connections are refused. Default: reset them, as
+    /// Istio's ztunnel does.
+    #[arg(long)]
+    keep_established: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info or clink_agent=debug.
     #[command(flatten)]
     limits: LimitArgs,
@@ -201,6 +230,19 @@ impl KubernetesArgs {
 enum LogFormat {
     Text,
     Json,
+}
+
+/// The dead-peer settings of peer sockets, from the flags.
+fn peer_timeouts(args: &Args) -> PeerTimeouts {
+    let secs = std::time::Duration::from_secs;
+    PeerTimeouts {
+        keepalive: (args.peer_keepalive > 0).then(|| Keepalive {
+            idle: secs(args.peer_keepalive),
+            interval: secs(args.peer_keepalive_interval),
+            count: args.peer_keepalive_count,
+        }),
+        user_timeout: (args.peer_user_timeout > 0).then(|| secs(args.peer_user_timeout)),
+    }
 }
 
 fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, String>> {
@@ -369,17 +411,30 @@ async fn run(args: Args) -> Result<()> {
         name: args.name.clone(),
         labels,
         credentials: certs.credentials(),
-        dialer: Arc::new(Dialer::new(certs.credentials())),
+        dialer: Arc::new(Dialer::new(certs.credentials(), peer_timeouts(&args))),
         snapshot: Default::default(),
         peers: Default::default(),
         balancer: Default::default(),
         clients,
         metrics: metrics.clone(),
         datapath: datapath.clone(),
-        connections: Default::default(),
+        connections: ConnTable::new(Closing {
+            idle_timeout: (args.idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+            keep_established: args.keep_established,
+        }),
         limits,
         draining: tokio::sync::watch::Sender::new(false),
     };
+    info!(
+        peer_keepalive = args.peer_keepalive,
+        peer_keepalive_interval = args.peer_keepalive_interval,
+        peer_keepalive_count = args.peer_keepalive_count,
+        peer_user_timeout = args.peer_user_timeout,
+        idle_timeout = args.idle_timeout,
+        keep_established = args.keep_established,
+        "connection timeouts (seconds; 0: off)"
+    );
     let agent = Arc::new(Agent::new(ctx, args.listen, store));
     for problem in agent.start().await.context("loading state")? {
         warn!("{problem}");
@@ -469,8 +524,19 @@ async fn drain(
             return;
         }
     }
+    let reset = ctx
+        .connections
+        .end_all(&clink_agent::lifetime::Ending::Shutdown);
     warn!(
         open = ctx.limits.open_connections(),
-        "drain timeout: closing the connections still open"
+        reset, "drain timeout: resetting the connections still open"
     );
+    // Their pumps reset both sockets; give them a moment so clients see a reset rather than
+    // a clean end of stream from the process's exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while ctx.limits.open_connections() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }

@@ -19,6 +19,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
 use super::{relay, ConnGuard, Context};
 use crate::{
+    connections::{Admission, Admitted},
     limits::{Listener, Permit},
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
     peer::io::{peer_io, PeerIo},
@@ -59,6 +60,9 @@ pub async fn serve(
 async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handshake: Permit) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = ctx.dialer.timeouts().apply(&tcp) {
+        warn!(error = %e, "cannot set keepalive/user timeout on a peer socket");
+    }
     let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
@@ -296,6 +300,16 @@ async fn connect(
     let local = target
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let admission = Admission {
+        side: Admitted::Ingress {
+            namespace: export_ns.to_owned(),
+            name: export_name.to_owned(),
+            peer: peer.clone(),
+        },
+        namespace: export_ns.to_owned(),
+        src,
+        dst,
+    };
     let guard = ConnGuard::open(
         &ctx,
         ConnLabels {
@@ -304,6 +318,8 @@ async fn connect(
             peer,
         },
         local,
+        admission,
+        &snapshot,
     );
     let mut target = target;
     // Flushed, so rustls holds no record to send when the kernel may take the session over.

@@ -16,7 +16,7 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
-use crate::connections::{BytePath, ConnTable};
+use crate::connections::{Admission, BytePath, Conn, ConnTable};
 use crate::{
     api::ObjectKey,
     clients::Clients,
@@ -25,10 +25,11 @@ use crate::{
         splice, Datapath,
     },
     lb::Balancer,
+    lifetime::ending_of,
     limits::{Limits, Listener},
     metrics::{
         BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
-        PathLabels,
+        PathLabels, TerminatedLabels,
     },
     peer::{Dialer, Peers},
     state::{Snapshot, SnapshotCell},
@@ -181,7 +182,30 @@ impl Carried {
 
 /// Moves a tunneled connection's bytes between the local socket and the tunnel: in the
 /// kernel where the data path is kTLS and the kernel takes the session, else in userspace.
+/// Counts why the agent reset it, where it did (`clink_connections_terminated_total`).
 async fn carry<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
+where
+    S: TunnelTls + relay::OverTcp,
+{
+    let carried = move_bytes(ctx, guard, local, tls).await;
+    let reason = carried.error.as_ref().and_then(|e| match ending_of(e) {
+        Some(ending) => Some(ending.label()),
+        // Keepalive or TCP_USER_TIMEOUT on the tunnel socket: the peer stopped answering.
+        None => (e.raw_os_error() == Some(libc::ETIMEDOUT)).then_some("peer-timeout"),
+    });
+    if let Some(reason) = reason {
+        ctx.metrics
+            .terminated
+            .get_or_create(&TerminatedLabels {
+                direction: guard.labels.direction,
+                reason,
+            })
+            .inc();
+    }
+    carried
+}
+
+async fn move_bytes<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
 where
     S: TunnelTls + relay::OverTcp,
 {
@@ -209,7 +233,13 @@ where
             {
                 return failed;
             }
-            let outcome = Box::pin(splice::pump(&local, tunnel.tcp(), Some(&tunnel))).await;
+            let outcome = Box::pin(splice::pump(
+                &local,
+                tunnel.tcp(),
+                Some(&tunnel),
+                &guard.conn.lifetime,
+            ))
+            .await;
             let copied = outcome.copied + plaintext.len() as u64;
             let spliced = (outcome.to_tunnel + outcome.from_tunnel) - outcome.copied;
             for (moved, n) in [("spliced", spliced), ("copied", copied)] {
@@ -279,7 +309,7 @@ where
         BytePath::Userspace
     };
     guard.set_path(path);
-    let outcome = relay::relay(local, tls).await;
+    let outcome = relay::relay(local, tls, &guard.conn.lifetime).await;
     Carried {
         sent: outcome.a_to_b,
         received: outcome.b_to_a,
@@ -290,16 +320,22 @@ where
 
 /// Counts one tunneled connection from open to close, in the metrics (which `clink status`
 /// reads too), and keeps its entry in the connection table. `local` is the client (egress)
-/// or the export target (ingress).
+/// or the export target (ingress); `admission` is what `snapshot` admitted it with.
 struct ConnGuard<'a> {
     metrics: &'a Metrics,
     table: &'a ConnTable,
     labels: ConnLabels,
-    id: u64,
+    conn: Arc<Conn>,
 }
 
 impl<'a> ConnGuard<'a> {
-    fn open(ctx: &'a Context, labels: ConnLabels, local: std::net::SocketAddr) -> Self {
+    fn open(
+        ctx: &'a Context,
+        labels: ConnLabels,
+        local: std::net::SocketAddr,
+        admission: Admission,
+        snapshot: &Arc<Snapshot>,
+    ) -> Self {
         let metrics = &ctx.metrics;
         metrics.opened.get_or_create(&labels).inc();
         metrics
@@ -308,20 +344,26 @@ impl<'a> ConnGuard<'a> {
                 direction: labels.direction,
             })
             .inc();
-        let id = ctx
-            .connections
-            .insert(labels.direction, &labels.service, &labels.peer, local);
+        let conn = ctx.connections.insert(
+            labels.direction,
+            &labels.service,
+            &labels.peer,
+            local,
+            admission,
+        );
+        // After the insert: a change published from now on finds the entry.
+        ctx.connections.admitted(&conn, snapshot, &ctx.snapshot());
         ConnGuard {
             metrics,
             table: &ctx.connections,
             labels,
-            id,
+            conn,
         }
     }
 
     /// The connection's payload takes `path` (decided once, when the bytes start to move).
     fn set_path(&self, path: BytePath) {
-        self.table.set_path(self.id, path);
+        self.table.set_path(self.conn.id, path);
         self.metrics
             .paths
             .get_or_create(&PathLabels {
@@ -351,7 +393,7 @@ impl<'a> ConnGuard<'a> {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        self.table.remove(self.id);
+        self.table.remove(self.conn.id);
         self.metrics
             .active
             .get_or_create(&DirectionLabels {

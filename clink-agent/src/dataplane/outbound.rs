@@ -18,6 +18,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 use super::{relay, ConnGuard, Context};
 use crate::{
     api::{ImportSource, ObjectKey, Peer},
+    connections::{Admission, Admitted},
     limits::Permit,
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
     peer::{io::PeerIo, pool, DialError},
@@ -128,7 +129,7 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
             source.export_namespace, source.export_name, source.peer
         );
         match try_source(&ctx, &snapshot, source, &src, &key).await {
-            Ok((tunnel, early, decision)) => {
+            Ok((tunnel, early, decision, dst)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
                 span.record("peer", field::display(&source.peer));
@@ -141,7 +142,17 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
                     service,
                     peer: source.peer.clone(),
                 };
-                carry(&ctx, client, tunnel, early, labels, started).await;
+                let admission = Admission {
+                    side: Admitted::Egress {
+                        import: key.clone(),
+                        source: source.clone(),
+                    },
+                    namespace: key.namespace.clone(),
+                    src,
+                    dst,
+                };
+                let opened = (labels, admission);
+                carry(&ctx, client, tunnel, early, opened, &snapshot, started).await;
                 return;
             }
             Err(e) => {
@@ -181,7 +192,7 @@ async fn try_source(
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
-) -> Result<(TlsStream<PeerIo>, BytesMut, String), SourceError> {
+) -> Result<(TlsStream<PeerIo>, BytesMut, String, Attributes), SourceError> {
     let peer = snapshot
         .peers
         .get(&source.peer)
@@ -248,21 +259,25 @@ async fn try_source(
             reason: response.body,
         });
     }
-    Ok((tls, buf, decision.to_string()))
+    Ok((tls, buf, decision.to_string(), dst))
 }
 
+/// Carries the client's connection through `tunnel`, the connection `opened` as
+/// `snapshot` admitted it.
 async fn carry(
     ctx: &Context,
     mut client: TcpStream,
     tunnel: TlsStream<PeerIo>,
     early: BytesMut,
-    labels: ConnLabels,
+    opened: (ConnLabels, Admission),
+    snapshot: &Arc<Snapshot>,
     started: Instant,
 ) {
     let local = client
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let guard = ConnGuard::open(ctx, labels, local);
+    let (labels, admission) = opened;
+    let guard = ConnGuard::open(ctx, labels, local, admission, snapshot);
     if !early.is_empty() {
         if let Err(e) = client.write_all(&early).await {
             warn!(error = %e, "client went away");

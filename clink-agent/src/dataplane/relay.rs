@@ -14,11 +14,13 @@
 //!
 //! End of stream on one side becomes a shutdown of the other side's write half (half-close);
 //! an error on either side (a reset) resets both TCP connections so the far ends see it too.
+//! So does the agent ending the connection (idle, or no longer allowed: [`Lifetime`]), which
+//! the relay polls before the two directions; the bytes moved are added to it per poll.
 
 use std::{
-    future::poll_fn,
+    future::{poll_fn, Future as _},
     io,
-    pin::Pin,
+    pin::{pin, Pin},
     task::{ready, Context, Poll},
 };
 
@@ -29,6 +31,7 @@ use tokio::{
 
 use crate::{
     kernel::{sockopt::reset_on_close, LocalLeg},
+    lifetime::Lifetime,
     peer::io::PeerIo,
 };
 
@@ -160,12 +163,23 @@ pub struct Outcome {
     pub error: Option<io::Error>,
 }
 
-/// Relays until both directions are closed or one fails.
-pub async fn relay<A: OverTcp, B: OverTcp>(mut a: A, mut b: B) -> Outcome {
+/// Relays until both directions are closed, one fails, or `lifetime` is ended.
+pub async fn relay<A: OverTcp, B: OverTcp>(mut a: A, mut b: B, lifetime: &Lifetime) -> Outcome {
     let (mut up, mut down) = (Pipe::new(), Pipe::new());
+    let mut ended = pin!(lifetime.ended());
+    let mut counted = 0;
     let result = poll_fn(|cx| {
+        if let Poll::Ready(e) = ended.as_mut().poll(cx) {
+            return Poll::Ready(Err(e));
+        }
         let up_ready = up.poll(cx, &mut a, &mut b)?;
         let down_ready = down.poll(cx, &mut b, &mut a)?;
+        // What the idle sweep looks at (an error ends the connection anyway).
+        let moved = up.moved + down.moved;
+        if moved != counted {
+            lifetime.add_moved(moved - counted);
+            counted = moved;
+        }
         if up_ready.is_ready() && down_ready.is_ready() {
             Poll::Ready(Ok::<(), io::Error>(()))
         } else {
@@ -197,7 +211,7 @@ mod tests {
     async fn relays_both_ways_with_half_close_and_counts() {
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let relay = tokio::spawn(relay(a, b));
+        let relay = tokio::spawn(async move { relay(a, b, &Lifetime::default()).await });
         let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let expected = payload.clone();
         let server_task = tokio::spawn(async move {
@@ -219,11 +233,40 @@ mod tests {
         assert_eq!(outcome.b_to_a, 15);
     }
 
+    /// The agent ending the connection (idle, no longer allowed) resets both sides, and the
+    /// outcome says why.
+    #[tokio::test]
+    async fn an_ending_resets_both_sides() {
+        use crate::lifetime::{ending_of, Ending};
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let lifetime = std::sync::Arc::new(Lifetime::default());
+        let relay = tokio::spawn({
+            let lifetime = lifetime.clone();
+            async move { relay(a, b, &lifetime).await }
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        while lifetime.moved() < 5 {
+            tokio::task::yield_now().await;
+        }
+        let why = Ending::Denied("egress deny by default (no policy matched)".into());
+        assert!(lifetime.end(why.clone()));
+        for side in [&mut client, &mut server] {
+            let err = side.read(&mut got).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        }
+        let outcome = relay.await.unwrap();
+        assert_eq!(ending_of(outcome.error.as_ref().unwrap()), Some(&why));
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (5, 0));
+    }
+
     #[tokio::test]
     async fn a_reset_is_passed_on() {
         let (client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let relay = tokio::spawn(relay(a, b));
+        let relay = tokio::spawn(async move { relay(a, b, &Lifetime::default()).await });
         arm_reset(&client);
         drop(client);
         let mut buf = [0u8; 8];

@@ -761,10 +761,17 @@ mod tests {
         let (app, app_local) = local_pair().await;
         let (service_local, service) = local_pair().await;
         let a = tokio::spawn(async move {
-            super::super::splice::pump(&app_local, client.tcp(), Some(&client)).await
+            super::super::splice::pump(&app_local, client.tcp(), Some(&client), &Default::default())
+                .await
         });
         let b = tokio::spawn(async move {
-            super::super::splice::pump(&service_local, server.tcp(), Some(&server)).await
+            super::super::splice::pump(
+                &service_local,
+                server.tcp(),
+                Some(&server),
+                &Default::default(),
+            )
+            .await
         });
         let (app_r, app_w) = app.into_split();
         let (service_r, service_w) = service.into_split();
@@ -804,8 +811,13 @@ mod tests {
             };
             let (mut app, app_local) = local_pair().await;
             let pump = tokio::spawn(async move {
-                let outcome =
-                    super::super::splice::pump(&app_local, tunnel.tcp(), Some(&tunnel)).await;
+                let outcome = super::super::splice::pump(
+                    &app_local,
+                    tunnel.tcp(),
+                    Some(&tunnel),
+                    &Default::default(),
+                )
+                .await;
                 drop((app_local, tunnel)); // closes both: with a reset after an error
                 outcome
             });

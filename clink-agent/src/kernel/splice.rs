@@ -12,7 +12,10 @@
 //!
 //! End of stream on one side becomes `shutdown(SHUT_WR)` on the other (on the tunnel side
 //! after a TLS `close_notify`); an error on either side resets both TCP connections, as the
-//! userspace relay does.
+//! userspace relay does, and so does the agent ending the connection ([`Lifetime`]). A peer
+//! that stopped answering is an error like any other: TCP keepalive and `TCP_USER_TIMEOUT`
+//! (set on the tunnel socket before the hand-off; kTLS keeps them) fail the socket with
+//! `ETIMEDOUT`, which wakes the direction waiting on it and fails its next `splice`.
 
 use std::{io, net::Shutdown, os::fd::OwnedFd};
 
@@ -26,6 +29,7 @@ use super::{
     ktls::{Control, Tunnel},
     sockopt::reset_on_close,
 };
+use crate::lifetime::Lifetime;
 
 /// Capacity asked for each pipe: 64 pages, four times Linux's default, so a bulk direction
 /// moves up to [`FILL_TARGET`] per round. Pages are only taken while data sits in the pipe.
@@ -89,9 +93,14 @@ impl Sink<'_> {
     }
 }
 
-/// Moves bytes until both directions have ended or one fails; `tunnel` is `Some` when the
-/// tunnel socket is kTLS.
-pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tunnel>) -> Outcome {
+/// Moves bytes until both directions have ended, one fails, or `lifetime` is ended; `tunnel`
+/// is `Some` when the tunnel socket is kTLS.
+pub async fn pump(
+    local: &TcpStream,
+    tunnel_tcp: &TcpStream,
+    tunnel: Option<&Tunnel>,
+    lifetime: &Lifetime,
+) -> Outcome {
     let (mut to_tunnel, mut from_tunnel) = (0u64, 0u64);
     let (mut copied_up, mut copied_down) = (0u64, 0u64);
     let result = async {
@@ -101,18 +110,21 @@ pub async fn pump(local: &TcpStream, tunnel_tcp: &TcpStream, tunnel: Option<&Tun
             None,
             Sink::Tunnel(tunnel_tcp, tunnel),
             &up_pipe,
-            &mut to_tunnel,
-            &mut copied_up,
+            (&mut to_tunnel, &mut copied_up),
+            lifetime,
         );
         let down = one_way(
             tunnel_tcp,
             tunnel,
             Sink::Local(local),
             &down_pipe,
-            &mut from_tunnel,
-            &mut copied_down,
+            (&mut from_tunnel, &mut copied_down),
+            lifetime,
         );
-        tokio::try_join!(up, down).map(|_| ())
+        tokio::select! {
+            both = async { tokio::try_join!(up, down) } => both.map(|_| ()),
+            e = lifetime.ended() => Err(e),
+        }
     }
     .await;
     let error = result.err();
@@ -136,8 +148,8 @@ async fn one_way(
     records: Option<&Tunnel>,
     dst: Sink<'_>,
     pipe: &Pipe,
-    moved: &mut u64,
-    copied: &mut u64,
+    (moved, copied): (&mut u64, &mut u64),
+    lifetime: &Lifetime,
 ) -> io::Result<()> {
     let mut in_pipe = 0usize;
     let mut eof = false;
@@ -169,6 +181,7 @@ async fn one_way(
                                 write_all(dst.tcp(), &data).await?;
                                 *moved += data.len() as u64;
                                 *copied += data.len() as u64;
+                                lifetime.add_moved(data.len() as u64);
                             }
                             Control::CloseNotify => eof = true,
                             Control::Ignored => {}
@@ -188,6 +201,7 @@ async fn one_way(
                 Ok(n) => {
                     in_pipe -= n;
                     *moved += n as u64;
+                    lifetime.add_moved(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -240,7 +254,8 @@ mod tests {
         const LEN: usize = 64 * 1024 * 1024;
         let (client, local) = pair().await;
         let (tunnel, server) = pair().await;
-        let pump = tokio::spawn(async move { pump(&local, &tunnel, None).await });
+        let pump =
+            tokio::spawn(async move { pump(&local, &tunnel, None, &Lifetime::default()).await });
         let (client_r, client_w) = client.into_split();
         let (server_r, server_w) = server.into_split();
         let up = tokio::spawn(send(client_w, 1, LEN));
@@ -264,7 +279,8 @@ mod tests {
     async fn an_answer_after_the_half_close_gets_through() {
         let (mut client, local) = pair().await;
         let (tunnel, mut server) = pair().await;
-        let pump = tokio::spawn(async move { pump(&local, &tunnel, None).await });
+        let pump =
+            tokio::spawn(async move { pump(&local, &tunnel, None, &Lifetime::default()).await });
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
         let mut question = Vec::new();
@@ -280,11 +296,40 @@ mod tests {
         assert_eq!((outcome.to_tunnel, outcome.from_tunnel), (8, 16));
     }
 
+    /// The agent ending the connection resets both sides; what moved before is counted.
+    #[tokio::test]
+    async fn an_ending_resets_both_sides() {
+        use crate::lifetime::{ending_of, Ending};
+        let (mut client, local) = pair().await;
+        let (tunnel, mut server) = pair().await;
+        let lifetime = std::sync::Arc::new(Lifetime::default());
+        let pump = tokio::spawn({
+            let lifetime = lifetime.clone();
+            async move { pump(&local, &tunnel, None, &lifetime).await }
+        });
+        server.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        while lifetime.moved() < 5 {
+            tokio::task::yield_now().await;
+        }
+        let why = Ending::Idle(std::time::Duration::from_secs(2));
+        assert!(lifetime.end(why.clone()));
+        for side in [&mut client, &mut server] {
+            let err = side.read(&mut got).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        }
+        let outcome = pump.await.unwrap();
+        assert_eq!(ending_of(outcome.error.as_ref().unwrap()), Some(&why));
+        assert_eq!((outcome.to_tunnel, outcome.from_tunnel), (0, 5));
+    }
+
     #[tokio::test]
     async fn a_reset_is_passed_on() {
         let (client, local) = pair().await;
         let (tunnel, mut server) = pair().await;
-        let pump = tokio::spawn(async move { pump(&local, &tunnel, None).await });
+        let pump =
+            tokio::spawn(async move { pump(&local, &tunnel, None, &Lifetime::default()).await });
         reset_on_close(&client);
         drop(client);
         let mut buf = [0u8; 8];

@@ -7,10 +7,11 @@ use std::{sync::Arc, time::Duration};
 use rustls::pki_types::ServerName;
 use tokio::{net::TcpStream, time::timeout};
 use tokio_rustls::{client::TlsStream, TlsConnector};
+use tracing::warn;
 
 use super::{
     io::{peer_io, PeerIo},
-    PeerHealth,
+    PeerHealth, PeerTimeouts,
 };
 use crate::{api::Endpoint, tls::Credentials};
 
@@ -27,14 +28,24 @@ pub enum DialError {
 }
 
 /// Opens mTLS connections to peers with this agent's current client configuration
-/// (certificate, fabric CA, session resumption cache), taken from [`Credentials`] per dial.
+/// (certificate, fabric CA, session resumption cache), taken from [`Credentials`] per dial,
+/// on sockets with the dead-peer timeouts.
 pub struct Dialer {
     credentials: Arc<Credentials>,
+    timeouts: PeerTimeouts,
 }
 
 impl Dialer {
-    pub fn new(credentials: Arc<Credentials>) -> Dialer {
-        Dialer { credentials }
+    pub fn new(credentials: Arc<Credentials>, timeouts: PeerTimeouts) -> Dialer {
+        Dialer {
+            credentials,
+            timeouts,
+        }
+    }
+
+    /// The keepalive and user timeout of peer sockets, for the gateway's accepted ones too.
+    pub fn timeouts(&self) -> &PeerTimeouts {
+        &self.timeouts
     }
 
     /// The generation of the credentials new dials use: pooled connections of an older one
@@ -87,6 +98,10 @@ impl Dialer {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            if let Err(e) = self.timeouts.apply(&tcp) {
+                // The connection still works; a dead peer is only noticed later.
+                warn!(%gateway, error = %e, "cannot set keepalive/user timeout on a peer socket");
+            }
             let started = std::time::Instant::now();
             let connector = TlsConnector::from(client.clone());
             match timeout(

@@ -8,11 +8,13 @@
 //! | [`pool`] | pre-handshaked idle connections per peer |
 //! | [`dial`] | TCP + TLS 1.3 to a peer's gateways, in order of health |
 //! | [`io`] | the buffered socket under every peer TLS connection |
+//! | [`timeouts`] | TCP keepalive and user timeout on every peer socket: dead peers noticed |
 
 pub mod dial;
 pub mod health;
 pub mod io;
 pub mod pool;
+pub mod timeouts;
 
 use std::{
     collections::HashMap,
@@ -21,6 +23,7 @@ use std::{
 
 pub use dial::{DialError, Dialer};
 pub use health::{PeerEvent, PeerHealth};
+pub use timeouts::{Keepalive, PeerTimeouts};
 
 /// The health of every Peer, by name; the agent adds and removes entries as Peers come and
 /// go, connections read them.
