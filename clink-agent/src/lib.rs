@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod k8s;
 pub mod kernel;
 pub mod lb;
+pub mod logging;
 pub mod metrics;
 pub mod peer;
 pub mod policy;
