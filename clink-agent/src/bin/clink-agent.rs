@@ -10,7 +10,9 @@ use clink_agent::{
     api,
     clients::{ClientMap, Clients},
     dataplane::{self, Context},
-    k8s, kernel, metrics,
+    k8s, kernel,
+    logging::{self, LogLimiter},
+    metrics,
     peer::Dialer,
     store::{ApiServerObjects, FileStore, Store},
     tls::reload::{self, Reloader},
@@ -88,6 +90,21 @@ struct Args {
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Log lines about one kind of repeated failure (failed handshakes, refused requests,
+    /// unreachable targets, skipped sources) from one source (peer, address or Import) per
+    /// --log-repeat-interval. Past it, lines are left out and counted in
+    /// clink_log_lines_suppressed_total; the next line let through says suppressed=<n>.
+    /// 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = logging::DEFAULT_LINES)]
+    log_repeat_lines: u32,
+    /// Seconds of the --log-repeat-lines window.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = logging::DEFAULT_INTERVAL.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    log_repeat_interval: u64,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -318,6 +335,14 @@ async fn run(args: Args) -> Result<()> {
         metrics: metrics.clone(),
         datapath: datapath.clone(),
         connections: Default::default(),
+        logs: LogLimiter::new(
+            logging::Limits {
+                lines: args.log_repeat_lines,
+                interval: std::time::Duration::from_secs(args.log_repeat_interval),
+                ..Default::default()
+            },
+            metrics.log_suppressed.clone(),
+        ),
     };
     let agent = Arc::new(Agent::new(ctx, args.listen, store));
     for problem in agent.start().await.context("loading state")? {

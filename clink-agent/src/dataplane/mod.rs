@@ -25,6 +25,7 @@ use crate::{
         splice, Datapath,
     },
     lb::Balancer,
+    logging::LogLimiter,
     metrics::{
         BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
         PathLabels,
@@ -53,6 +54,8 @@ pub struct Context {
     pub datapath: Datapath,
     /// The open tunneled connections and their paths.
     pub connections: ConnTable,
+    /// The rate limit of log lines about failures a peer or a client can repeat.
+    pub logs: LogLimiter,
 }
 
 impl Context {
