@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod lb;
 pub mod lifetime;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod peer;
 pub mod policy;

@@ -19,13 +19,7 @@
 //! [`DEFAULT_HANDSHAKES`]) for handshakes, and what remains divided by the descriptors one
 //! tunneled connection holds (2; 6 on the kTLS path, whose pump has a pipe per direction).
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -48,9 +42,6 @@ pub const DEFAULT_HANDSHAKES: usize = 1024;
 /// (two descriptors) per direction.
 pub const FDS_PER_CONNECTION: u64 = 2;
 pub const FDS_PER_KTLS_CONNECTION: u64 = 6;
-
-/// How often a refusal at a cap is logged at most (every one is counted).
-pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The caps an operator asked for (`None`: derive from the open-file limit).
 #[derive(Clone, Copy, Debug, Default)]
@@ -136,9 +127,6 @@ pub struct Limits {
     handshakes: Arc<Semaphore>,
     refusals: Family<RefusalLabels, Counter>,
     in_use: Family<LimitLabels, Gauge>,
-    /// Refusals since the last one logged, and when that was.
-    unlogged: AtomicU64,
-    logged_at: Mutex<Option<Instant>>,
 }
 
 /// What a connection holds while it lives; dropping it gives the permits back.
@@ -191,23 +179,7 @@ impl Limits {
             handshakes: Arc::new(Semaphore::new(caps.handshakes)),
             refusals,
             in_use,
-            unlogged: AtomicU64::new(0),
-            logged_at: Mutex::new(None),
         }
-    }
-
-    /// Whether to log this refusal: `Some(refusals since the last line, this one included)`
-    /// at most once per [`REFUSAL_LOG_INTERVAL`].
-    pub fn should_log_refusal(&self) -> Option<u64> {
-        let count = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut at = self.logged_at.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if at.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL) {
-            return None;
-        }
-        *at = Some(now);
-        self.unlogged.fetch_sub(count, Ordering::Relaxed);
-        Some(count)
     }
 
     pub fn caps(&self) -> Caps {

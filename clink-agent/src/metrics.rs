@@ -36,8 +36,18 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
 pub const EGRESS: &str = "egress";
 pub const INGRESS: &str = "ingress";
 
+/// The `peer` label of a remote side that is not a configured Peer (a fabric member we do not
+/// know, a Peer named by an Import that does not exist).
+pub const UNKNOWN_PEER: &str = "unknown";
+/// The `service` label of a request for an Export that does not exist.
+pub const UNKNOWN_SERVICE: &str = "unknown";
+
 /// One tunneled connection: its direction, the Import (egress) or Export (ingress) it serves
 /// as `namespace/name`, and the remote peer.
+///
+/// Label values come only from objects that exist, never from what a peer sent: a peer
+/// chooses the names it asks for, and each distinct value would be a series of its own.
+/// `service` is an existing Import or Export; `peer` a configured Peer, or [`UNKNOWN_PEER`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
     pub direction: &'static str,
@@ -45,6 +55,10 @@ pub struct ConnLabels {
     pub peer: String,
 }
 
+/// A connection that could not be tunneled. As [`ConnLabels`]; `service` is also
+/// [`UNKNOWN_SERVICE`] (the peer asked for an Export that does not exist) or empty (refused
+/// before a service was looked up: not a Peer, malformed request; egress `no-source`), and
+/// `peer` empty for egress `no-source`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailLabels {
     pub direction: &'static str,
@@ -140,6 +154,21 @@ pub struct WriteLabels {
     pub result: &'static str,
 }
 
+/// A TLS handshake on the gateway port that did not give a peer identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeFailLabels {
+    /// `error` (rustls refused it: not TLS 1.3, a certificate of another CA, ...), `timeout`,
+    /// or `no-identity` (a fabric certificate without a DNS name).
+    pub reason: &'static str,
+}
+
+/// Log lines the rate limit left out (`logging::LogLimiter`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogLabels {
+    /// What failed, as the limiter's key names it (`handshake`, `no-export`, ...).
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `ok` (new connections use the new certificate) or `error` (the previous one serves on).
@@ -177,6 +206,10 @@ pub struct Metrics {
     pub ktls_handoffs: Family<HandoffLabels, Counter>,
     pub paths: Family<PathLabels, Counter>,
     pub ktls_bytes: Family<KtlsBytesLabels, Counter>,
+    /// Gateway handshakes that failed, by reason.
+    pub handshake_failures: Family<HandshakeFailLabels, Counter>,
+    /// Log lines the rate limit left out, by reason.
+    pub log_suppressed: Family<LogLabels, Counter>,
     /// State files set aside at start-up (unreadable, not an object, misnamed).
     pub state_files_rejected: Counter,
     /// How long writing one change (an apply, a delete) to the state directory took.
@@ -222,6 +255,8 @@ impl Default for Metrics {
             ktls_handoffs: Family::default(),
             paths: Family::default(),
             ktls_bytes: Family::default(),
+            handshake_failures: Family::default(),
+            log_suppressed: Family::default(),
             // 1 ms to ~16 s.
             state_commit: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             state_files_rejected: Counter::default(),
@@ -312,6 +347,19 @@ impl Default for Metrics {
              (the agent never touched them) or copied (through the agent's memory: data that \
              came before the hand-off or after a control record)",
             m.ktls_bytes.clone(),
+        );
+        registry.register(
+            "gateway_handshake_failures",
+            "TLS handshakes on the gateway port that gave no peer identity, by reason: error \
+             (refused by TLS: not TLS 1.3, a certificate not of the fabric, not TLS at all), \
+             timeout, no-identity (a fabric certificate without a DNS name)",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "log_lines_suppressed",
+            "Log lines about repeated failures that the log rate limit left out, by reason \
+             (each failure is still counted in its own metric)",
+            m.log_suppressed.clone(),
         );
         registry.register(
             "state_files_rejected",

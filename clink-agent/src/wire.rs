@@ -6,7 +6,7 @@
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-use crate::policy::Attributes;
+use crate::{logging::Untrusted, policy::Attributes};
 
 /// Longest request or response head accepted from a peer.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -144,8 +144,9 @@ fn owned_headers(headers: &[httparse::Header<'_>]) -> Result<Vec<(String, String
     headers
         .iter()
         .map(|h| {
-            let value = std::str::from_utf8(h.value)
-                .map_err(|_| WireError::Malformed(format!("header {} is not UTF-8", h.name)))?;
+            let value = std::str::from_utf8(h.value).map_err(|_| {
+                WireError::Malformed(format!("header {} is not UTF-8", Untrusted(h.name)))
+            })?;
             Ok((h.name.to_owned(), value.trim().to_owned()))
         })
         .collect()

@@ -352,13 +352,8 @@ fn unknown_export_is_404_and_unreachable_target_is_502() {
         "peer-b",
         "refused-404",
     );
-    wait_failed(
-        fabric.ns_b(),
-        "ingress",
-        "default/ghost",
-        "peer-a",
-        "no-export",
-    );
+    // A name the peer asked for is no label value unless it is an Export.
+    wait_failed(fabric.ns_b(), "ingress", "unknown", "peer-a", "no-export");
 
     // An export whose target nobody listens on.
     let closed = listen_in(fabric.ns_b()).unwrap();

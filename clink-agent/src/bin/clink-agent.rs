@@ -11,7 +11,9 @@ use clink_agent::{
     clients::{ClientMap, Clients},
     connections::{Closing, ConnTable},
     dataplane::{self, Context},
-    k8s, kernel, limits, metrics,
+    k8s, kernel, limits,
+    logging::{self, LogLimiter},
+    metrics,
     peer::{Dialer, Keepalive, PeerTimeouts},
     store::{ApiServerObjects, FileStore, Store},
     tls::reload::{self, Reloader},
@@ -120,6 +122,21 @@ struct Args {
     log_level: String,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Log lines about one kind of repeated failure (failed handshakes, refused requests,
+    /// unreachable targets, skipped sources) from one source (peer, address or Import) per
+    /// --log-repeat-interval. Past it, lines are left out and counted in
+    /// clink_log_lines_suppressed_total; the next line let through says suppressed=<n>.
+    /// 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = logging::DEFAULT_LINES)]
+    log_repeat_lines: u32,
+    /// Seconds of the --log-repeat-lines window.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = logging::DEFAULT_INTERVAL.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    log_repeat_interval: u64,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
 }
@@ -425,6 +442,14 @@ async fn run(args: Args) -> Result<()> {
         }),
         limits,
         draining: tokio::sync::watch::Sender::new(false),
+        logs: LogLimiter::new(
+            logging::Limits {
+                lines: args.log_repeat_lines,
+                interval: std::time::Duration::from_secs(args.log_repeat_interval),
+                ..Default::default()
+            },
+            metrics.log_suppressed.clone(),
+        ),
     };
     info!(
         peer_keepalive = args.peer_keepalive,

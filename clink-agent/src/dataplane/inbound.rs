@@ -5,6 +5,11 @@
 //! `CONNECT <export>.<ns>:443` is
 //! checked against the Export and ingress policy (with the peer identity from the certificate,
 //! never from headers), the export target is dialled, and after `200` the bytes flow.
+//!
+//! A peer chooses what it asks for and how often: metric labels here come only from objects
+//! that exist (`metrics::ConnLabels`), names it sent are logged through
+//! [`Untrusted`], and each refusal it can repeat is logged through the rate limit
+//! (`ctx.logs`, keyed by the refusal and the peer or address) and always counted.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -15,15 +20,20 @@ use tokio::{
     time::{timeout, Duration},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
+use tracing::{debug, field, info, info_span, Instrument as _, Span};
 
 use super::{relay, ConnGuard, Context};
 use crate::{
     connections::{Admission, Admitted},
     limits::{Listener, Permit},
-    metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, INGRESS},
+    logging::{limited, Untrusted},
+    metrics::{
+        ConnLabels, DecisionLabels, FailLabels, HandshakeFailLabels, Metrics, INGRESS,
+        UNKNOWN_PEER, UNKNOWN_SERVICE,
+    },
     peer::io::{peer_io, PeerIo},
     policy::{attr, insert_labels, Attributes},
+    state::Snapshot,
     tls::{dns_names, CertInfo},
     wire,
 };
@@ -54,48 +64,95 @@ pub async fn serve(
         decision = field::Empty,
         datapath = ctx.datapath.name(),
     );
-    handle(ctx, acceptor, tcp, handshake).instrument(span).await
+    handle(ctx, acceptor, tcp, from, handshake)
+        .instrument(span)
+        .await
 }
 
-async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handshake: Permit) {
+/// The `peer` label of a peer: its name if it is one of our Peers (a fabric member that is not
+/// would otherwise add a series per certificate name).
+fn peer_label(snapshot: &Snapshot, peer: &str) -> String {
+    if snapshot.peers.contains_key(peer) {
+        peer.to_owned()
+    } else {
+        UNKNOWN_PEER.to_owned()
+    }
+}
+
+/// Counts a refusal in `clink_connections_failed_total`.
+fn count_failure(ctx: &Context, service: &str, peer: String, reason: &'static str) {
+    ctx.metrics
+        .failed
+        .get_or_create(&FailLabels {
+            direction: INGRESS,
+            service: service.to_owned(),
+            peer,
+            reason,
+        })
+        .inc();
+}
+
+fn count_handshake_failure(ctx: &Context, reason: &'static str) {
+    ctx.metrics
+        .handshake_failures
+        .get_or_create(&HandshakeFailLabels { reason })
+        .inc();
+}
+
+async fn handle(
+    ctx: Arc<Context>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    from: SocketAddr,
+    handshake: Permit,
+) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     if let Err(e) = ctx.dialer.timeouts().apply(&tcp) {
-        warn!(error = %e, "cannot set keepalive/user timeout on a peer socket");
+        tracing::warn!(error = %e, "cannot set keepalive/user timeout on a peer socket");
     }
+    // Before the handshake there is no identity: failures are limited per source address.
     let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
             tls
         }
         Ok(Err(e)) => {
-            warn!(error = %e, "TLS handshake failed");
+            count_handshake_failure(&ctx, "error");
+            limited!(ctx.logs, "handshake", from.ip(), WARN, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            warn!("TLS handshake timed out");
+            count_handshake_failure(&ctx, "timeout");
+            limited!(
+                ctx.logs,
+                "handshake-timeout",
+                from.ip(),
+                WARN,
+                "TLS handshake timed out"
+            );
             return;
         }
     };
-    let leaf = tls
+    let peer = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|chain| chain.first());
-    let peer = leaf
+        .and_then(|chain| chain.first())
         .map(dns_names)
         .and_then(|names| names.into_iter().next());
     let Some(peer) = peer else {
-        warn!("client certificate has no DNS name; closing");
+        count_handshake_failure(&ctx, "no-identity");
+        limited!(
+            ctx.logs,
+            "no-identity",
+            from.ip(),
+            WARN,
+            "client certificate has no DNS name; closing"
+        );
         return;
     };
-    Span::current().record("peer", field::display(&peer));
-    // Which certificate a peer presents, for certificate rotations.
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        if let Some(cert) = leaf.and_then(|leaf| CertInfo::from_der(leaf).ok()) {
-            debug!(serial = %cert.serial, not_after = %cert.not_after_text(), "client certificate");
-        }
-    }
+    Span::current().record("peer", field::display(Untrusted(&peer)));
     let mut buf = BytesMut::with_capacity(4096);
     // Importers keep a few handshaked connections ready: wait for their request longer than
     // for a handshake.
@@ -107,8 +164,10 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handsh
     {
         Ok(Ok(request)) => request,
         Ok(Err(e)) => {
-            warn!(error = %e, "bad request");
-            refuse(&mut tls, 400, &e.to_string()).await;
+            let error = e.to_string();
+            count_failure(&ctx, "", peer_label(&ctx.snapshot(), &peer), "protocol");
+            limited!(ctx.logs, "bad-request", &peer, WARN, error = %Untrusted(&error), "bad request");
+            refuse(&mut tls, 400, &error).await;
             return;
         }
         Err(_) => {
@@ -122,13 +181,14 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handsh
             drop(handshake);
             let Some(permit) = ctx.limits.connection(Listener::Gateway, None) else {
                 let max = ctx.limits.caps().connections;
-                if let Some(refused) = ctx.limits.should_log_refusal() {
-                    warn!(
-                        refused,
-                        max_connections = max,
-                        "at capacity: CONNECT refused (503)"
-                    );
-                }
+                limited!(
+                    ctx.logs,
+                    "capacity",
+                    "gateway",
+                    WARN,
+                    max_connections = max,
+                    "at capacity: CONNECT refused (503)"
+                );
                 refuse(
                     &mut tls,
                     503,
@@ -140,7 +200,16 @@ async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, handsh
             connect(ctx, tls, peer, request, buf, started, permit).await
         }
         (method, target) => {
-            warn!(method, target, "unsupported request");
+            count_failure(&ctx, "", peer_label(&ctx.snapshot(), &peer), "protocol");
+            limited!(
+                ctx.logs,
+                "unsupported-request",
+                &peer,
+                WARN,
+                method = %Untrusted(method),
+                target = %Untrusted(target),
+                "unsupported request"
+            );
             refuse(&mut tls, 405, "only CONNECT and GET /healthz are served").await;
         }
     }
@@ -170,7 +239,13 @@ async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
 async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>, peer: &str) {
     if !ctx.snapshot().peers.contains_key(peer) {
         // Debug, not warn: an unconfigured member's heartbeats come every few seconds.
-        debug!("heartbeat refused: certificate of a fabric member that is not one of our Peers");
+        limited!(
+            ctx.logs,
+            "heartbeat-refused",
+            peer,
+            DEBUG,
+            "heartbeat refused: certificate of a fabric member that is not one of our Peers"
+        );
         refuse(tls, 403, &format!("peer {peer:?} is not known here")).await;
         return;
     }
@@ -200,28 +275,34 @@ async fn connect(
         .next()
         .unwrap_or("-")
         .to_owned();
-    Span::current().record("import", field::display(&import));
-    let fail = |service: &str, reason: &'static str| {
-        ctx.metrics
-            .failed
-            .get_or_create(&FailLabels {
-                direction: INGRESS,
-                service: service.to_owned(),
-                peer: peer.clone(),
-                reason,
-            })
-            .inc();
-    };
+    Span::current().record("import", field::display(Untrusted(&import)));
     let snapshot = ctx.snapshot();
     let Some(peer_object) = snapshot.peers.get(&peer) else {
-        warn!("refused: certificate of a fabric member that is not one of our Peers");
-        fail("", "unknown-peer");
+        count_failure(&ctx, "", UNKNOWN_PEER.to_owned(), "unknown-peer");
+        limited!(
+            ctx.logs,
+            "unknown-peer",
+            &peer,
+            WARN,
+            "refused: certificate of a fabric member that is not one of our Peers"
+        );
         refuse(&mut tls, 403, &format!("peer {peer:?} is not known here")).await;
         return;
     };
+    // From here on `peer` is one of our Peers: a label value of bounded number.
+    let fail = |service: &str, reason: &'static str| {
+        count_failure(&ctx, service, peer.clone(), reason);
+    };
     let Some((export_name, export_ns)) = wire::parse_authority(&request.target) else {
-        warn!(target = %request.target, "refused: malformed CONNECT target");
         fail("", "protocol");
+        limited!(
+            ctx.logs,
+            "malformed-target",
+            &peer,
+            WARN,
+            target = %Untrusted(&request.target),
+            "refused: malformed CONNECT target"
+        );
         refuse(
             &mut tls,
             400,
@@ -231,13 +312,19 @@ async fn connect(
         return;
     };
     let export_id = format!("{export_ns}/{export_name}");
-    Span::current().record("export", field::display(&export_id));
+    Span::current().record("export", field::display(Untrusted(&export_id)));
     let Some(export) = snapshot
         .exports
         .get(&(export_ns.to_owned(), export_name.to_owned()))
     else {
-        warn!("refused: no such export");
-        fail(&export_id, "no-export");
+        fail(UNKNOWN_SERVICE, "no-export");
+        limited!(
+            ctx.logs,
+            "no-export",
+            &peer,
+            WARN,
+            "refused: no such export"
+        );
         refuse(&mut tls, 404, &format!("no export {export_id}")).await;
         return;
     };
@@ -271,8 +358,14 @@ async fn connect(
         .inc();
     Span::current().record("decision", field::display(&decision));
     if !decision.is_allowed() {
-        warn!("refused: ingress denied");
         fail(&export_id, "denied");
+        limited!(
+            ctx.logs,
+            "denied",
+            (&peer, &export_id),
+            WARN,
+            "refused: ingress denied"
+        );
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
         return;
     }
@@ -283,15 +376,29 @@ async fn connect(
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = format!("cannot reach {host}:{port}: {e}");
-            warn!(%reason, "refused: target unreachable");
             fail(&export_id, "unreachable");
+            limited!(
+                ctx.logs,
+                "unreachable",
+                &export_id,
+                WARN,
+                %reason,
+                "refused: target unreachable"
+            );
             refuse(&mut tls, 502, &reason).await;
             return;
         }
         Err(_) => {
             let reason = format!("cannot reach {host}:{port}: timed out");
-            warn!(%reason, "refused: target unreachable");
             fail(&export_id, "unreachable");
+            limited!(
+                ctx.logs,
+                "unreachable",
+                &export_id,
+                WARN,
+                %reason,
+                "refused: target unreachable"
+            );
             refuse(&mut tls, 502, &reason).await;
             return;
         }
@@ -335,6 +442,7 @@ async fn connect(
         return;
     }
     Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
+    log_client_certificate(&tls);
     info!("tunnel open");
     let carried = super::carry(&ctx, &guard, target, tls).await;
     let received = carried.received + early.len() as u64;
@@ -345,5 +453,21 @@ async fn connect(
     match carried.error {
         None => info!(received, sent, duration_ms, path, "closed"),
         Some(e) => info!(received, sent, duration_ms, path, error = %e, "reset"),
+    }
+}
+
+/// Which certificate the peer presented, for certificate rotations: logged for tunnels only
+/// (not for every refused request or heartbeat, which a peer can repeat at will).
+fn log_client_certificate(tls: &TlsStream<PeerIo>) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first());
+    if let Some(cert) = leaf.and_then(|leaf| CertInfo::from_der(leaf).ok()) {
+        debug!(serial = %cert.serial, not_after = %cert.not_after_text(), "client certificate");
     }
 }

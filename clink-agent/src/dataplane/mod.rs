@@ -27,6 +27,7 @@ use crate::{
     lb::Balancer,
     lifetime::ending_of,
     limits::{Limits, Listener},
+    logging::LogLimiter,
     metrics::{
         BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
         PathLabels, TerminatedLabels,
@@ -60,6 +61,8 @@ pub struct Context {
     /// Set to `true` once the agent shuts down: the gateway and the Import listeners stop
     /// accepting (and close), open connections go on.
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// The rate limit of log lines about failures a peer or a client can repeat.
+    pub logs: LogLimiter,
 }
 
 impl Context {
@@ -127,23 +130,24 @@ pub fn serve_import(ctx: Arc<Context>, key: ObjectKey, listener: TcpListener) ->
 }
 
 /// Refuses a connection past a cap: a reset, at once, so the descriptor is free again and the
-/// client knows. Logged at most once per [`crate::limits::REFUSAL_LOG_INTERVAL`], with how many were
-/// refused since (each counts in `clink_connection_refusals_total`).
-fn at_capacity(ctx: &Context, tcp: TcpStream, from: SocketAddr, listener: &str) {
+/// client knows. Logged through the log limiter, per listener (each refusal counts in
+/// `clink_connection_refusals_total`).
+fn at_capacity(ctx: &Context, tcp: TcpStream, from: SocketAddr, listener: &'static str) {
     relay::arm_reset(&tcp);
     drop(tcp);
-    if let Some(refused) = ctx.limits.should_log_refusal() {
-        let caps = ctx.limits.caps();
-        warn!(
-            listener,
-            client = %from,
-            refused,
-            max_connections = caps.connections,
-            max_import_connections = caps.import_connections,
-            max_handshakes = caps.handshakes,
-            "at capacity: refusing connections (reset)"
-        );
-    }
+    let caps = ctx.limits.caps();
+    crate::logging::limited!(
+        ctx.logs,
+        "capacity",
+        listener,
+        WARN,
+        listener,
+        client = %from,
+        max_connections = caps.connections,
+        max_import_connections = caps.import_connections,
+        max_handshakes = caps.handshakes,
+        "at capacity: refusing connections (reset)"
+    );
 }
 
 /// Accept errors are transient (EMFILE, ECONNABORTED): log and back off briefly instead of

@@ -20,7 +20,8 @@ use crate::{
     api::{ImportSource, ObjectKey, Peer},
     connections::{Admission, Admitted},
     limits::Permit,
-    metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS},
+    logging::limited,
+    metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS, UNKNOWN_PEER},
     peer::{io::PeerIo, pool, DialError},
     policy::{attr, insert_labels, Attributes},
     state::Snapshot,
@@ -38,7 +39,8 @@ enum SourceError {
     Denied(String),
     #[error(transparent)]
     Dial(#[from] DialError),
-    #[error("refused by peer with {status}: {reason}")]
+    /// `reason` is the peer's answer: Debug-escaped, so it cannot add lines to our log.
+    #[error("refused by peer with {status}: {reason:?}")]
     Refused { status: u16, reason: String },
     #[error("protocol error from peer: {0}")]
     Wire(#[from] wire::WireError),
@@ -156,16 +158,30 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
                 return;
             }
             Err(e) => {
+                // An Import may name a Peer that does not exist (yet): not a label value.
+                let peer = match e {
+                    SourceError::UnknownPeer(_) => UNKNOWN_PEER.to_owned(),
+                    _ => source.peer.clone(),
+                };
                 metrics
                     .failed
                     .get_or_create(&FailLabels {
                         direction: EGRESS,
                         service: service.clone(),
-                        peer: source.peer.clone(),
+                        peer,
                         reason: e.reason(),
                     })
                     .inc();
-                warn!(%target, error = %e, "source skipped");
+                // A local client can repeat this as fast as it connects.
+                limited!(
+                    ctx.logs,
+                    e.reason(),
+                    (&key, &target),
+                    WARN,
+                    %target,
+                    error = %e,
+                    "source skipped"
+                );
                 failures.push(format!("{target}: {e}"));
             }
         }
@@ -179,7 +195,11 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
             reason: "no-source",
         })
         .inc();
-    warn!(
+    limited!(
+        ctx.logs,
+        "no-source",
+        &key,
+        WARN,
         reasons = %failures.join("; "),
         "connection refused: no source could carry it"
     );

@@ -84,7 +84,8 @@ async fn probe(
             .await
             .map_err(|e| e.to_string())?;
         if resp.status != 200 {
-            return Err(format!("answered {}: {}", resp.status, resp.body));
+            // The body is the peer's: escaped, so it cannot add lines to our log.
+            return Err(format!("answered {}: {:?}", resp.status, resp.body));
         }
         let labels = resp
             .headers
