@@ -25,8 +25,8 @@ use clink_testbed::{
     Topology,
 };
 use clink_tests::{
-    connect_in, listen_in, refused_at, sample, scrape_at, transfer_both_ways, Agent, FABRIC,
-    GATEWAY_PORT,
+    connect_in, listen_in, refused_at, sample, scrape_at, transfer_both_ways, Agent, Sockets,
+    SockmapSandbox, SockmapSetup, FABRIC, GATEWAY_PORT,
 };
 use serde_json::Value;
 
@@ -70,6 +70,7 @@ fn k8s_agent(
     certs: &std::path::Path,
     api: &ApiServer,
     (node, pod_name, gateway, metrics): (&str, &str, u16, u16),
+    hooks: Option<(&SockmapSetup, std::net::Ipv4Addr)>,
 ) -> Result<Agent> {
     let mut agent = Agent::new(name, ns, &dir.join(pod_name), certs, gateway)?;
     agent.args = [
@@ -90,6 +91,14 @@ fn k8s_agent(
     ]
     .map(str::to_owned)
     .to_vec();
+    // The connect hooks (sockmap path) in the cluster's own cgroup, pods reaching the agent at
+    // the node's address: as the chart runs it.
+    if let Some((setup, node_address)) = hooks {
+        agent.sockmap = Some(setup.clone());
+        agent
+            .args
+            .extend(["--node-address".to_owned(), node_address.to_string()]);
+    }
     // The harness's kubeconfig, pointed at the agents' address of the emulator.
     let kubeconfig = dir.join(format!("{pod_name}.kubeconfig"));
     let text = std::fs::read_to_string(api.kubeconfig())?;
@@ -177,6 +186,8 @@ struct Clusters {
     // Agents first: they stop before the emulators they talk to and the namespaces go.
     a: Agent,
     b: Agent,
+    /// Cluster a's cgroup and pin directory when its agent runs the connect hooks.
+    sandbox: Option<SockmapSandbox>,
     api_a: ApiServer,
     api_b: ApiServer,
     topo: Topology,
@@ -185,7 +196,14 @@ struct Clusters {
 
 impl Clusters {
     fn start() -> Result<Clusters> {
+        Self::start_with(false)
+    }
+
+    /// `hooks`: cluster a's agent runs the sockmap path's connect hooks in a cgroup of its
+    /// own, with the node address for pods.
+    fn start_with(hooks: bool) -> Result<Clusters> {
         let topo = two_clusters()?;
+        let sandbox = hooks.then(|| SockmapSandbox::new("k8s-a")).transpose()?;
         let dir = tempfile::Builder::new().prefix("clink-k8s-").tempdir()?;
         let certs = dir.path().join("certs");
         make_certificates(&bin_path("clink")?, &certs, FABRIC, &["peer-a", "peer-b"])?;
@@ -198,6 +216,7 @@ impl Clusters {
             &certs,
             &api_a,
             ("node-a", "clusterlink-a1", GATEWAY_PORT, 9090),
+            sandbox.as_ref().map(|s| (&s.setup, topo.a().ip())),
         )?;
         let b = k8s_agent(
             "peer-b",
@@ -206,10 +225,12 @@ impl Clusters {
             &certs,
             &api_b,
             ("node-b", "clusterlink-b1", GATEWAY_PORT, 9090),
+            None,
         )?;
         Ok(Clusters {
             a,
             b,
+            sandbox,
             api_a,
             api_b,
             topo,
@@ -404,6 +425,79 @@ fn an_import_becomes_a_service_and_pods_labels_decide_access() -> Result<()> {
 /// Objects the agent refuses get a False condition with the reason and an Event, and nothing
 /// else is affected; a Service of the Import's name that the agents did not make is left
 /// alone and reported.
+/// On the kernel path, a pod's connection to the Import's Service address (its ClusterIP)
+/// reaches the node's agent through the connect hook: every agent follows the Services the
+/// leader keeps and makes their cluster IPs the Imports' service addresses. There is no
+/// kube-proxy here (see the top of the file), so nothing else could deliver that connection.
+#[test]
+fn a_pod_reaches_the_imports_cluster_ip_through_the_connect_hook() -> Result<()> {
+    if !k8s_ready("Kubernetes mode: ClusterIP through the connect hook") {
+        return Ok(());
+    }
+    let c = Clusters::start_with(true)?;
+    let service = c.export_from_b()?;
+    apply(
+        &c.api_a,
+        &(peer_yaml("peer-b", c.topo.b().ip())
+            + &import_yaml("svc", 8080, 0, "svc")
+            + &allow_yaml("allow-all", "{}")),
+    )?;
+    let (mut cluster_ip, mut leased) = (String::new(), 0);
+    wait_for(
+        "the Service's clusterIP and the leased port",
+        Duration::from_secs(30),
+        || {
+            cluster_ip = get(&c.api_a, &["service", "svc", "-n", APP])
+                .and_then(|s| s["spec"]["clusterIP"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            leased = get(&c.api_a, &["import", "svc", "-n", APP])
+                .and_then(|i| i["spec"]["targetPort"].as_u64())
+                .unwrap_or(0);
+            !cluster_ip.is_empty() && leased != 0
+        },
+    )?;
+    let service_addr = SocketAddr::new(cluster_ip.parse()?, 8080);
+    let leased = u16::try_from(leased)?;
+    wait_for(
+        "the ClusterIP in the agent's service table",
+        Duration::from_secs(30),
+        || {
+            c.a.bpf().is_ok_and(|b| {
+                b.services
+                    .iter()
+                    .any(|s| s.service == service_addr && s.listener_port == leased)
+            })
+        },
+    )?;
+    assert!(c
+        .a
+        .log()
+        .contains("service addresses of the Import follow its Service"));
+
+    let sandbox = c.sandbox.as_ref().context("cluster a's cgroup")?;
+    let pod = pod(c.topo.a())?;
+    let sockets = Sockets::start(pod.netns(), &sandbox.setup.cgroup)?;
+    let client = sockets.connect(service_addr)?;
+    assert_eq!(
+        client.peer_addr()?,
+        SocketAddr::from((c.topo.a().ip(), leased)),
+        "the connect to {service_addr} went to the agent's listener at the node address"
+    );
+    transfer_both_ways(service, client, 4 << 20);
+
+    // The Import's deletion takes its Service and the address with it.
+    c.api_a.kubectl(&["delete", "import", "svc", "-n", APP])?;
+    wait_for(
+        "the ClusterIP gone from the service table",
+        Duration::from_secs(30),
+        || {
+            c.a.bpf()
+                .is_ok_and(|b| !b.services.iter().any(|s| s.service == service_addr))
+        },
+    )?;
+    Ok(())
+}
+
 #[test]
 fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
     if !k8s_ready("Kubernetes mode: bad input") {
@@ -623,6 +717,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
             &certs,
             &api,
             ("node-1", "agent-1", 8441, 9091),
+            None,
         )?,
         k8s_agent(
             "peer-a",
@@ -631,6 +726,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
             &certs,
             &api,
             ("node-2", "agent-2", 8442, 9092),
+            None,
         )?,
     ];
     let holder = |api: &ApiServer| {

@@ -100,6 +100,17 @@ pub struct Shared {
     seen: Mutex<HashMap<ObjectKey, Seen>>,
     /// Wakes the leader when an object was seen or forgotten.
     pub changed: Notify,
+    /// The cluster IPs of each Import's Service, and the Imports whose users wrote the
+    /// service-address annotation themselves (see `watch::sync_services`).
+    pub service_ips: Mutex<ServiceIps>,
+}
+
+/// What `watch::sync_services` keeps: Import → its Service's cluster IPs (comma-separated),
+/// and the Imports annotated by their users, whose annotation wins.
+#[derive(Debug, Default)]
+pub struct ServiceIps {
+    pub by_import: HashMap<ObjectKey, String>,
+    pub user_annotated: std::collections::HashSet<ObjectKey>,
 }
 
 impl Shared {
@@ -109,6 +120,7 @@ impl Shared {
             metrics,
             seen: Mutex::default(),
             changed: Notify::new(),
+            service_ips: Mutex::default(),
         }
     }
 
@@ -186,6 +198,11 @@ pub fn start(agent: Arc<Agent>, client: Client, options: Options, pods: Arc<PodC
             shared.clone(),
         )));
     }
+    tasks.push(tokio::spawn(watch::sync_services(
+        agent.clone(),
+        client.clone(),
+        shared.clone(),
+    )));
     tasks.push(tokio::spawn(watch::sync_pods(
         client.clone(),
         pods,

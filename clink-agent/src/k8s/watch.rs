@@ -10,13 +10,13 @@
 //! objects it has meanwhile, then applies the relist whole and deletes what is gone.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     pin::pin,
     sync::Arc,
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::{
     api::{Api, ApiResource, DynamicObject},
     runtime::{
@@ -32,6 +32,7 @@ use super::{crd, PodCache, Seen, Shared};
 use crate::{
     agent::{Agent, ChangeError},
     api::{self, ApiError, Kind, Object, ObjectKey},
+    kernel::sockmap::SERVICE_IP_ANNOTATION,
     metrics::ResourceLabels,
 };
 
@@ -225,9 +226,39 @@ pub(super) fn explain(e: &watcher::Error, resource: &str) -> String {
     }
 }
 
+/// [`to_object`], and for an Import without the service-address annotation its Service's
+/// cluster IPs as that annotation.
+fn to_agent_object(
+    kind: Kind,
+    object: &DynamicObject,
+    shared: &Shared,
+) -> Result<Object, ApiError> {
+    let mut converted = to_object(kind, object)?;
+    if let Object::Import(import) = &mut converted {
+        let key = key_of(kind, object);
+        let mut ips = shared.service_ips.lock().unwrap_or_else(|e| e.into_inner());
+        if import
+            .metadata
+            .annotations
+            .contains_key(SERVICE_IP_ANNOTATION)
+        {
+            ips.user_annotated.insert(key);
+        } else {
+            ips.user_annotated.remove(&key);
+            if let Some(cluster_ips) = ips.by_import.get(&key) {
+                import
+                    .metadata
+                    .annotations
+                    .insert(SERVICE_IP_ANNOTATION.to_owned(), cluster_ips.clone());
+            }
+        }
+    }
+    Ok(converted)
+}
+
 async fn apply(agent: &Arc<Agent>, kind: Kind, object: DynamicObject, shared: &Shared) {
     let key = key_of(kind, &object);
-    let result = match to_object(kind, &object) {
+    let result = match to_agent_object(kind, &object, shared) {
         Ok(o) => agent.apply(vec![o]).await.map(drop),
         Err(e) => Err(ChangeError::Invalid(e)),
     };
@@ -258,7 +289,7 @@ async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, sha
     let mut seen_now = Vec::new();
     for object in &objects {
         let key = key_of(kind, object);
-        match to_object(kind, object) {
+        match to_agent_object(kind, object, shared) {
             Ok(o) => {
                 valid.push(o);
                 seen_now.push((key, seen(kind, object, None)));
@@ -294,6 +325,145 @@ async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, sha
             Err(ChangeError::NotFound(_)) => {}
             Err(e) => warn!(object = %key, error = %e, "cannot delete"),
         }
+    }
+}
+
+/// The Import a Service the agents keep belongs to, and its cluster IPs (comma-separated;
+/// `None` for a headless Service or one without an address yet).
+fn service_of_import(service: &Service) -> Option<(ObjectKey, Option<String>)> {
+    let labels = service.metadata.labels.as_ref()?;
+    let key = ObjectKey {
+        kind: Kind::Import,
+        namespace: labels.get(super::LABEL_IMPORT_NAMESPACE)?.clone(),
+        name: labels.get(super::LABEL_IMPORT_NAME)?.clone(),
+    };
+    let spec = service.spec.as_ref();
+    let mut ips: Vec<String> = spec
+        .and_then(|s| s.cluster_ips.clone())
+        .or_else(|| spec.and_then(|s| s.cluster_ip.clone()).map(|ip| vec![ip]))
+        .unwrap_or_default();
+    ips.retain(|ip| ip.parse::<std::net::IpAddr>().is_ok());
+    Some((key, (!ips.is_empty()).then(|| ips.join(","))))
+}
+
+/// Keeps each Import's service addresses (what the connect hooks send to the agent on the
+/// kernel data paths) equal to the cluster IPs of the Service the leader keeps for it, so a
+/// pod's connection to the Service reaches its node's agent without kube-proxy; an Import
+/// whose user wrote the annotation keeps theirs. Runs on every agent until dropped.
+pub async fn sync_services(agent: Arc<Agent>, client: Client, shared: Arc<Shared>) {
+    let api: Api<Service> = Api::all(client);
+    let resource = "services";
+    let config = watcher::Config::default().labels(&format!(
+        "{}={}",
+        super::LABEL_MANAGED_BY,
+        super::MANAGED_BY
+    ));
+    let up = shared
+        .metrics
+        .kubernetes_watch_up
+        .get_or_create(&ResourceLabels { resource })
+        .clone();
+    let mut events = pin!(watcher::watcher(api, config).default_backoff());
+    let mut relist: HashMap<ObjectKey, String> = HashMap::new();
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Init) => relist.clear(),
+            Ok(Event::InitApply(service)) => {
+                if let Some((key, Some(ips))) = service_of_import(&service) {
+                    relist.insert(key, ips);
+                }
+            }
+            Ok(Event::InitDone) => {
+                let now = std::mem::take(&mut relist);
+                let changed: Vec<ObjectKey> = {
+                    let mut ips = shared.service_ips.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut keys: BTreeSet<ObjectKey> = ips.by_import.keys().cloned().collect();
+                    keys.extend(now.keys().cloned());
+                    let changed = keys
+                        .into_iter()
+                        .filter(|k| ips.by_import.get(k) != now.get(k))
+                        .collect();
+                    ips.by_import = now;
+                    changed
+                };
+                up.set(1);
+                failing = false;
+                for key in changed {
+                    refresh_service_ips(&agent, &shared, &key).await;
+                }
+            }
+            Ok(Event::Apply(service)) => {
+                answered(&up, &mut failing, resource);
+                if let Some((key, ips)) = service_of_import(&service) {
+                    if set_service_ips(&shared, &key, ips) {
+                        refresh_service_ips(&agent, &shared, &key).await;
+                    }
+                }
+            }
+            Ok(Event::Delete(service)) => {
+                answered(&up, &mut failing, resource);
+                if let Some((key, _)) = service_of_import(&service) {
+                    if set_service_ips(&shared, &key, None) {
+                        refresh_service_ips(&agent, &shared, &key).await;
+                    }
+                }
+            }
+            Err(e) => {
+                up.set(0);
+                if !failing {
+                    warn!(
+                        resource,
+                        "{}; Imports keep the service addresses last seen",
+                        explain(&e, resource)
+                    );
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// Records an Import's Service addresses; whether the Import's copy must follow (they
+/// changed, and its user did not annotate it).
+fn set_service_ips(shared: &Shared, key: &ObjectKey, ips: Option<String>) -> bool {
+    let mut all = shared.service_ips.lock().unwrap_or_else(|e| e.into_inner());
+    let changed = match ips {
+        Some(ips) => all.by_import.insert(key.clone(), ips.clone()) != Some(ips),
+        None => all.by_import.remove(key).is_some(),
+    };
+    changed && !all.user_annotated.contains(key)
+}
+
+/// Re-applies the agent's copy of Import `key` with its Service's addresses as its service
+/// addresses (none when the Service is gone), unless its user annotated it.
+async fn refresh_service_ips(agent: &Arc<Agent>, shared: &Shared, key: &ObjectKey) {
+    let wanted = {
+        let ips = shared.service_ips.lock().unwrap_or_else(|e| e.into_inner());
+        if ips.user_annotated.contains(key) {
+            return;
+        }
+        ips.by_import.get(key).cloned()
+    };
+    let Some(Object::Import(import)) = agent.snapshot().objects.get(key).cloned() else {
+        return;
+    };
+    let mut import = import;
+    let annotations = &mut import.metadata.annotations;
+    if annotations.get(SERVICE_IP_ANNOTATION) == wanted.as_ref() {
+        return;
+    }
+    match &wanted {
+        Some(ips) => annotations.insert(SERVICE_IP_ANNOTATION.to_owned(), ips.clone()),
+        None => annotations.remove(SERVICE_IP_ANNOTATION),
+    };
+    match agent.apply(vec![Object::Import(import)]).await {
+        Ok(_) => info!(
+            import = %key,
+            service_ips = wanted.as_deref().unwrap_or("none"),
+            "service addresses of the Import follow its Service"
+        ),
+        Err(e) => warn!(import = %key, error = %e, "cannot set the Import's service addresses"),
     }
 }
 
@@ -393,6 +563,46 @@ mod tests {
         assert_eq!((s.uid.as_str(), s.resource_version.as_str()), ("u-1", "7"));
         assert_eq!(s.target_port, Some(0));
         assert_eq!(s.status.conditions[0].type_, "ImportServiceValid");
+    }
+
+    #[test]
+    fn an_imports_service_gives_its_cluster_ips() {
+        let service = |labels: Value, spec: Value| -> Service {
+            serde_json::from_value(json!({
+                "metadata": {"name": "db", "namespace": "shop", "labels": labels},
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let ours = json!({
+            "app.kubernetes.io/managed-by": "clusterlink.net",
+            "clusterlink.net/import-name": "db",
+            "clusterlink.net/import-namespace": "shop",
+        });
+        let key = ObjectKey {
+            kind: Kind::Import,
+            namespace: "shop".into(),
+            name: "db".into(),
+        };
+        let dual = service(
+            ours.clone(),
+            json!({"clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7", "fd00::7"]}),
+        );
+        assert_eq!(
+            service_of_import(&dual),
+            Some((key.clone(), Some("10.96.0.7,fd00::7".into())))
+        );
+        let single = service(ours.clone(), json!({"clusterIP": "10.96.0.8"}));
+        assert_eq!(
+            service_of_import(&single),
+            Some((key.clone(), Some("10.96.0.8".into())))
+        );
+        // Headless, or not yet given an address: no service address.
+        let headless = service(ours, json!({"clusterIP": "None", "clusterIPs": ["None"]}));
+        assert_eq!(service_of_import(&headless), Some((key, None)));
+        // Not one of the agents' Services.
+        let other = service(json!({"app": "db"}), json!({"clusterIP": "10.96.0.9"}));
+        assert_eq!(service_of_import(&other), None);
     }
 
     #[test]
