@@ -343,27 +343,23 @@ impl ConnTable {
             outcome.allowed += 1;
             return;
         };
-        if self.closing.keep_established {
+        let what = if self.closing.keep_established {
             outcome.kept += 1;
-            info!(
-                id = conn.id,
-                direction = info.direction,
-                service = info.service,
-                peer = info.peer,
-                reason = %why,
-                "open connection no longer allowed; kept (--keep-established)"
-            );
+            "open connection no longer allowed; kept (--keep-established)"
         } else if conn.lifetime.end(why.clone()) {
             outcome.ended += 1;
-            info!(
-                id = conn.id,
-                direction = info.direction,
-                service = info.service,
-                peer = info.peer,
-                reason = %why,
-                "open connection no longer allowed; resetting it"
-            );
-        }
+            "open connection no longer allowed; resetting it"
+        } else {
+            return;
+        };
+        info!(
+            id = conn.id,
+            direction = info.direction,
+            service = info.service,
+            peer = info.peer,
+            reason = %why,
+            "{what}"
+        );
     }
 
     /// Ends every open connection (both sockets are reset); how many.

@@ -372,24 +372,15 @@ async fn connect(
 
     let host = export.spec.host.as_str();
     let port = export.spec.port;
-    let target = match timeout(TARGET_TIMEOUT, TcpStream::connect((host, port))).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
+    let dialled = match timeout(TARGET_TIMEOUT, TcpStream::connect((host, port))).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    };
+    let target = match dialled {
+        Ok(t) => t,
+        Err(e) => {
             let reason = format!("cannot reach {host}:{port}: {e}");
-            fail(&export_id, "unreachable");
-            limited!(
-                ctx.logs,
-                "unreachable",
-                &export_id,
-                WARN,
-                %reason,
-                "refused: target unreachable"
-            );
-            refuse(&mut tls, 502, &reason).await;
-            return;
-        }
-        Err(_) => {
-            let reason = format!("cannot reach {host}:{port}: timed out");
             fail(&export_id, "unreachable");
             limited!(
                 ctx.logs,

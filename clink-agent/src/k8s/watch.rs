@@ -149,11 +149,7 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
         _ => Api::all_with(client, &ar),
     };
     let resource = resource_name(kind);
-    let up = shared
-        .metrics
-        .kubernetes_watch_up
-        .get_or_create(&ResourceLabels { resource })
-        .clone();
+    let up = watch_up(&shared, resource);
     let mut events = pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
     let mut relist: Vec<DynamicObject> = Vec::new();
     let mut failing = false;
@@ -198,6 +194,15 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
             }
         }
     }
+}
+
+/// `clink_kubernetes_watch_up` of one resource.
+fn watch_up(shared: &Shared, resource: &'static str) -> prometheus_client::metrics::gauge::Gauge {
+    shared
+        .metrics
+        .kubernetes_watch_up
+        .get_or_create(&ResourceLabels { resource })
+        .clone()
 }
 
 /// An event after a failure: the watch resumed where it was (no relist needed).
@@ -358,11 +363,7 @@ pub async fn sync_services(agent: Arc<Agent>, client: Client, shared: Arc<Shared
         super::LABEL_MANAGED_BY,
         super::MANAGED_BY
     ));
-    let up = shared
-        .metrics
-        .kubernetes_watch_up
-        .get_or_create(&ResourceLabels { resource })
-        .clone();
+    let up = watch_up(&shared, resource);
     let mut events = pin!(watcher::watcher(api, config).default_backoff());
     let mut relist: HashMap<ObjectKey, String> = HashMap::new();
     let mut failing = false;
@@ -472,11 +473,7 @@ pub async fn sync_pods(client: Client, pods: Arc<PodCache>, shared: Arc<Shared>)
     let api: Api<Pod> = Api::all(client);
     let resource = "pods";
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", pods.node()));
-    let up = shared
-        .metrics
-        .kubernetes_watch_up
-        .get_or_create(&ResourceLabels { resource })
-        .clone();
+    let up = watch_up(&shared, resource);
     let mut events = pin!(watcher::watcher(api, config).default_backoff());
     let mut relist: Vec<Pod> = Vec::new();
     let mut failing = false;
