@@ -6,7 +6,7 @@
 //! checked against the Export and ingress policy (with the peer identity from the certificate,
 //! never from headers), the export target is dialled, and after `200` the bytes flow.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
@@ -35,7 +35,14 @@ const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
-pub async fn serve(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {
+/// The connection's task. Not an `async fn`: that would keep its own copies of the
+/// arguments next to `handle`'s for the life of the connection (ARCHITECTURE.md, "Buffers").
+pub fn serve(
+    ctx: Arc<Context>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    from: SocketAddr,
+) -> impl Future<Output = ()> {
     let span = info_span!(
         "ingress",
         peer_addr = %from,
@@ -45,16 +52,19 @@ pub async fn serve(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream, fro
         decision = field::Empty,
         datapath = ctx.datapath.name(),
     );
-    handle(ctx, acceptor, tcp).instrument(span).await
+    handle(ctx, acceptor, tcp).instrument(span)
 }
 
 async fn handle(ctx: Arc<Context>, acceptor: TlsAcceptor, tcp: TcpStream) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
-    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
+    // Boxed, the handshake and the stream: the task keeps only what the connection needs
+    // while it lasts (ARCHITECTURE.md, "Buffers").
+    let accept = Box::pin(acceptor.accept(peer_io(tcp)));
+    let mut tls = match timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
-            tls
+            Box::new(tls)
         }
         Ok(Err(e)) => {
             warn!(error = %e, "TLS handshake failed");
@@ -121,7 +131,7 @@ async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = tls.write_all(&wire::response(status, &[], reason)).await;
     let _ = tls.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match tls.read(&mut sink).await {
@@ -156,7 +166,7 @@ async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>, peer: &str) {
 
 async fn connect(
     ctx: Arc<Context>,
-    mut tls: TlsStream<PeerIo>,
+    mut tls: Box<TlsStream<PeerIo>>,
     peer: String,
     request: wire::Request,
     early: BytesMut,
@@ -243,6 +253,8 @@ async fn connect(
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
         return;
     }
+    // Not kept for the life of the connection.
+    drop((src, dst, request));
 
     let host = export.spec.host.as_str();
     let port = export.spec.port;
@@ -289,10 +301,13 @@ async fn connect(
         relay::arm_reset(tls.get_ref().0.get_ref());
         return;
     }
+    // The head buffer is not kept for the life of the connection.
+    let early_len = early.len() as u64;
+    drop(early);
     Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
     info!("tunnel open");
     let carried = super::carry(&ctx, &guard, target, tls).await;
-    let received = carried.received + early.len() as u64;
+    let received = carried.received + early_len;
     let sent = carried.sent;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;

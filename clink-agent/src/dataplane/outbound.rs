@@ -4,7 +4,7 @@
 //! answers 200 carries the connection; a source that is denied, refuses or cannot be reached
 //! is skipped, and only when none is left is the client reset, with every reason logged.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
@@ -61,7 +61,14 @@ impl SourceError {
     }
 }
 
-pub async fn serve(ctx: Arc<Context>, import: ObjectKey, client: TcpStream, from: SocketAddr) {
+/// The connection's task. Not an `async fn`: that would keep its own copies of the
+/// arguments next to `handle`'s for the life of the connection (ARCHITECTURE.md, "Buffers").
+pub fn serve(
+    ctx: Arc<Context>,
+    import: ObjectKey,
+    client: TcpStream,
+    from: SocketAddr,
+) -> impl Future<Output = ()> {
     let span = info_span!(
         "egress",
         import = %format!("{}/{}", import.namespace, import.name),
@@ -72,13 +79,7 @@ pub async fn serve(ctx: Arc<Context>, import: ObjectKey, client: TcpStream, from
         datapath = ctx.datapath.name(),
         service_addr = field::Empty,
     );
-    // On the sockmap path, a client may have asked for the Import's service address.
-    if let Ok(local) = client.local_addr() {
-        if let Some(service) = ctx.datapath.original_destination(local, from) {
-            span.record("service_addr", field::display(service));
-        }
-    }
-    handle(ctx, import, client, from).instrument(span).await
+    handle(ctx, import, client, from).instrument(span)
 }
 
 fn source_attributes(ctx: &Context, client: SocketAddr) -> Attributes {
@@ -102,6 +103,12 @@ fn destination_attributes(source: &ImportSource, peer: &Peer) -> Attributes {
 
 async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: SocketAddr) {
     let started = Instant::now();
+    // On the sockmap path, a client may have asked for the Import's service address.
+    if let Ok(local) = client.local_addr() {
+        if let Some(service) = ctx.datapath.original_destination(local, from) {
+            Span::current().record("service_addr", field::display(service));
+        }
+    }
     let snapshot = ctx.snapshot();
     let Some(import) = snapshot.imports.get(&key) else {
         debug!("import was removed; closing");
@@ -117,7 +124,8 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
             "{}/{}@{}",
             source.export_namespace, source.export_name, source.peer
         );
-        match try_source(&ctx, &snapshot, source, &src, &key).await {
+        // Boxed: the dial and handshake are not kept in the task while the connection lasts.
+        match Box::pin(try_source(&ctx, &snapshot, source, &src, &key)).await {
             Ok((tunnel, early, decision)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
@@ -131,6 +139,8 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
                     service,
                     peer: source.peer.clone(),
                 };
+                // Not kept for the life of the connection.
+                drop(src);
                 carry(&ctx, client, tunnel, early, labels, started).await;
                 return;
             }
@@ -171,7 +181,7 @@ async fn try_source(
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
-) -> Result<(TlsStream<PeerIo>, BytesMut, String), SourceError> {
+) -> Result<(Box<TlsStream<PeerIo>>, BytesMut, String), SourceError> {
     let peer = snapshot
         .peers
         .get(&source.peer)
@@ -238,13 +248,13 @@ async fn try_source(
             reason: response.body,
         });
     }
-    Ok((tls, buf, decision.to_string()))
+    Ok((Box::new(tls), buf, decision.to_string()))
 }
 
 async fn carry(
     ctx: &Context,
     mut client: TcpStream,
-    tunnel: TlsStream<PeerIo>,
+    tunnel: Box<TlsStream<PeerIo>>,
     early: BytesMut,
     labels: ConnLabels,
     started: Instant,
@@ -259,9 +269,12 @@ async fn carry(
             return;
         }
     }
+    // The head buffer is not kept for the life of the connection.
+    let early_len = early.len() as u64;
+    drop(early);
     let carried = super::carry(ctx, &guard, client, tunnel).await;
     let sent = carried.sent;
-    let received = carried.received + early.len() as u64;
+    let received = carried.received + early_len;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     let path = carried.path.as_str();
