@@ -11,7 +11,7 @@
 //! [`Untrusted`], and each refusal it can repeat is logged through the rate limit
 //! (`ctx.logs`, keyed by the refusal and the peer or address) and always counted.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
@@ -47,14 +47,16 @@ const TARGET_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
 
-/// Serves one gateway connection; `handshake` is its permit until its request is read.
-pub async fn serve(
+/// Serves one gateway connection; `handshake` is its permit until its request is read. Not
+/// an `async fn`: that would keep its own copies of the arguments next to `handle`'s for the
+/// life of the connection (ARCHITECTURE.md, "Buffers").
+pub fn serve(
     ctx: Arc<Context>,
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     from: SocketAddr,
     handshake: Permit,
-) {
+) -> impl Future<Output = ()> {
     let span = info_span!(
         "ingress",
         peer_addr = %from,
@@ -64,9 +66,7 @@ pub async fn serve(
         decision = field::Empty,
         datapath = ctx.datapath.name(),
     );
-    handle(ctx, acceptor, tcp, from, handshake)
-        .instrument(span)
-        .await
+    handle(ctx, acceptor, tcp, from, handshake).instrument(span)
 }
 
 /// The `peer` label of a peer: its name if it is one of our Peers (a fabric member that is not
@@ -111,11 +111,14 @@ async fn handle(
     if let Err(e) = ctx.dialer.timeouts().apply(&tcp) {
         tracing::warn!(error = %e, "cannot set keepalive/user timeout on a peer socket");
     }
-    // Before the handshake there is no identity: failures are limited per source address.
-    let mut tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp))).await {
+    // Boxed, the handshake and the stream: the task keeps only what the connection needs
+    // while it lasts (ARCHITECTURE.md, "Buffers"). Before the handshake there is no identity:
+    // failures are limited per source address.
+    let accept = Box::pin(acceptor.accept(peer_io(tcp)));
+    let mut tls = match timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
-            tls
+            Box::new(tls)
         }
         Ok(Err(e)) => {
             count_handshake_failure(&ctx, "error");
@@ -222,7 +225,7 @@ async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = tls.write_all(&wire::response(status, &[], reason)).await;
     let _ = tls.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         let mut left = LINGER_BYTES;
         while left > 0 {
             match tls.read(&mut sink).await {
@@ -263,7 +266,7 @@ async fn healthz(ctx: &Context, tls: &mut TlsStream<PeerIo>, peer: &str) {
 
 async fn connect(
     ctx: Arc<Context>,
-    mut tls: TlsStream<PeerIo>,
+    mut tls: Box<TlsStream<PeerIo>>,
     peer: String,
     request: wire::Request,
     early: BytesMut,
@@ -369,6 +372,19 @@ async fn connect(
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
         return;
     }
+    // What the connection was admitted with (decided again on every change); the request
+    // itself is not kept for the life of the connection.
+    let admission = Admission {
+        side: Admitted::Ingress {
+            namespace: export_ns.to_owned(),
+            name: export_name.to_owned(),
+            peer: peer.clone(),
+        },
+        namespace: export_ns.to_owned(),
+        src,
+        dst,
+    };
+    drop(request);
 
     let host = export.spec.host.as_str();
     let port = export.spec.port;
@@ -398,16 +414,6 @@ async fn connect(
     let local = target
         .peer_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let admission = Admission {
-        side: Admitted::Ingress {
-            namespace: export_ns.to_owned(),
-            name: export_name.to_owned(),
-            peer: peer.clone(),
-        },
-        namespace: export_ns.to_owned(),
-        src,
-        dst,
-    };
     let guard = ConnGuard::open(
         &ctx,
         ConnLabels {
@@ -432,11 +438,14 @@ async fn connect(
         relay::arm_reset(tls.get_ref().0.get_ref());
         return;
     }
+    // The head buffer is not kept for the life of the connection.
+    let early_len = early.len() as u64;
+    drop(early);
     Metrics::observe(&ctx.metrics.setup, INGRESS, started.elapsed());
     log_client_certificate(&tls);
     info!("tunnel open");
     let carried = super::carry(&ctx, &guard, target, tls).await;
-    let received = carried.received + early.len() as u64;
+    let received = carried.received + early_len;
     let sent = carried.sent;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;

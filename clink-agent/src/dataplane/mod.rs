@@ -22,7 +22,7 @@ use crate::{
     clients::Clients,
     kernel::{
         ktls::{Handoff, TunnelTls},
-        splice, Datapath,
+        splice, Datapath, Ktls,
     },
     lb::Balancer,
     lifetime::ending_of,
@@ -213,6 +213,26 @@ async fn move_bytes<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, t
 where
     S: TunnelTls + relay::OverTcp,
 {
+    // Boxed: every connection task's future is as large as its largest state, and the
+    // userspace relay should not pay for the kTLS path's (ARCHITECTURE.md, "Buffers").
+    match ctx.datapath.ktls() {
+        None => relay_userspace(ctx, guard, local, tls).await,
+        Some(ktls) => Box::pin(carry_ktls(ctx, guard, local, tls, ktls)).await,
+    }
+}
+
+/// The kTLS data path: the session handed to the kernel and the bytes spliced, or relayed in
+/// userspace where the kernel did not take it.
+async fn carry_ktls<S>(
+    ctx: &Context,
+    guard: &ConnGuard<'_>,
+    local: TcpStream,
+    tls: S,
+    ktls: &Ktls,
+) -> Carried
+where
+    S: TunnelTls + relay::OverTcp,
+{
     let direction = guard.labels.direction;
     let count = |result| {
         ctx.metrics
@@ -220,12 +240,8 @@ where
             .get_or_create(&HandoffLabels { direction, result })
             .inc();
     };
-    // Boxed, like the pump below: every connection task's future is as large as its largest
-    // state, and the userspace relay should not pay for the kTLS ones.
-    let handoff = match ctx.datapath.ktls() {
-        None => return relay_userspace(ctx, guard, local, tls).await,
-        Some(ktls) => Box::pin(ktls.handoff(tls)).await,
-    };
+    // Boxed, like the pump below: the hand-off's state is not kept while the bytes flow.
+    let handoff = Box::pin(ktls.handoff(tls)).await;
     let mut local = local;
     match handoff {
         Handoff::Kernel(tunnel, plaintext) => {

@@ -4,7 +4,7 @@
 //! answers 200 carries the connection; a source that is denied, refuses or cannot be reached
 //! is skipped, and only when none is left is the client reset, with every reason logged.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
@@ -66,14 +66,16 @@ impl SourceError {
     }
 }
 
-/// Serves one client of an Import; `permit` is its place under the connection caps.
-pub async fn serve(
+/// Serves one client of an Import; `permit` is its place under the connection caps. Not an
+/// `async fn`: that would keep its own copies of the arguments next to `handle`'s for the
+/// life of the connection (ARCHITECTURE.md, "Buffers").
+pub fn serve(
     ctx: Arc<Context>,
     import: ObjectKey,
     client: TcpStream,
     from: SocketAddr,
     permit: Permit,
-) {
+) -> impl Future<Output = ()> {
     let span = info_span!(
         "egress",
         import = %format!("{}/{}", import.namespace, import.name),
@@ -84,14 +86,7 @@ pub async fn serve(
         datapath = ctx.datapath.name(),
         service_addr = field::Empty,
     );
-    // On the sockmap path, a client may have asked for the Import's service address.
-    if let Ok(local) = client.local_addr() {
-        if let Some(service) = ctx.datapath.original_destination(local, from) {
-            span.record("service_addr", field::display(service));
-        }
-    }
-    handle(ctx, import, client, from).instrument(span).await;
-    drop(permit);
+    handle(ctx, import, client, from, permit).instrument(span)
 }
 
 fn source_attributes(ctx: &Context, client: SocketAddr) -> Attributes {
@@ -113,8 +108,21 @@ fn destination_attributes(source: &ImportSource, peer: &Peer) -> Attributes {
     dst
 }
 
-async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: SocketAddr) {
+/// `_permit`: the connection's place under the caps, held until it ends.
+async fn handle(
+    ctx: Arc<Context>,
+    key: ObjectKey,
+    client: TcpStream,
+    from: SocketAddr,
+    _permit: Permit,
+) {
     let started = Instant::now();
+    // On the sockmap path, a client may have asked for the Import's service address.
+    if let Ok(local) = client.local_addr() {
+        if let Some(service) = ctx.datapath.original_destination(local, from) {
+            Span::current().record("service_addr", field::display(service));
+        }
+    }
     let snapshot = ctx.snapshot();
     let Some(import) = snapshot.imports.get(&key) else {
         debug!("import was removed; closing");
@@ -130,7 +138,8 @@ async fn handle(ctx: Arc<Context>, key: ObjectKey, client: TcpStream, from: Sock
             "{}/{}@{}",
             source.export_namespace, source.export_name, source.peer
         );
-        match try_source(&ctx, &snapshot, source, &src, &key).await {
+        // Boxed: the dial and handshake are not kept in the task while the connection lasts.
+        match Box::pin(try_source(&ctx, &snapshot, source, &src, &key)).await {
             Ok((tunnel, early, decision, dst)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
@@ -212,7 +221,7 @@ async fn try_source(
     source: &ImportSource,
     src: &Attributes,
     import: &ObjectKey,
-) -> Result<(TlsStream<PeerIo>, BytesMut, String, Attributes), SourceError> {
+) -> Result<(Box<TlsStream<PeerIo>>, BytesMut, String, Attributes), SourceError> {
     let peer = snapshot
         .peers
         .get(&source.peer)
@@ -279,7 +288,7 @@ async fn try_source(
             reason: response.body,
         });
     }
-    Ok((tls, buf, decision.to_string(), dst))
+    Ok((Box::new(tls), buf, decision.to_string(), dst))
 }
 
 /// Carries the client's connection through `tunnel`, the connection `opened` as
@@ -287,7 +296,7 @@ async fn try_source(
 async fn carry(
     ctx: &Context,
     mut client: TcpStream,
-    tunnel: TlsStream<PeerIo>,
+    tunnel: Box<TlsStream<PeerIo>>,
     early: BytesMut,
     opened: (ConnLabels, Admission),
     snapshot: &Arc<Snapshot>,
@@ -304,9 +313,12 @@ async fn carry(
             return;
         }
     }
+    // The head buffer is not kept for the life of the connection.
+    let early_len = early.len() as u64;
+    drop(early);
     let carried = super::carry(ctx, &guard, client, tunnel).await;
     let sent = carried.sent;
-    let received = carried.received + early.len() as u64;
+    let received = carried.received + early_len;
     guard.close(sent, received);
     let duration_ms = started.elapsed().as_secs_f64() * 1e3;
     let path = carried.path.as_str();

@@ -1,16 +1,18 @@
 //! Moving bytes between the two legs of a tunneled connection on the userspace path.
 //!
-//! Buffers grow with the traffic, so 1,000 quiet connections stay cheap and a bulk transfer
-//! still moves 64 KiB per system call:
+//! A quiet connection holds no buffer, and a bulk transfer still moves 64 KiB per system call:
 //!
-//! * Each direction of the relay starts with a 4 KiB buffer. Every read that fills the buffer
-//!   quadruples it, up to 64 KiB (4 -> 16 -> 64): large enough that a TLS leg is written as
-//!   four full 16 KiB records at once, and a plaintext leg read in one `recvfrom`.
+//! * Each direction reads into its worker thread's 64 KiB scratch buffer and writes what it
+//!   read straight away; only what a slower writer did not take is copied into a buffer of the
+//!   direction's own, which is given back when a read finds the reader empty. Reads ask for
+//!   4 KiB at first and four times more after every read that filled the request, up to
+//!   64 KiB (4 -> 16 -> 64): large enough that a TLS leg is written as four full 16 KiB
+//!   records at once, and a plaintext leg read in one `recvfrom`.
 //! * rustls pulls ciphertext from its transport at most 4 KiB at a time. [`PeerIo`](crate::peer::io::PeerIo) reads the
 //!   socket straight into rustls's buffer until a read comes back full (more is waiting), and
-//!   from then on through its own 64 KiB buffer: one `recvfrom` instead of ~16, for one copy of
-//!   data that is in cache anyway. Writes pass straight through (rustls already hands the
-//!   socket whole records with `writev`).
+//!   from then on through its own 64 KiB buffer, until the socket is empty: one `recvfrom`
+//!   instead of ~16, for one copy of data that is in cache anyway. Writes pass straight
+//!   through (rustls already hands the socket whole records with `writev`).
 //!
 //! End of stream on one side becomes a shutdown of the other side's write half (half-close);
 //! an error on either side (a reset) resets both TCP connections so the far ends see it too.
@@ -18,6 +20,7 @@
 //! the relay polls before the two directions; the bytes moved are added to it per poll.
 
 use std::{
+    cell::RefCell,
     future::{poll_fn, Future as _},
     io,
     pin::{pin, Pin},
@@ -35,7 +38,7 @@ use crate::{
     peer::io::PeerIo,
 };
 
-/// The size relay buffers start at, and the largest they grow to.
+/// The size relay reads start at, and the largest they grow to (the scratch buffer's size).
 pub const INITIAL_BUFFER: usize = 4 * 1024;
 pub const MAX_BUFFER: usize = 64 * 1024;
 /// A stream that runs over one TCP connection, so it can be reset.
@@ -67,29 +70,59 @@ impl OverTcp for tokio_rustls::server::TlsStream<PeerIo> {
     }
 }
 
+impl<T: OverTcp> OverTcp for Box<T> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+}
+
 /// Makes the next close of `tcp` send RST instead of FIN.
 pub fn arm_reset(tcp: &TcpStream) {
     reset_on_close(tcp);
 }
 
-/// One direction of a relay: reads into a growing buffer, writes it out, and shuts the writer
-/// down after the reader's end of stream.
+/// One direction of a relay: reads into its thread's scratch buffer, writes what it read at
+/// once, keeps only what the writer did not take, and shuts the writer down after the
+/// reader's end of stream.
+///
+/// A direction that waits for bytes holds no buffer: an idle tunneled connection costs the
+/// relay nothing but this struct (ARCHITECTURE.md, "Buffers").
 struct Pipe {
-    buf: Vec<u8>,
+    /// Bytes read but not yet taken by a slower writer, from `pos` on. Its allocation is kept
+    /// while bytes keep coming and given back when a read finds the reader empty.
+    pending: Vec<u8>,
     pos: usize,
-    filled: usize,
+    /// How much the next read asks for: [`INITIAL_BUFFER`], quadrupled by every read that
+    /// fills it, up to [`MAX_BUFFER`].
+    window: usize,
     read_done: bool,
     need_flush: bool,
     done: bool,
     moved: u64,
 }
 
+/// What one read into the scratch buffer came to.
+enum Step {
+    /// Bytes were read and written, or kept for the writer.
+    Moved,
+    /// End of stream.
+    Eof,
+    /// Nothing to read now.
+    Idle,
+}
+
+thread_local! {
+    /// The relay's read buffer, one per worker thread: every direction reads here and writes
+    /// straight out, so a direction has a buffer of its own only while its writer is behind.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_BUFFER].into_boxed_slice());
+}
+
 impl Pipe {
     fn new() -> Pipe {
         Pipe {
-            buf: Vec::new(),
+            pending: Vec::new(),
             pos: 0,
-            filled: 0,
+            window: INITIAL_BUFFER,
             read_done: false,
             need_flush: false,
             done: false,
@@ -106,33 +139,8 @@ impl Pipe {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.filled && !self.read_done {
-                if self.buf.is_empty() {
-                    self.buf = vec![0; INITIAL_BUFFER];
-                } else if self.filled == self.buf.len() && self.buf.len() < MAX_BUFFER {
-                    // The last read filled the buffer: there is more where it came from.
-                    self.buf.resize(self.buf.len() * 4, 0);
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(res) => res?,
-                }
-                let n = rb.filled().len();
-                self.pos = 0;
-                self.filled = n;
-                if n == 0 {
-                    self.read_done = true;
-                }
-            }
-            while self.pos < self.filled {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.filled]))?;
+            while self.pos < self.pending.len() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.pos..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -140,15 +148,79 @@ impl Pipe {
                 self.moved += n as u64;
                 self.need_flush = true;
             }
+            self.pending.clear();
+            self.pos = 0;
             if self.read_done {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
                 ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                 self.done = true;
-                // Nothing more will be read this way: give the memory back.
-                self.buf = Vec::new();
+                self.pending = Vec::new();
                 return Poll::Ready(Ok(()));
             }
+            let step = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+                Ok(mut scratch) => self.read_and_write(cx, r, w, &mut scratch),
+                // Only if a reader or writer ran a relay inside its own poll: a buffer of
+                // its own for this one read.
+                Err(_) => self.read_and_write(cx, r, w, &mut vec![0; self.window]),
+            })?;
+            match step {
+                Step::Moved => {}
+                Step::Eof => self.read_done = true,
+                Step::Idle => {
+                    // The reader is empty: nothing is kept for it while it stays quiet.
+                    self.pending = Vec::new();
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
+    }
+
+    /// One read of up to `window` bytes into `scratch`, written out as far as the writer
+    /// takes them without waiting; the rest is copied to `pending`.
+    fn read_and_write<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        scratch: &mut [u8],
+    ) -> io::Result<Step>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let window = self.window.min(scratch.len());
+        let mut rb = ReadBuf::new(&mut scratch[..window]);
+        match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+            Poll::Pending => return Ok(Step::Idle),
+            Poll::Ready(res) => res?,
+        }
+        let n = rb.filled().len();
+        if n == 0 {
+            return Ok(Step::Eof);
+        }
+        if n == window && self.window < MAX_BUFFER {
+            // The read filled the window: there is more where it came from.
+            self.window *= 4;
+        }
+        let mut written = 0;
+        while written < n {
+            match Pin::new(&mut *w).poll_write(cx, &scratch[written..n]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(k)) => {
+                    written += k;
+                    self.moved += k as u64;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        self.pending.extend_from_slice(&scratch[written..n]);
+        Ok(Step::Moved)
     }
 }
 

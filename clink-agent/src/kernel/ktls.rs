@@ -347,6 +347,19 @@ impl TunnelTls for tokio_rustls::server::TlsStream<PeerIo> {
     }
 }
 
+/// A boxed stream, as the connection handlers keep it (so that each layer of the connection's
+/// task holds a pointer, not a copy of the rustls session).
+impl<T: TunnelTls> TunnelTls for Box<T> {
+    type Data = T::Data;
+    const CLIENT: bool = T::CLIENT;
+    fn parts(&mut self) -> (&mut PeerIo, &mut ConnectionCommon<T::Data>) {
+        (**self).parts()
+    }
+    fn into_parts(self) -> (PeerIo, rustls::Connection) {
+        (*self).into_parts()
+    }
+}
+
 /// What became of a hand-off.
 pub enum Handoff<S> {
     /// The kernel has the session; the plaintext rustls had received goes to the local

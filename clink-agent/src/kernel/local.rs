@@ -61,7 +61,9 @@ pub const BULK: u64 = 4 * FLOW_WINDOW;
 
 pub struct LocalLeg {
     tcp: TcpStream,
-    flow: Option<Spliced>,
+    /// Boxed: most legs are not spliced, and a leg is moved through several layers of the
+    /// connection's task, each of which keeps room for it.
+    flow: Option<Box<Spliced>>,
 }
 
 /// Flow state of a leg whose socket the programs spliced.
@@ -135,7 +137,7 @@ impl LocalLeg {
         control: &Arc<FlowControl>,
         demotions: &Family<DemotionLabels, Counter>,
     ) -> LocalLeg {
-        let flow = spliced(&tcp, control, demotions);
+        let flow = spliced(&tcp, control, demotions).map(Box::new);
         LocalLeg { tcp, flow }
     }
 

@@ -1,7 +1,8 @@
 //! The transport under every peer TLS connection (both directions): the TCP socket, read
 //! through a buffer that exists only while bulk data flows. rustls pulls ciphertext at most
 //! 4 KiB at a time; once a read comes back full, one `recvfrom` fills 64 KiB instead of ~16
-//! small ones (ARCHITECTURE.md, "Buffers").
+//! small ones; once the socket is empty again the buffer is given back, so a quiet
+//! connection holds none (ARCHITECTURE.md, "Buffers").
 
 use std::{
     io,
@@ -139,7 +140,17 @@ impl AsyncRead for PeerIo {
                 return Poll::Ready(Ok(()));
             }
             let mut rb = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut rb))?;
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    // The bulk is over (the socket is empty): read straight into rustls's
+                    // buffer again, and give this one back while the connection is quiet.
+                    this.buf = Vec::new();
+                    this.pos = 0;
+                    this.filled = 0;
+                    return Poll::Pending;
+                }
+                Poll::Ready(res) => res?,
+            }
             this.pos = 0;
             this.filled = rb.filled().len();
         }
@@ -185,6 +196,7 @@ impl AsyncWrite for PeerIo {
 mod tests {
     use super::*;
     use crate::testing::tcp_pair as pair;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[tokio::test]
@@ -209,7 +221,39 @@ mod tests {
             got.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(got, bulk);
-        assert_eq!(io.buf.len(), TLS_READ_BUFFER);
+    }
+
+    /// A connection that carried bulk data and went quiet holds no read buffer; the next bulk
+    /// burst takes one again.
+    #[tokio::test]
+    async fn peer_io_gives_the_buffer_back_when_the_socket_is_empty() {
+        let (mut tx, rx) = pair().await;
+        let mut io = peer_io(rx);
+        let mut chunk = [0u8; 4096];
+        for round in 0..2u8 {
+            let bulk = vec![round; 200_000];
+            tx.write_all(&bulk).await.unwrap();
+            let n = io.read(&mut chunk).await.unwrap();
+            assert_eq!(n, chunk.len());
+            assert_eq!(
+                io.buf.len(),
+                TLS_READ_BUFFER,
+                "a full read: the rest is buffered"
+            );
+            let mut got = chunk.to_vec();
+            while got.len() < bulk.len() {
+                let n = io.read(&mut chunk).await.unwrap();
+                got.extend_from_slice(&chunk[..n]);
+            }
+            assert_eq!(got, bulk, "round {round}");
+            let quiet = tokio::time::timeout(Duration::from_millis(50), io.read(&mut chunk)).await;
+            assert!(quiet.is_err(), "nothing was sent");
+            assert!(
+                io.buf.is_empty(),
+                "round {round}: a quiet connection holds no buffer"
+            );
+            assert!(io.buffered().is_empty());
+        }
     }
 
     /// Records split anywhere, including inside the header, and hostile lengths.
