@@ -43,7 +43,7 @@ pub use tool::{run as run_tool, Tool};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Fewer repetitions and shorter runs: done in about two and a half minutes.
+    /// Fewer repetitions and shorter runs: done in about three minutes.
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeatable).
