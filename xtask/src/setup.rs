@@ -36,6 +36,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "the bench compares the agent with a stunnel mTLS pair",
     ),
     (
+        "nginx",
+        "the bench's http scenario: a real HTTP server in cluster B (one process, started by the \
+         bench; the package's own service is not used)",
+    ),
+    ("wrk", "the bench's http scenario drives nginx with it"),
+    (
         "linux-image-amd64",
         "the kTLS-capable kernel (CONFIG_TLS=m) that `cargo xtask vm-test` boots; \
          it is not made the host's boot kernel",

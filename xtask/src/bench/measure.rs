@@ -18,8 +18,10 @@ use crate::run::{check_interrupt, interruptible, show};
 
 /// Connections the connect-rate client keeps in flight.
 pub const CONNECT_CONCURRENCY: usize = 8;
-/// Bytes of each request (latency, connect rate, held connections).
+/// Bytes of each request (latency, connect rate, held connections, pipelined requests).
 pub const REQUEST_SIZE: usize = 64;
+/// Keep-alive connections wrk keeps open in the http scenario (one thread).
+pub const HTTP_CONNECTIONS: usize = 20;
 
 /// How much one iperf3 run sends.
 #[derive(Clone, Copy, Debug)]
@@ -335,6 +337,188 @@ fn latency_report(stdout: &[u8]) -> Result<Latency> {
     })
 }
 
+/// What the pipelined client measured through one route.
+#[derive(Debug, PartialEq)]
+pub struct Pipelined {
+    /// Responses per second after the warm-up.
+    pub rate: f64,
+    /// From a request's write to its whole response, in microseconds.
+    pub p99: f64,
+    /// CPU time (user and system) of both tunnel processes over the client's whole run,
+    /// divided by every response it received, in microseconds; None without tunnel
+    /// processes.
+    pub cpu_per_request: Option<f64>,
+}
+
+/// How many connections and requests in flight the pipelined client keeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pipeline {
+    pub connections: usize,
+    /// Requests in flight on each connection.
+    pub depth: usize,
+}
+
+/// The bench's pipelined client from A against the reply server: requests of
+/// [`REQUEST_SIZE`] bytes, each answered with `response` bytes.
+pub fn pipelined(
+    place: &Place,
+    helper: &Path,
+    to: SocketAddr,
+    seconds: f64,
+    pipeline: Pipeline,
+    response: usize,
+    tunnel: Option<[u32; 2]>,
+) -> Result<Pipelined> {
+    let pids: &[u32] = tunnel.as_ref().map_or(&[], |p| p.as_slice());
+    let extra = [
+        ("--response-size", response.to_string()),
+        ("--connections", pipeline.connections.to_string()),
+        ("--depth", pipeline.depth.to_string()),
+    ];
+    let before = CpuTimes::read(pids)?;
+    let report = run_tool(
+        place,
+        helper,
+        "pipelined",
+        to,
+        seconds,
+        &extra,
+        pipelined_report,
+    )?;
+    let after = CpuTimes::read(pids)?;
+    let (user, system) = after.processes_since(&before);
+    let cpu_seconds = (user + system) as f64 / clock_ticks_per_second()?;
+    Ok(Pipelined {
+        rate: report.requests / report.seconds,
+        p99: report.p99,
+        cpu_per_request: (!pids.is_empty() && report.total > 0.0)
+            .then(|| cpu_seconds * 1e6 / report.total),
+    })
+}
+
+/// The pipelined client's report.
+#[derive(Debug, PartialEq)]
+struct PipelinedReport {
+    requests: f64,
+    total: f64,
+    seconds: f64,
+    p99: f64,
+}
+
+fn pipelined_report(stdout: &[u8]) -> Result<PipelinedReport> {
+    let report: serde_json::Value =
+        serde_json::from_slice(stdout).context("the pipelined client printed no report")?;
+    let field = |name: &str| report[name].as_f64().with_context(|| format!("no {name}"));
+    let parsed = PipelinedReport {
+        requests: field("requests")?,
+        total: field("total")?,
+        seconds: field("seconds")?,
+        p99: field("p99_us")?,
+    };
+    ensure!(
+        parsed.seconds > 0.0 && parsed.requests > 0.0,
+        "no requests in the window"
+    );
+    Ok(parsed)
+}
+
+/// What wrk measured through one route.
+#[derive(Debug, PartialEq)]
+pub struct Http {
+    /// wrk's "Requests/sec".
+    pub rate: f64,
+    /// Latency percentiles of its "Latency Distribution", in microseconds.
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// wrk from A, one thread, [`HTTP_CONNECTIONS`] keep-alive connections, against nginx in
+/// B through `to`, for `seconds` (wrk counts whole seconds).
+pub fn http(place: &Place, to: SocketAddr, seconds: u32) -> Result<Http> {
+    let mut cmd = place.command("wrk");
+    cmd.args(["-t1", &format!("-c{HTTP_CONNECTIONS}")])
+        .arg(format!("-d{seconds}s"))
+        .args(["--timeout", "5s", "--latency"])
+        .arg(format!("http://{to}/"));
+    let out = interruptible(&mut cmd, Duration::from_secs(u64::from(seconds) + 30))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        show(&cmd),
+        stderr(&out)
+    );
+    wrk_report(&String::from_utf8_lossy(&out.stdout)).with_context(|| show(&cmd))
+}
+
+/// Reads wrk 4's text report; fails when more than 1% of the requests failed (socket
+/// errors or answers other than 2xx and 3xx), naming the failures.
+fn wrk_report(text: &str) -> Result<Http> {
+    let value_after = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let rate: f64 = value_after("Requests/sec:")
+        .context("wrk printed no Requests/sec")?
+        .parse()
+        .context("wrk's Requests/sec is not a number")?;
+    let percentile = |p: &str| -> Result<f64> {
+        let value = value_after(&format!("{p}%"))
+            .with_context(|| format!("wrk printed no {p}% latency (--latency)"))?;
+        wrk_duration_us(value).with_context(|| format!("wrk's {p}% latency {value:?}"))
+    };
+    let (p50, p99) = (percentile("50")?, percentile("99")?);
+    let requests: f64 = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.parse().ok())
+        .context("wrk printed no request count")?;
+    let mut failed = 0.0;
+    let mut failures = Vec::new();
+    if let Some(errors) = value_after("Socket errors:") {
+        // "connect 0, read 2, write 0, timeout 0"
+        for part in errors.split(',') {
+            if let Some(n) = part
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<f64>().ok())
+            {
+                failed += n;
+            }
+        }
+        failures.push(format!("socket errors: {errors}"));
+    }
+    if let Some(n) = value_after("Non-2xx or 3xx responses:") {
+        failed += n
+            .parse::<f64>()
+            .context("wrk's count of non-2xx responses")?;
+        failures.push(format!("{n} answers not 2xx or 3xx"));
+    }
+    ensure!(requests > 0.0 && rate > 0.0, "wrk completed no request");
+    // A rare failure under load is part of the figure; more means the route is broken.
+    ensure!(
+        failed <= requests / 100.0,
+        "{failed} of {requests} requests failed: {}",
+        failures.join("; ")
+    );
+    Ok(Http { rate, p50, p99 })
+}
+
+/// wrk's durations: `263.00us`, `1.16ms`, `2.01s`.
+fn wrk_duration_us(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1e3,
+        "s" => 1e6,
+        "m" => 60e6,
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
 /// New connections per second from A, each carrying one echoed request.
 pub fn connect_rate(place: &Place, helper: &Path, to: SocketAddr, seconds: f64) -> Result<f64> {
     let concurrency = [("--concurrency", CONNECT_CONCURRENCY.to_string())];
@@ -534,5 +718,83 @@ mod tests {
         let status = "Name:\tclink-agent\nVmPeak:\t  300000 kB\nVmRSS:\t   10240 kB\n";
         assert_eq!(vm_rss_mib(status), Some(10.0));
         assert_eq!(vm_rss_mib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn reads_the_pipelined_report() {
+        let out = br#"{"requests": 30000, "total": 36000, "seconds": 0.4, "p50_us": 310.5, "p99_us": 1020.25}"#;
+        assert_eq!(
+            pipelined_report(out).unwrap(),
+            PipelinedReport {
+                requests: 30000.0,
+                total: 36000.0,
+                seconds: 0.4,
+                p99: 1020.25
+            }
+        );
+        assert!(pipelined_report(b"").is_err());
+        let none = br#"{"requests": 0, "total": 0, "seconds": 0.4, "p50_us": 0, "p99_us": 0}"#;
+        assert!(pipelined_report(none).is_err());
+    }
+
+    /// wrk 4.1.0 (Debian 12), against nginx through a tunnel.
+    const WRK: &str = "Running 1s test @ http://127.0.0.1:10314/
+  1 threads and 20 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     0.94ms    1.38ms  11.23ms   86.45%
+    Req/Sec    30.90k     7.20k   42.54k    60.00%
+  Latency Distribution
+     50%  263.00us
+     75%    1.16ms
+     90%    2.82ms
+     99%    5.99ms
+  31005 requests in 1.01s, 6.27MB read
+Requests/sec:  30629.27
+Transfer/sec:      6.19MB
+";
+
+    #[test]
+    fn reads_wrk_rate_and_percentiles() {
+        assert_eq!(
+            wrk_report(WRK).unwrap(),
+            Http {
+                rate: 30629.27,
+                p50: 263.0,
+                p99: 5990.0
+            }
+        );
+        assert_eq!(wrk_duration_us("2.50s"), Some(2.5e6));
+        assert_eq!(wrk_duration_us("1.5m"), Some(90e6));
+        assert_eq!(wrk_duration_us("12"), None);
+        assert_eq!(wrk_duration_us("3.0h"), None);
+        // Without --latency there is no distribution.
+        let without: String = WRK
+            .lines()
+            .filter(|l| !l.contains('%'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = wrk_report(&without).unwrap_err().to_string();
+        assert!(err.contains("50%"), "{err}");
+        assert!(wrk_report("").is_err());
+    }
+
+    #[test]
+    fn wrk_runs_with_failed_requests_fail() {
+        let rare = WRK.replace(
+            "Requests/sec:",
+            "  Socket errors: connect 0, read 3, write 0, timeout 0\nRequests/sec:",
+        );
+        assert_eq!(wrk_report(&rare).unwrap().rate, 30629.27);
+        let broken = WRK.replace(
+            "Requests/sec:",
+            "  Socket errors: connect 0, read 200, write 0, timeout 150\n  \
+             Non-2xx or 3xx responses: 400\nRequests/sec:",
+        );
+        let err = wrk_report(&broken).unwrap_err().to_string();
+        assert!(err.contains("750 of 31005 requests failed"), "{err}");
+        assert!(
+            err.contains("read 200") && err.contains("400 answers not 2xx"),
+            "{err}"
+        );
     }
 }

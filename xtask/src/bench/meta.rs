@@ -30,7 +30,15 @@ impl Meta {
                     String::from_utf8_lossy(&text)
                         .lines()
                         .find(|l| l.contains(needle))
-                        .map(|l| l.split(" - ").next().unwrap_or_default().trim().to_owned())
+                        .map(|l| {
+                            let l = l.split(" - ").next().unwrap_or_default();
+                            // wrk: "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 ..."
+                            l.split(" Copyright")
+                                .next()
+                                .unwrap_or_default()
+                                .trim()
+                                .to_owned()
+                        })
                 })
                 .unwrap_or_default()
         };
@@ -40,6 +48,8 @@ impl Meta {
             line_with(Command::new("iperf3").arg("--version"), "iperf"),
             line_with(Command::new("haproxy").arg("-v"), "HAProxy"),
             line_with(Command::new("stunnel").arg("-version"), "stunnel "),
+            line_with(Command::new("nginx").arg("-v"), "nginx version"),
+            line_with(Command::new("wrk").arg("-v"), "wrk "),
         ]
         .into_iter()
         .filter(|t| !t.is_empty())

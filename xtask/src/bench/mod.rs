@@ -18,6 +18,7 @@ mod measure;
 mod meta;
 mod place;
 mod progress;
+mod reply;
 mod report;
 mod routes;
 mod tool;
@@ -42,7 +43,7 @@ pub use tool::{run as run_tool, Tool};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Fewer repetitions and shorter runs: done in about two and a half minutes.
+    /// Fewer repetitions and shorter runs: done in about three minutes.
     #[arg(long)]
     quick: bool,
     /// Run only this scenario (repeatable).
@@ -51,6 +52,12 @@ pub struct Options {
     /// Measure only this route (repeatable); ratios need direct and haproxy.
     #[arg(long = "path", value_enum, value_name = "NAME")]
     paths: Vec<RouteKind>,
+    /// The pipelined scenario's connections.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pipelined_connections: Option<u32>,
+    /// The pipelined scenario's requests in flight on each connection.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pipelined_depth: Option<u32>,
     /// Repetitions of each measurement [default: 5, with --quick 3].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     reps: Option<u32>,
@@ -88,6 +95,13 @@ pub enum Scenario {
     Connect,
     /// Resident memory of each tunnel process, idle and with 1,000 open connections.
     Memory,
+    /// Pipelined small requests: 20 connections (--pipelined-connections), each keeping 16
+    /// 64-byte requests in flight (--pipelined-depth), answered with 64 B and, in a second
+    /// measurement, 1 KiB: requests per second, p99, tunnel CPU per request.
+    Pipelined,
+    /// A real HTTP server: nginx in B answering 64 bytes, driven by wrk from A over 20
+    /// keep-alive connections: requests per second, p50, p99.
+    Http,
 }
 
 /// How much of everything one run does.
@@ -100,18 +114,33 @@ struct Plan {
     latency_seconds: f64,
     connect_seconds: f64,
     held: usize,
+    pipelined_seconds: f64,
+    pipeline: measure::Pipeline,
+    /// wrk counts whole seconds.
+    http_seconds: u32,
     steps: Vec<Step>,
 }
 
 /// One measurement, taken for every route in turn.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Step {
-    Throughput { streams: u32, reverse: bool },
+    Throughput {
+        streams: u32,
+        reverse: bool,
+    },
     Cpu,
     Latency,
     Connect,
     Memory,
+    /// Responses of `response` bytes.
+    Pipelined {
+        response: u32,
+    },
+    Http,
 }
+
+/// The response sizes of the pipelined scenario.
+const PIPELINED_RESPONSES: [u32; 2] = [report::SMALL_RESPONSE, 1024];
 
 impl Step {
     fn label(self) -> String {
@@ -123,6 +152,8 @@ impl Step {
             Step::Latency => "latency".to_owned(),
             Step::Connect => "connection setup".to_owned(),
             Step::Memory => "RSS with 1,000 connections".to_owned(),
+            Step::Pipelined { response } => Metric::PipelinedRate { response }.label(),
+            Step::Http => "HTTP (nginx, wrk)".to_owned(),
         }
     }
 
@@ -139,6 +170,22 @@ impl Step {
             Step::Latency => vec![Metric::LatencyP50, Metric::LatencyP99],
             Step::Connect => vec![Metric::ConnectRate],
             Step::Memory => vec![Metric::RssOpen(Side::A), Metric::RssOpen(Side::B)],
+            Step::Pipelined { response } => vec![
+                Metric::PipelinedRate { response },
+                Metric::PipelinedP99 { response },
+                Metric::PipelinedCpu { response },
+            ],
+            Step::Http => vec![Metric::HttpRate, Metric::HttpP50, Metric::HttpP99],
+        }
+    }
+
+    /// The server in B it measures against.
+    fn service(self) -> Service {
+        match self {
+            Step::Throughput { .. } | Step::Cpu => Service::Iperf,
+            Step::Latency | Step::Connect | Step::Memory => Service::Echo,
+            Step::Pipelined { .. } => Service::Reply,
+            Step::Http => Service::Http,
         }
     }
 
@@ -157,6 +204,8 @@ impl Plan {
             Scenario::Latency,
             Scenario::Connect,
             Scenario::Memory,
+            Scenario::Pipelined,
+            Scenario::Http,
         ];
         let chosen: &[Scenario] = match &opts.scenarios[..] {
             [] if in_vm => &VM_SCENARIOS,
@@ -181,8 +230,18 @@ impl Plan {
                 Scenario::Latency => steps.push(Step::Latency),
                 Scenario::Connect => steps.push(Step::Connect),
                 Scenario::Memory => steps.push(Step::Memory),
+                Scenario::Pipelined => {
+                    for response in PIPELINED_RESPONSES {
+                        steps.push(Step::Pipelined { response });
+                    }
+                }
+                Scenario::Http => steps.push(Step::Http),
             }
         }
+        let pipeline = measure::Pipeline {
+            connections: opts.pipelined_connections.unwrap_or(20) as usize,
+            depth: opts.pipelined_depth.unwrap_or(16) as usize,
+        };
         if opts.quick {
             Plan {
                 reps: opts.reps.unwrap_or(3),
@@ -191,6 +250,9 @@ impl Plan {
                 latency_seconds: 0.5,
                 connect_seconds: 0.4,
                 held: 1000,
+                pipelined_seconds: 0.5,
+                pipeline,
+                http_seconds: 1,
                 steps,
             }
         } else if in_vm {
@@ -205,6 +267,9 @@ impl Plan {
                 latency_seconds: 2.0,
                 connect_seconds: 2.0,
                 held: 1000,
+                pipelined_seconds: 2.0,
+                pipeline,
+                http_seconds: 2,
                 steps,
             }
         } else {
@@ -215,9 +280,20 @@ impl Plan {
                 latency_seconds: 3.0,
                 connect_seconds: 3.0,
                 held: 1000,
+                pipelined_seconds: 3.0,
+                pipeline,
+                http_seconds: 3,
                 steps,
             }
         }
+    }
+
+    /// The servers in B the steps measure against, in a fixed order.
+    fn services(&self) -> Vec<Service> {
+        Service::ALL
+            .into_iter()
+            .filter(|service| self.steps.iter().any(|s| s.service() == *service))
+            .collect()
     }
 
     fn describe(&self) -> String {
@@ -251,6 +327,26 @@ impl Plan {
                     "RSS: VmRSS of each side's tunnel process, idle (before any traffic) and with \
                      {} connections open, each proven by an echoed request",
                     self.held
+                ),
+                Step::Pipelined { .. } => format!(
+                    "pipelined requests: {} connections, each keeping {} requests of {} B in \
+                     flight (a new one written whenever a response completes), answered with \
+                     {} B or 1 KiB, {} s per run (the first fifth, at most 200 ms, is a \
+                     warm-up); p99 from a request's write to its whole response; tunnel CPU \
+                     per request: both tunnel processes' utime + stime over the whole client \
+                     run ÷ every response",
+                    self.pipeline.connections,
+                    self.pipeline.depth,
+                    measure::REQUEST_SIZE,
+                    report::SMALL_RESPONSE,
+                    self.pipelined_seconds
+                ),
+                Step::Http => format!(
+                    "HTTP: nginx in B (one process, `return 200` of {} B, no access log), wrk -t1 \
+                     -c{} -d{}s --latency from A over keep-alive connections",
+                    routes::HTTP_BODY.len(),
+                    measure::HTTP_CONNECTIONS,
+                    self.http_seconds
                 ),
             };
             if !parts.contains(&part) {
@@ -363,6 +459,7 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
         helper: &helper,
         agent_has_datapath_flag: datapaths.is_some(),
         agent_has_pin_dir_flag: help.contains("--bpf-pin-dir"),
+        services: &plan.services(),
     };
     let mut routes = Vec::new();
     let mut setup_error = None;
@@ -687,6 +784,36 @@ fn take(
             let rate = measure::connect_rate(place, helper, to, plan.connect_seconds)?;
             vec![(Metric::ConnectRate, rate)]
         }
+        Step::Pipelined { response } => {
+            let to = route.entry(Service::Reply);
+            let tunnel = route.processes().map(|p| [p[0].pid, p[1].pid]);
+            let figures = measure::pipelined(
+                place,
+                helper,
+                to,
+                plan.pipelined_seconds,
+                plan.pipeline,
+                response as usize,
+                tunnel,
+            )?;
+            let mut out = vec![
+                (Metric::PipelinedRate { response }, figures.rate),
+                (Metric::PipelinedP99 { response }, figures.p99),
+            ];
+            if let Some(cpu) = figures.cpu_per_request {
+                out.push((Metric::PipelinedCpu { response }, cpu));
+            }
+            out
+        }
+        Step::Http => {
+            let to = route.entry(Service::Http);
+            let http = measure::http(place, to, plan.http_seconds)?;
+            vec![
+                (Metric::HttpRate, http.rate),
+                (Metric::HttpP50, http.p50),
+                (Metric::HttpP99, http.p99),
+            ]
+        }
         Step::Memory => {
             let processes = route
                 .processes()
@@ -730,7 +857,15 @@ mod tests {
     fn plan_runs_every_scenario_unless_told() {
         let plan = Plan::new(&opts(&[]));
         assert_eq!(plan.reps, 5);
-        assert_eq!(plan.steps.len(), 8);
+        assert_eq!(plan.steps.len(), 11);
+        assert_eq!(plan.services(), Service::ALL);
+        assert_eq!(
+            plan.pipeline,
+            measure::Pipeline {
+                connections: 20,
+                depth: 16
+            }
+        );
         let quick = Plan::new(&opts(&[
             "--quick",
             "--scenario",
@@ -740,6 +875,8 @@ mod tests {
         ]));
         assert_eq!(quick.reps, 3);
         assert_eq!(quick.steps, [Step::Latency, Step::Memory]);
+        // Only the servers the steps use are started: no nginx here.
+        assert_eq!(quick.services(), [Service::Echo]);
         assert!(Cli::try_parse_from(["bench", "--reps", "0"]).is_err());
     }
 
@@ -828,5 +965,44 @@ mod tests {
         );
         let old_agent = ["userspace".to_owned(), "sockmap".to_owned()];
         assert!(choose_routes(&[RouteKind::Ktls], Some(&old_agent), Ok(())).is_err());
+    }
+
+    #[test]
+    fn pipelined_runs_both_response_sizes_against_the_reply_server() {
+        let plan = Plan::new(&opts(&[
+            "--quick",
+            "--scenario",
+            "http",
+            "--scenario",
+            "pipelined",
+            "--pipelined-connections",
+            "4",
+            "--pipelined-depth",
+            "2",
+        ]));
+        assert_eq!(
+            plan.steps,
+            [
+                Step::Pipelined { response: 64 },
+                Step::Pipelined { response: 1024 },
+                Step::Http
+            ]
+        );
+        assert_eq!(plan.services(), [Service::Reply, Service::Http]);
+        assert_eq!(
+            plan.pipeline,
+            measure::Pipeline {
+                connections: 4,
+                depth: 2
+            }
+        );
+        assert_eq!((plan.pipelined_seconds, plan.http_seconds), (0.5, 1));
+        let method = plan.describe();
+        assert!(
+            method.contains("4 connections, each keeping 2 requests of 64 B"),
+            "{method}"
+        );
+        assert!(method.contains("wrk -t1 -c20 -d1s --latency"), "{method}");
+        assert!(Cli::try_parse_from(["bench", "--pipelined-depth", "0"]).is_err());
     }
 }

@@ -33,6 +33,22 @@ pub enum Metric {
     LatencyP50,
     LatencyP99,
     ConnectRate,
+    /// Pipelined small requests answered per second, by response size in bytes.
+    PipelinedRate {
+        response: u32,
+    },
+    /// The p99 of a pipelined request, from its write to its whole response.
+    PipelinedP99 {
+        response: u32,
+    },
+    /// Both tunnel processes' CPU time per pipelined request.
+    PipelinedCpu {
+        response: u32,
+    },
+    /// nginx driven by wrk over keep-alive connections.
+    HttpRate,
+    HttpP50,
+    HttpP99,
     /// Before any traffic.
     RssIdle(Side),
     /// While 1,000 connections are open through the route.
@@ -54,6 +70,21 @@ impl Metric {
             Metric::LatencyP50 => "request/response round trip, p50".to_owned(),
             Metric::LatencyP99 => "request/response round trip, p99".to_owned(),
             Metric::ConnectRate => "new connections per second".to_owned(),
+            Metric::PipelinedRate { response } => format!(
+                "pipelined requests per second, {} responses",
+                bytes(response)
+            ),
+            Metric::PipelinedP99 { response } => format!(
+                "pipelined request latency p99, {} responses",
+                bytes(response)
+            ),
+            Metric::PipelinedCpu { response } => format!(
+                "CPU per pipelined request, tunnel processes, {} responses",
+                bytes(response)
+            ),
+            Metric::HttpRate => "HTTP requests per second (nginx, wrk)".to_owned(),
+            Metric::HttpP50 => "HTTP request latency p50".to_owned(),
+            Metric::HttpP99 => "HTTP request latency p99".to_owned(),
             Metric::RssIdle(side) => format!("RSS idle, {side:?} side"),
             Metric::RssOpen(side) => format!("RSS, 1,000 open connections, {side:?} side"),
         }
@@ -64,20 +95,35 @@ impl Metric {
             Metric::Throughput { .. } => "Gbit/s",
             Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => "s/GiB",
             Metric::TunnelUserShare => "%",
-            Metric::LatencyP50 | Metric::LatencyP99 => "µs",
+            Metric::LatencyP50
+            | Metric::LatencyP99
+            | Metric::PipelinedP99 { .. }
+            | Metric::PipelinedCpu { .. }
+            | Metric::HttpP50
+            | Metric::HttpP99 => "µs",
             Metric::ConnectRate => "conn/s",
+            Metric::PipelinedRate { .. } | Metric::HttpRate => "req/s",
             Metric::RssIdle(_) | Metric::RssOpen(_) => "MiB",
         }
     }
 
     pub fn higher_is_better(self) -> bool {
-        matches!(self, Metric::Throughput { .. } | Metric::ConnectRate)
+        matches!(
+            self,
+            Metric::Throughput { .. }
+                | Metric::ConnectRate
+                | Metric::PipelinedRate { .. }
+                | Metric::HttpRate
+        )
     }
 
     pub fn format(self, value: f64) -> String {
         match self {
             Metric::Throughput { .. } => format!("{value:.2}"),
-            Metric::ConnectRate => thousands(value.round() as u64),
+            Metric::ConnectRate | Metric::PipelinedRate { .. } | Metric::HttpRate => {
+                thousands(value.round() as u64)
+            }
+            Metric::PipelinedCpu { .. } => format!("{value:.2}"),
             // Under emulation the userspace path costs tens of seconds per GiB, the kTLS
             // agents' user time hundredths: both keep three significant digits.
             Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => match value {
@@ -87,6 +133,15 @@ impl Metric {
             },
             _ => format!("{value:.1}"),
         }
+    }
+}
+
+/// `64 B`, `1 KiB`.
+fn bytes(n: u32) -> String {
+    if n >= 1024 && n.is_multiple_of(1024) {
+        format!("{} KiB", n / 1024)
+    } else {
+        format!("{n} B")
     }
 }
 
@@ -255,6 +310,7 @@ impl Results {
 
         md.push_str(&self.targets());
         md.push_str(&self.ktls_targets());
+        md.push_str(&self.small_request_targets());
 
         if !self.failures.is_empty() || !self.setup_failures.is_empty() {
             md.push_str("\nFailures:\n\n");
@@ -428,7 +484,40 @@ impl Results {
         }
         md
     }
+
+    /// The small-request targets (issue 13) of the userspace data path, against direct and
+    /// haproxy in this run: PASS or MISS, which never fails the run. Shown when the run
+    /// measured pipelined requests.
+    fn small_request_targets(&self) -> String {
+        let user = RouteKind::Userspace;
+        let rate = Metric::PipelinedRate {
+            response: SMALL_RESPONSE,
+        };
+        if !self.routes.contains(&user) || !self.metrics().contains(&rate) {
+            return String::new();
+        }
+        let mut md = String::from(
+            "\nSmall-request targets, clink userspace in this run (pipelined, 64 B requests \
+             and responses):\n\n| target | ratio of medians | verdict |\n|---|---|---|\n",
+        );
+        for (base, least) in [(RouteKind::Direct, 0.6), (RouteKind::Haproxy, 1.5)] {
+            let target = format!("≥ {least}× {}", base.label());
+            let (figures, verdict) = match self.ratio(rate, user, base) {
+                Some(r) if r >= least => (format!("{r:.2}×"), "PASS"),
+                Some(r) => (format!("{r:.2}×"), "**MISS**"),
+                None => ("not measured".to_owned(), "—"),
+            };
+            let _ = writeln!(
+                md,
+                "| requests per second {target} | {figures} | {verdict} |"
+            );
+        }
+        md
+    }
 }
+
+/// The response size the small-request targets are judged on.
+pub const SMALL_RESPONSE: u32 = 64;
 
 /// `1 stream A→B` for a throughput row.
 fn short_case(metric: Metric) -> String {
@@ -609,5 +698,69 @@ mod tests {
             .unwrap();
         assert_eq!(up["samples"], serde_json::json!([6.0, 6.2, 5.8]));
         assert_eq!(up["median"], serde_json::json!(6.0));
+    }
+
+    #[test]
+    fn pipelined_requests_are_judged_against_direct_and_haproxy() {
+        let mut r = Results::new(vec![
+            RouteKind::Direct,
+            RouteKind::Userspace,
+            RouteKind::Haproxy,
+        ]);
+        let small = Metric::PipelinedRate { response: 64 };
+        let large = Metric::PipelinedRate { response: 1024 };
+        for (route, rate) in [
+            (RouteKind::Direct, 200_000.0),
+            (RouteKind::Userspace, 130_000.0),
+            (RouteKind::Haproxy, 100_000.0),
+        ] {
+            r.add(small, route, rate);
+            r.add(large, route, rate / 2.0);
+        }
+        r.add(
+            Metric::PipelinedCpu { response: 64 },
+            RouteKind::Userspace,
+            3.456,
+        );
+        r.add(Metric::HttpRate, RouteKind::Direct, 45_678.9);
+        let md = r.markdown();
+        assert!(
+            md.contains(
+                "| pipelined requests per second, 64 B responses | req/s ↑ | 200,000 | 130,000 \
+                 | 100,000 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| pipelined requests per second, 1 KiB responses | req/s ↑ |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| CPU per pipelined request, tunnel processes, 64 B responses | µs ↓ | — | \
+                 3.46 | — |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| HTTP requests per second (nginx, wrk) | req/s ↑ | 45,679 | — | — |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| pipelined requests per second, 64 B responses | 0.65× | 1.30× | 0.50× |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| requests per second ≥ 0.6× direct | 0.65× | PASS |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| requests per second ≥ 1.5× haproxy | 1.30× | **MISS** |"),
+            "{md}"
+        );
+        // Runs without the scenario have no such table.
+        assert!(!sample_run().markdown().contains("Small-request targets"));
     }
 }

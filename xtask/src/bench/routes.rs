@@ -4,8 +4,8 @@
 //! `clink`), TLS 1.3 only, client certificates verified against the fabric CA, the server's
 //! name checked, one process per side.
 //!
-//! Each route has its own servers in B (iperf3 and the bench's echo server) and its own
-//! ports, so routes never share a socket; a route whose data path attaches eBPF programs
+//! Each route has its own servers in B (iperf3, the bench's echo and reply servers, nginx:
+//! those the run's scenarios use) and its own ports, so routes never share a socket; a route whose data path attaches eBPF programs
 //! also has its own cgroup, which holds its agents, clients and servers.
 
 use std::fmt::Write as _;
@@ -119,15 +119,22 @@ pub enum Service {
     Iperf,
     /// The bench's echo server: latency, connection setup, held connections.
     Echo,
+    /// The bench's reply server: pipelined requests, each answered with the response size
+    /// it asks for.
+    Reply,
+    /// nginx, answering every request with [`HTTP_BODY`].
+    Http,
 }
 
 impl Service {
-    const ALL: [Service; 2] = [Service::Iperf, Service::Echo];
+    pub const ALL: [Service; 4] = [Service::Iperf, Service::Echo, Service::Reply, Service::Http];
 
     fn name(self) -> &'static str {
         match self {
             Service::Iperf => "iperf3",
             Service::Echo => "echo",
+            Service::Reply => "reply",
+            Service::Http => "http",
         }
     }
 
@@ -184,6 +191,9 @@ pub struct Env<'a> {
     pub agent_has_datapath_flag: bool,
     /// Whether the agent has `--bpf-pin-dir`.
     pub agent_has_pin_dir_flag: bool,
+    /// The servers the run's scenarios use: only these are started, exported and imported,
+    /// so that a run that needs no nginx does not need it installed.
+    pub services: &'a [Service],
 }
 
 /// Why a route could not be set up, and the end of its logs.
@@ -206,7 +216,7 @@ pub struct Route {
     agents: Vec<Agent>,
     pins: Vec<PinDir>,
     proxies: Vec<ChildGuard>,
-    servers: Vec<ChildGuard>,
+    servers: Vec<(Service, ChildGuard)>,
     cgroup: Option<Cgroup>,
 }
 
@@ -265,7 +275,7 @@ impl Route {
             RouteKind::Haproxy | RouteKind::Stunnel => self.start_proxies(env)?,
         }
         let netns = env.topo.a().netns();
-        for service in Service::ALL {
+        for &service in env.services {
             let port = self.entry(service).port();
             wait_until(
                 &format!("{} to listen on {port} in A", self.kind.label()),
@@ -303,8 +313,10 @@ impl Route {
 
     /// The pid of the server in B behind `service`.
     pub fn server_pid(&self, service: Service) -> Option<u32> {
-        let index = Service::ALL.iter().position(|s| *s == service)?;
-        self.servers.get(index).map(|server| server.id())
+        self.servers
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, server)| server.id())
     }
 
     pub fn processes(&self) -> Option<&[Process; 2]> {
@@ -318,7 +330,8 @@ impl Route {
                 bail!("{}'s agent exited ({status})", agent.label);
             }
         }
-        for child in self.proxies.iter_mut().chain(&mut self.servers) {
+        let servers = self.servers.iter_mut().map(|(_, server)| server);
+        for child in self.proxies.iter_mut().chain(servers) {
             if let Some(status) = child.try_wait()? {
                 bail!("process {} exited ({status})", child.id());
             }
@@ -346,31 +359,46 @@ impl Route {
         ChildGuard::spawn(cmd)
     }
 
-    /// iperf3 and the echo server in B, on every address (the direct route reaches
-    /// them on B's link address, the tunnels on loopback).
+    /// The servers in B, on every address (the direct route reaches them on B's link
+    /// address, the tunnels on loopback).
     fn start_servers(&mut self, env: &Env) -> Result<()> {
         let netns = env.topo.b().netns();
         let place = self.place(netns);
-        for service in Service::ALL {
+        for &service in env.services {
             let port = self.ports.server(service);
+            let bench_tool = |tool: &str| {
+                let mut cmd = place.command(env.helper);
+                cmd.args(["bench-tool", tool, "--listen"])
+                    .arg(format!("0.0.0.0:{port}"));
+                cmd
+            };
             let mut cmd = match service {
                 Service::Iperf => {
                     let mut cmd = place.command("iperf3");
                     cmd.args(["-s", "-p", &port.to_string()]);
                     cmd
                 }
-                Service::Echo => {
-                    let mut cmd = place.command(env.helper);
-                    cmd.args(["bench-tool", "echo-server", "--listen"])
-                        .arg(format!("0.0.0.0:{port}"));
+                Service::Echo => bench_tool("echo-server"),
+                Service::Reply => bench_tool("reply-server"),
+                Service::Http => {
+                    let dir = env.dir.join(format!("{}-nginx", self.kind.slug()));
+                    fs::create_dir_all(&dir)
+                        .with_context(|| format!("create {}", dir.display()))?;
+                    let config = dir.join("nginx.conf");
+                    fs::write(&config, nginx_config(&dir, port))
+                        .with_context(|| format!("write {}", config.display()))?;
+                    let mut cmd = place.command("nginx");
+                    // -e: its error log before it has read the configuration, which would
+                    // otherwise be /var/log/nginx/error.log.
+                    cmd.args(["-e", "stderr", "-c"]).arg(&config);
                     cmd
                 }
             };
             let (_, log) = self.log_file(env, &format!("{}-server", service.name()))?;
             let server = self.spawn(&mut cmd, log)?;
-            self.servers.push(server);
+            self.servers.push((service, server));
         }
-        for service in Service::ALL {
+        for &service in env.services {
             let port = self.ports.server(service);
             wait_until(
                 &format!("{} server to listen on {port} in B", service.name()),
@@ -439,7 +467,7 @@ impl Route {
         a.clink(&[
             "create", "peer", PEERS[1], "--host", &b_ip, "--port", &gateway,
         ])?;
-        for service in Service::ALL {
+        for &service in env.services {
             let (name, server) = (service.name(), self.ports.server(service).to_string());
             b.clink(&[
                 "create",
@@ -472,7 +500,7 @@ impl Route {
                 role: Role::Client {
                     server_name: PEERS[1],
                 },
-                links: Service::ALL.map(|service| Link {
+                links: links(env.services, |service| Link {
                     service,
                     listen: SocketAddr::new(a_ip, ports.entry(service)),
                     connect: SocketAddr::new(b_ip, ports.tls(service)),
@@ -481,7 +509,7 @@ impl Route {
             ProxySide {
                 certs: Certs(env.dir.join(PEERS[1])),
                 role: Role::Server,
-                links: Service::ALL.map(|service| Link {
+                links: links(env.services, |service| Link {
                     service,
                     listen: SocketAddr::new(b_ip, ports.tls(service)),
                     connect: SocketAddr::new(a_ip, ports.server(service)),
@@ -514,7 +542,7 @@ impl Route {
         }
         self.processes = processes.try_into().ok();
         let netns = env.topo.b().netns();
-        for service in Service::ALL {
+        for &service in env.services {
             let port = ports.tls(service);
             wait_until(
                 &format!("{} to listen on {port} in B", self.kind.label()),
@@ -555,7 +583,11 @@ impl Certs {
 struct ProxySide {
     certs: Certs,
     role: Role,
-    links: [Link; 2],
+    links: Vec<Link>,
+}
+
+fn links(services: &[Service], link: impl Fn(Service) -> Link) -> Vec<Link> {
+    services.iter().copied().map(link).collect()
 }
 
 enum Role {
@@ -569,6 +601,29 @@ struct Link {
     service: Service,
     listen: SocketAddr,
     connect: SocketAddr,
+}
+
+/// What nginx answers every request of the http scenario with: 64 bytes, a small response
+/// of a real application.
+pub const HTTP_BODY: &str = "clink bench: a small fixed HTTP response body, 64 bytes long....";
+
+/// nginx in one process (no master: nothing is left behind when the bench stops it),
+/// answering every request on `port` with [`HTTP_BODY`], keep-alive connections that last
+/// the whole run, no access log, every file it writes in `dir`.
+fn nginx_config(dir: &Path, port: u16) -> String {
+    let dir = dir.display();
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+         error_log stderr warn;\n\
+         events {{\n    worker_connections 4096;\n}}\n\
+         http {{\n    access_log off;\n    default_type text/plain;\n    \
+         keepalive_requests 1000000000;\n    keepalive_timeout 300s;\n    \
+         client_body_temp_path {dir}/body;\n    proxy_temp_path {dir}/proxy;\n    \
+         fastcgi_temp_path {dir}/fastcgi;\n    uwsgi_temp_path {dir}/uwsgi;\n    \
+         scgi_temp_path {dir}/scgi;\n    \
+         server {{\n        listen 0.0.0.0:{port};\n        \
+         location / {{\n            return 200 \"{HTTP_BODY}\";\n        }}\n    }}\n}}\n"
+    )
 }
 
 /// haproxy, one process, TLS 1.3 only. haproxy wants the certificate and its key in one
@@ -659,7 +714,7 @@ mod tests {
                 role: Role::Client {
                     server_name: "peer-b",
                 },
-                links: Service::ALL.map(|service| Link {
+                links: links(&Service::ALL, |service| Link {
                     service,
                     listen: SocketAddr::new(a_ip, ports.entry(service)),
                     connect: SocketAddr::new(b_ip, ports.tls(service)),
@@ -668,7 +723,7 @@ mod tests {
             ProxySide {
                 certs: Certs(dir.join("peer-b")),
                 role: Role::Server,
-                links: Service::ALL.map(|service| Link {
+                links: links(&Service::ALL, |service| Link {
                     service,
                     listen: SocketAddr::new(b_ip, ports.tls(service)),
                     connect: SocketAddr::new(a_ip, ports.server(service)),
@@ -713,7 +768,7 @@ mod tests {
         assert_eq!(
             a.matches("verify required verifyhost peer-b sni str(peer-b)")
                 .count(),
-            2
+            Service::ALL.len()
         );
         assert!(a.contains("bind 127.0.0.1:10311"), "{a}");
         assert!(a.contains("server iperf3 10.0.0.2:10351 ssl crt"), "{a}");
@@ -723,7 +778,11 @@ mod tests {
             "{b}"
         );
         assert!(b.contains("bind 10.0.0.2:10351 ssl crt"), "{b}");
-        assert_eq!(b.matches("verify required\n").count(), 2, "{b}");
+        assert_eq!(
+            b.matches("verify required\n").count(),
+            Service::ALL.len(),
+            "{b}"
+        );
         assert!(b.contains("peer-b/ca.pem"));
         assert!(b.contains("server iperf3 127.0.0.1:10301\n"), "{b}");
         let combined = fs::read_to_string(dir.path().join("peer-b-combined.pem")).unwrap();
@@ -739,23 +798,55 @@ mod tests {
         assert_eq!(
             a.matches("client = yes\nsni = peer-b\ncheckHost = peer-b\n")
                 .count(),
-            2
+            Service::ALL.len()
         );
         assert_eq!(
             a.matches("verifyChain = yes\nsslVersion = TLSv1.3\n")
                 .count(),
-            2
+            Service::ALL.len()
         );
         assert!(
             a.contains("[iperf3]\naccept = 127.0.0.1:10311\nconnect = 10.0.0.2:10351\n"),
             "{a}"
         );
         let b = stunnel_config(&server);
-        assert_eq!(b.matches("requireCert = yes\n").count(), 2, "{b}");
+        assert_eq!(
+            b.matches("requireCert = yes\n").count(),
+            Service::ALL.len(),
+            "{b}"
+        );
         assert!(
             b.contains("[echo]\naccept = 10.0.0.2:10352\nconnect = 127.0.0.1:10302\n"),
             "{b}"
         );
         assert!(b.contains("peer-b/key.pem"));
+    }
+
+    #[test]
+    fn nginx_answers_one_fixed_small_body_and_writes_only_in_its_directory() {
+        assert_eq!(HTTP_BODY.len(), 64);
+        let cfg = nginx_config(Path::new("/tmp/clink-bench-x/haproxy-nginx"), 10_304);
+        assert!(cfg.starts_with("daemon off;\nmaster_process off;\nworker_processes 1;\n"));
+        assert!(cfg.contains("listen 0.0.0.0:10304;"), "{cfg}");
+        assert!(
+            cfg.contains(&format!("return 200 \"{HTTP_BODY}\";")),
+            "{cfg}"
+        );
+        assert!(cfg.contains("access_log off;"), "{cfg}");
+        assert!(cfg.contains("keepalive_requests 1000000000;"), "{cfg}");
+        // Every path nginx writes to, in the bench's working directory.
+        let files: Vec<_> = cfg
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("pid ") || l.contains("_temp_path "))
+            .collect();
+        assert_eq!(files.len(), 6, "{cfg}");
+        for line in files {
+            assert!(
+                line.contains(" /tmp/clink-bench-x/haproxy-nginx/"),
+                "{line}"
+            );
+        }
+        assert_eq!(cfg.matches('{').count(), cfg.matches('}').count(), "{cfg}");
     }
 }

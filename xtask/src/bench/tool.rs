@@ -1,4 +1,4 @@
-//! `xtask bench-tool`: the bench's own load generators and server, run as separate processes
+//! `xtask bench-tool`: the bench's own load generators and servers, run as separate processes
 //! so that they can be placed in a cluster's namespace and, for the kernel data paths, in the
 //! bench's cgroup (`ip netns exec` and `cgroup.procs` act on whole processes).
 //!
@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+
+use super::reply;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -47,6 +49,33 @@ pub enum Tool {
         #[arg(long, default_value_t = 64)]
         size: usize,
     },
+    /// Answers each request of `pipelined` with a response of the size the request asks
+    /// for, in order, until the client closes (framing: [`super::reply`]).
+    ReplyServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// `connections` connections, each keeping `depth` requests of `size` bytes in flight
+    /// (a new one whenever a response completes), each answered by the reply server with
+    /// `response-size` bytes; prints
+    /// `{"requests": N, "total": N, "seconds": S, "p50_us": X, "p99_us": Y}`: the responses
+    /// after a warm-up (the first fifth of the run, at most 200 ms), all responses, the
+    /// seconds after the warm-up, and the percentiles of the time from a request's write to
+    /// its whole response.
+    Pipelined {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 64)]
+        response_size: usize,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+    },
     /// Opens connections and proves each one with an echoed request, prints
     /// `{"open": N}`, then holds them until its standard input closes.
     Hold {
@@ -70,6 +99,25 @@ pub fn run(tool: Tool) -> Result<()> {
         .context("start the tokio runtime")?;
     match tool {
         Tool::EchoServer { listen } => runtime.block_on(echo_server(listen)),
+        Tool::ReplyServer { listen } => runtime.block_on(reply::server(listen)),
+        Tool::Pipelined {
+            to,
+            seconds,
+            size,
+            response_size,
+            connections,
+            depth,
+        } => {
+            let report = runtime.block_on(reply::client(reply::Load {
+                to,
+                connections,
+                depth,
+                request: size,
+                response: response_size,
+                seconds,
+            }))?;
+            print_json(&report)
+        }
         Tool::ConnectRate {
             to,
             seconds,

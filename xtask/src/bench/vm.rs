@@ -90,6 +90,15 @@ fn guest_args(opts: &Options, bins: &str, out: &Path, host: [String; 2]) -> Vec<
         argv.push("--reps".to_owned());
         argv.push(reps.to_string());
     }
+    for (flag, value) in [
+        ("--pipelined-connections", opts.pipelined_connections),
+        ("--pipelined-depth", opts.pipelined_depth),
+    ] {
+        if let Some(value) = value {
+            argv.push(flag.to_owned());
+            argv.push(value.to_string());
+        }
+    }
     for text in host {
         argv.push("--host".to_owned());
         argv.push(text);
@@ -130,6 +139,8 @@ mod tests {
             "cpu",
             "--reps",
             "2",
+            "--pipelined-depth",
+            "4",
             "--quick",
         ])
         .unwrap()
@@ -143,7 +154,8 @@ mod tests {
         assert_eq!(
             argv.join(" "),
             "/tmp/b/xtask bench --in-vm /tmp/b --out /w/target/bench-vm --quick --scenario cpu \
-             --path ktls --path userspace --reps 2 --host cargo xtask bench --vm --host 2 × CPU"
+             --path ktls --path userspace --reps 2 --pipelined-depth 4 --host cargo xtask bench \
+             --vm --host 2 × CPU"
         );
         // What the guest is given parses, and does not ask for another VM.
         let guest = Cli::try_parse_from(&argv[1..]).unwrap().opts;
