@@ -15,10 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clink_agent::limits;
 use clink_testbed::Netns;
 use clink_tests::{listen_in, require_root, sample, scrape, Agent, Fabric};
 use futures::{stream, StreamExt as _, TryStreamExt as _};
-use clink_agent::limits;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
