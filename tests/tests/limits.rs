@@ -25,12 +25,23 @@ fn local(port: u16) -> SocketAddr {
 /// Two clusters, allow-all, the echo service exported from b as `echo` and `other` and
 /// imported into a on [`ECHO`] and [`OTHER`]; `a_args` and `b_args` are more agent flags.
 fn fabric_with_echo(a_args: &[&str], b_args: &[&str]) -> (Fabric, EchoService) {
+    fabric_with(a_args, b_args, None)
+}
+
+/// [`fabric_with_echo`], agent a started with the open-file limit `a_open_files`.
+fn fabric_with(
+    a_args: &[&str],
+    b_args: &[&str],
+    a_open_files: Option<u64>,
+) -> (Fabric, EchoService) {
     let mut fabric = Fabric::two_clusters().expect("two clusters");
     for (i, args) in [a_args, b_args].into_iter().enumerate() {
-        if !args.is_empty() {
+        let open_files = if i == 0 { a_open_files } else { None };
+        if !args.is_empty() || open_files.is_some() {
             let agent = &mut fabric.agents[i];
             agent.stop().unwrap();
             agent.args.extend(args.iter().map(|a| a.to_string()));
+            agent.open_files = open_files;
             agent.start().unwrap();
         }
     }
@@ -95,6 +106,14 @@ fn flood(fabric: &Fabric, port: u16, n: usize) -> (Vec<TcpStream>, usize) {
         }
     }
     (carried, refused)
+}
+
+/// Waits until a new connection to `port` is tunneled again (a place under the caps freed).
+fn wait_for_a_place(fabric: &Fabric, port: u16) {
+    clink_testbed::wait_for("a place under the caps", Duration::from_secs(10), || {
+        tunneled(fabric, port, 99).is_ok()
+    })
+    .unwrap();
 }
 
 fn b_reachable(status: &clink_agent::admin::types::StatusResponse) -> bool {
@@ -209,10 +228,7 @@ fn the_gateway_answers_503_at_its_cap() {
         round_trip(s, format!("open {i}\n").as_bytes()).unwrap();
     }
     open.pop();
-    clink_testbed::wait_for("a place at b", Duration::from_secs(10), || {
-        tunneled(&fabric, ECHO, 99).is_ok()
-    })
-    .unwrap();
+    wait_for_a_place(&fabric, ECHO);
 }
 
 /// An agent with a low open-file limit and no explicit caps: a flood of clients is refused
@@ -223,20 +239,7 @@ fn default_caps_keep_the_agent_within_its_open_file_limit() {
     if !require_root("default_caps_keep_the_agent_within_its_open_file_limit") {
         return;
     }
-    let mut fabric = Fabric::two_clusters().expect("two clusters");
-    {
-        let a = &mut fabric.agents[0];
-        a.stop().unwrap();
-        a.open_files = Some(600);
-        a.start().unwrap();
-    }
-    let echo = EchoService::start(fabric.ns_b()).unwrap();
-    fabric.allow_all().unwrap();
-    fabric.export_import("echo", echo.addr, ECHO).unwrap();
-    fabric
-        .a()
-        .wait_reachable("peer-b", true, Duration::from_secs(20))
-        .unwrap();
+    let (fabric, _echo) = fabric_with(&[], &[], Some(600));
     // 600 - 256 reserved - 2 x 64 HTTP = 216; 27 for handshakes; (216 - 27) / 2 = 94.
     let metrics = scrape(fabric.ns_a()).unwrap();
     assert_eq!(
@@ -254,10 +257,7 @@ fn default_caps_keep_the_agent_within_its_open_file_limit() {
     let status = fabric.a().status().unwrap();
     assert!(b_reachable(&status), "{status:?}");
     drop(carried);
-    clink_testbed::wait_for("a place again", Duration::from_secs(10), || {
-        tunneled(&fabric, ECHO, 1).is_ok()
-    })
-    .unwrap();
+    wait_for_a_place(&fabric, ECHO);
 }
 
 /// Local users holding partial HTTP heads on the metrics endpoint: past its cap connections
