@@ -316,7 +316,10 @@ fn raise_open_file_limit() {
 /// would keep its peak resident set.
 fn release_freed_memory() {
     match tikv_jemalloc_ctl::background_thread::write(true) {
-        Ok(()) => info!("allocator: jemalloc, freed memory returned by background threads"),
+        // Debug: an agent that refuses to start says so in one line.
+        Ok(()) => {
+            tracing::debug!("allocator: jemalloc, freed memory returned by background threads")
+        }
         Err(e) => warn!(
             error = %e,
             "allocator: jemalloc background threads did not start; freed memory is returned \
