@@ -30,7 +30,7 @@ use tracing::info;
 use crate::{
     api::{ImportSource, ObjectKey},
     lifetime::{Ending, Lifetime},
-    policy::Attributes,
+    policy::{self, Attributes, Own},
     state::Snapshot,
 };
 
@@ -105,16 +105,17 @@ pub struct Closing {
     pub keep_established: bool,
 }
 
-/// What one connection was admitted with: enough to decide it again after a change.
+/// What one connection was admitted with: enough to decide it again after a change. Only
+/// what the objects cannot give again is kept (an idle connection's memory is mostly what it
+/// holds, ARCHITECTURE.md "Buffers"): the objects it stands on, and the client's own
+/// attributes as they were when it connected. Peer, Export and agent attributes are taken
+/// as they are at each decision, so a label change decides open connections again too.
 #[derive(Clone, Debug)]
 pub struct Admission {
     pub side: Admitted,
-    /// The namespace whose AccessPolicies decided: the Import's (egress) or the Export's
-    /// (ingress).
-    pub namespace: String,
-    /// The attributes the decision saw, as they were then.
-    pub src: Attributes,
-    pub dst: Attributes,
+    /// The client's attributes: from its pod or address range (egress), or as its peer sent
+    /// them (ingress).
+    pub client: Attributes,
 }
 
 /// The objects a connection stands on.
@@ -134,10 +135,10 @@ pub enum Admitted {
 }
 
 impl Admission {
-    /// Decides the connection again against `snapshot`, with the attributes it was admitted
-    /// with: `Err` says why it is no longer allowed.
-    pub fn recheck(&self, snapshot: &Snapshot) -> Result<(), Ending> {
-        match &self.side {
+    /// Decides the connection again against `snapshot`, as agent `own`: `Err` says why it is
+    /// no longer allowed.
+    pub fn recheck(&self, snapshot: &Snapshot, own: Own<'_>) -> Result<(), Ending> {
+        let (namespace, (src, dst), direction) = match &self.side {
             Admitted::Egress { import, source } => {
                 let Some(object) = snapshot.imports.get(import) else {
                     return Err(Ending::Removed(format!("{import} was deleted")));
@@ -148,38 +149,44 @@ impl Admission {
                         source.export_namespace, source.export_name, source.peer
                     )));
                 }
-                if !snapshot.peers.contains_key(&source.peer) {
+                let Some(peer) = snapshot.peers.get(&source.peer) else {
                     return Err(Ending::Removed(format!("Peer {} was deleted", source.peer)));
-                }
+                };
+                let attributes =
+                    policy::egress_attributes(own, &self.client, source, &peer.status.labels);
+                (import.namespace.as_str(), attributes, "egress")
             }
             Admitted::Ingress {
                 namespace,
                 name,
                 peer,
             } => {
-                if !snapshot.peers.contains_key(peer) {
+                let Some(peer_object) = snapshot.peers.get(peer) else {
                     return Err(Ending::Removed(format!("Peer {peer} was deleted")));
-                }
-                if !snapshot
-                    .exports
-                    .contains_key(&(namespace.clone(), name.clone()))
-                {
+                };
+                let Some(export) = snapshot.exports.get(&(namespace.clone(), name.clone())) else {
                     return Err(Ending::Removed(format!(
                         "Export {namespace}/{name} was deleted"
                     )));
-                }
+                };
+                let remote = policy::Remote {
+                    peer,
+                    peer_labels: &peer_object.status.labels,
+                    client: &self.client,
+                };
+                let attributes = policy::ingress_attributes(
+                    own,
+                    remote,
+                    (namespace, name),
+                    &export.metadata.labels,
+                );
+                (namespace.as_str(), attributes, "ingress")
             }
-        }
-        let decision = snapshot
-            .policies
-            .decide(&self.namespace, &self.src, &self.dst);
+        };
+        let decision = snapshot.policies.decide(namespace, &src, &dst);
         if decision.is_allowed() {
             Ok(())
         } else {
-            let direction = match self.side {
-                Admitted::Egress { .. } => "egress",
-                Admitted::Ingress { .. } => "ingress",
-            };
             Err(Ending::Denied(format!("{direction} {decision}")))
         }
     }
@@ -219,13 +226,26 @@ pub struct ConnTable {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Entry>>,
     closing: Closing,
+    /// The agent's name and labels, for decisions after a change.
+    name: String,
+    labels: BTreeMap<String, String>,
 }
 
 impl ConnTable {
-    pub fn new(closing: Closing) -> ConnTable {
+    /// The table of agent `name` with `labels`.
+    pub fn new(closing: Closing, name: &str, labels: &BTreeMap<String, String>) -> ConnTable {
         ConnTable {
             closing,
+            name: name.to_owned(),
+            labels: labels.clone(),
             ..ConnTable::default()
+        }
+    }
+
+    fn own(&self) -> Own<'_> {
+        Own {
+            name: &self.name,
+            labels: &self.labels,
         }
     }
 
@@ -339,7 +359,7 @@ impl ConnTable {
         snapshot: &Snapshot,
         outcome: &mut Recheck,
     ) {
-        let Err(why) = conn.admission.recheck(snapshot) else {
+        let Err(why) = conn.admission.recheck(snapshot, self.own()) else {
             outcome.allowed += 1;
             return;
         };
@@ -454,9 +474,6 @@ spec:
     }
 
     fn egress() -> Admission {
-        let mut dst = Attributes::new();
-        dst.insert(attr::EXPORT_NAME.into(), "db".into());
-        dst.insert(attr::EXPORT_NAMESPACE.into(), "shop".into());
         Admission {
             side: Admitted::Egress {
                 import: ObjectKey {
@@ -470,9 +487,15 @@ spec:
                     export_namespace: "shop".into(),
                 },
             },
-            namespace: "shop".into(),
-            src: Attributes::new(),
-            dst,
+            client: Attributes::new(),
+        }
+    }
+
+    fn own() -> Own<'static> {
+        static LABELS: BTreeMap<String, String> = BTreeMap::new();
+        Own {
+            name: "peer-a",
+            labels: &LABELS,
         }
     }
 
@@ -522,29 +545,29 @@ spec:
     #[test]
     fn a_change_ends_what_it_no_longer_allows_and_says_why() {
         let allowed = snapshot(&format!("{PEER_AND_IMPORT}{ALLOW_SHOP}"));
-        assert_eq!(egress().recheck(&allowed), Ok(()));
-        assert_eq!(ingress().recheck(&allowed), Ok(()));
+        assert_eq!(egress().recheck(&allowed, own()), Ok(()));
+        assert_eq!(ingress().recheck(&allowed, own()), Ok(()));
         let denied = snapshot(PEER_AND_IMPORT);
         assert_eq!(
-            egress().recheck(&denied),
+            egress().recheck(&denied, own()),
             Err(Ending::Denied(
                 "egress deny by default (no policy matched)".into()
             ))
         );
         let without_peer = snapshot(&PEER_AND_IMPORT.replace("peer-b", "peer-c"));
         assert_eq!(
-            ingress().recheck(&without_peer),
+            ingress().recheck(&without_peer, own()),
             Err(Ending::Removed("Peer peer-b was deleted".into()))
         );
         assert_eq!(
-            egress().recheck(&without_peer),
+            egress().recheck(&without_peer, own()),
             Err(Ending::Removed(
                 "Import shop/db no longer has the source shop/db@peer-b".into()
             ))
         );
         let nothing = snapshot("");
         assert_eq!(
-            egress().recheck(&nothing),
+            egress().recheck(&nothing, own()),
             Err(Ending::Removed("Import shop/db was deleted".into()))
         );
 
@@ -579,11 +602,50 @@ spec:
     }
 
     #[test]
+    fn a_decision_again_takes_the_objects_as_they_are_and_the_client_as_it_was() {
+        const EXPORT_TIER_DB: &str = "\
+---
+apiVersion: clusterlink.net/v1alpha1
+kind: AccessPolicy
+metadata: {name: tier-db, namespace: shop}
+spec:
+  action: allow
+  from: [{workloadSelector: {matchLabels: {client.clusterlink.net/namespace: web}}}]
+  to: [{workloadSelector: {matchLabels: {export.clusterlink.net/labels.tier: db}}}]
+";
+        let objects = format!("{PEER_AND_IMPORT}{EXPORT_TIER_DB}");
+        let labelled = snapshot(&objects.replace(
+            "metadata: {name: db, namespace: shop}\nspec: {host",
+            "metadata: {name: db, namespace: shop, labels: {tier: db}}\nspec: {host",
+        ));
+        let unlabelled = snapshot(&objects);
+        let from_web = Admission {
+            client: [(attr::CLIENT_NAMESPACE.to_owned(), "web".to_owned())].into(),
+            ..ingress()
+        };
+        assert_eq!(from_web.recheck(&labelled, own()), Ok(()));
+        // The Export lost the label the policy selects on: denied now.
+        assert!(matches!(
+            from_web.recheck(&unlabelled, own()),
+            Err(Ending::Denied(_))
+        ));
+        // The client's attributes are the ones it was admitted with.
+        assert!(matches!(
+            ingress().recheck(&labelled, own()),
+            Err(Ending::Denied(_))
+        ));
+    }
+
+    #[test]
     fn keep_established_keeps_them() {
-        let table = ConnTable::new(Closing {
-            idle_timeout: None,
-            keep_established: true,
-        });
+        let table = ConnTable::new(
+            Closing {
+                idle_timeout: None,
+                keep_established: true,
+            },
+            "peer-a",
+            &BTreeMap::new(),
+        );
         let conn = table.insert("egress", "shop/db", "peer-b", local(), egress());
         assert_eq!(
             table.recheck(&snapshot(PEER_AND_IMPORT)),

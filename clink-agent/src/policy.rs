@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use crate::api::{
-    AccessPolicy, Action, LabelSelector, Operator, Requirement, WorkloadSetOrSelector,
-    DEFAULT_NAMESPACE,
+    AccessPolicy, Action, ImportSource, LabelSelector, Operator, Requirement,
+    WorkloadSetOrSelector, DEFAULT_NAMESPACE,
 };
 
 /// The attributes of one side of a connection, keyed by the names in [`attr`].
@@ -42,6 +42,65 @@ pub fn insert_labels(attrs: &mut Attributes, prefix: &str, labels: &BTreeMap<Str
             .iter()
             .map(|(k, v)| (attr::label(prefix, k), v.clone())),
     );
+}
+
+/// The agent itself in access decisions: its Peer name (its certificate's DNS name) and the
+/// labels it announces.
+#[derive(Clone, Copy, Debug)]
+pub struct Own<'a> {
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+/// The source and destination attributes of a local client's connection to Import source
+/// `source`, whose Peer has `peer_labels`. `client` holds the client's own attributes (from
+/// its pod or its address range).
+pub fn egress_attributes(
+    own: Own<'_>,
+    client: &Attributes,
+    source: &ImportSource,
+    peer_labels: &BTreeMap<String, String>,
+) -> (Attributes, Attributes) {
+    let mut src = client.clone();
+    src.insert(attr::PEER_NAME.to_owned(), own.name.to_owned());
+    insert_labels(&mut src, attr::PEER_LABELS, own.labels);
+    let mut dst = Attributes::new();
+    dst.insert(attr::EXPORT_NAME.to_owned(), source.export_name.clone());
+    dst.insert(
+        attr::EXPORT_NAMESPACE.to_owned(),
+        source.export_namespace.clone(),
+    );
+    dst.insert(attr::PEER_NAME.to_owned(), source.peer.clone());
+    insert_labels(&mut dst, attr::PEER_LABELS, peer_labels);
+    (src, dst)
+}
+
+/// The remote side of an ingress connection: the Peer (named by its certificate) and the
+/// client attributes it sent.
+pub struct Remote<'a> {
+    pub peer: &'a str,
+    pub peer_labels: &'a BTreeMap<String, String>,
+    pub client: &'a Attributes,
+}
+
+/// The source and destination attributes of a peer's client of Export `namespace/name`,
+/// whose labels are `export_labels`.
+pub fn ingress_attributes(
+    own: Own<'_>,
+    remote: Remote<'_>,
+    (namespace, name): (&str, &str),
+    export_labels: &BTreeMap<String, String>,
+) -> (Attributes, Attributes) {
+    let mut src = remote.client.clone();
+    src.insert(attr::PEER_NAME.to_owned(), remote.peer.to_owned());
+    insert_labels(&mut src, attr::PEER_LABELS, remote.peer_labels);
+    let mut dst = Attributes::new();
+    dst.insert(attr::EXPORT_NAME.to_owned(), name.to_owned());
+    dst.insert(attr::EXPORT_NAMESPACE.to_owned(), namespace.to_owned());
+    insert_labels(&mut dst, attr::EXPORT_LABELS, export_labels);
+    dst.insert(attr::PEER_NAME.to_owned(), own.name.to_owned());
+    insert_labels(&mut dst, attr::PEER_LABELS, own.labels);
+    (src, dst)
 }
 
 /// Kubernetes label-selector semantics: every `matchLabels` entry is present with that value and

@@ -450,6 +450,15 @@ async fn run(args: Args) -> Result<()> {
         metrics.limits.clone(),
         metrics.limits_in_use.clone(),
     );
+    let connections = ConnTable::new(
+        Closing {
+            idle_timeout: (args.idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+            keep_established: args.keep_established,
+        },
+        &args.name,
+        &labels,
+    );
     let ctx = Context {
         name: args.name.clone(),
         labels,
@@ -461,11 +470,7 @@ async fn run(args: Args) -> Result<()> {
         clients,
         metrics: metrics.clone(),
         datapath: datapath.clone(),
-        connections: ConnTable::new(Closing {
-            idle_timeout: (args.idle_timeout > 0)
-                .then(|| std::time::Duration::from_secs(args.idle_timeout)),
-            keep_established: args.keep_established,
-        }),
+        connections,
         limits,
         draining: tokio::sync::watch::Sender::new(false),
         logs: LogLimiter::new(

@@ -32,7 +32,7 @@ use crate::{
         UNKNOWN_PEER, UNKNOWN_SERVICE,
     },
     peer::io::{peer_io, PeerIo},
-    policy::{attr, insert_labels, Attributes},
+    policy::{self, Attributes},
     state::Snapshot,
     tls::{dns_names, CertInfo},
     wire,
@@ -332,25 +332,29 @@ async fn connect(
         return;
     };
 
-    let mut src = Attributes::new();
-    src.insert(attr::PEER_NAME.to_owned(), peer.clone());
-    insert_labels(&mut src, attr::PEER_LABELS, &peer_object.status.labels);
-    for value in request.header_values(wire::SOURCE_HEADER) {
-        // Only client attributes are taken from the remote side; who the peer is comes from
-        // its certificate.
-        if let Some((k, v)) = value.split_once('=') {
-            if k.starts_with("client.clusterlink.net/") {
-                src.insert(k.to_owned(), v.to_owned());
-            }
-        }
-    }
-    let mut dst = Attributes::new();
-    dst.insert(attr::EXPORT_NAME.to_owned(), export_name.to_owned());
-    dst.insert(attr::EXPORT_NAMESPACE.to_owned(), export_ns.to_owned());
-    insert_labels(&mut dst, attr::EXPORT_LABELS, &export.metadata.labels);
-    dst.insert(attr::PEER_NAME.to_owned(), ctx.name.clone());
-    insert_labels(&mut dst, attr::PEER_LABELS, &ctx.labels);
-    let decision = snapshot.policies.decide(export_ns, &src, &dst);
+    // Only client attributes are taken from the remote side; who the peer is comes from its
+    // certificate.
+    let client: Attributes = request
+        .header_values(wire::SOURCE_HEADER)
+        .filter_map(|value| value.split_once('='))
+        .filter(|(k, _)| k.starts_with("client.clusterlink.net/"))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let remote = policy::Remote {
+        peer: &peer,
+        peer_labels: &peer_object.status.labels,
+        client: &client,
+    };
+    // Not kept while the connection lasts: a recheck builds them again (`Admission`).
+    let decision = {
+        let (src, dst) = policy::ingress_attributes(
+            ctx.own(),
+            remote,
+            (export_ns, export_name),
+            &export.metadata.labels,
+        );
+        snapshot.policies.decide(export_ns, &src, &dst)
+    };
     ctx.metrics
         .decisions
         .get_or_create(&DecisionLabels {
@@ -380,9 +384,7 @@ async fn connect(
             name: export_name.to_owned(),
             peer: peer.clone(),
         },
-        namespace: export_ns.to_owned(),
-        src,
-        dst,
+        client,
     };
     drop(request);
 

@@ -33,6 +33,7 @@ use crate::{
         PathLabels, TerminatedLabels,
     },
     peer::{Dialer, Peers},
+    policy::Own,
     state::{Snapshot, SnapshotCell},
     tls::Credentials,
 };
@@ -68,6 +69,14 @@ pub struct Context {
 impl Context {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.get()
+    }
+
+    /// This agent in access decisions.
+    pub fn own(&self) -> Own<'_> {
+        Own {
+            name: &self.name,
+            labels: &self.labels,
+        }
     }
 
     /// Stops every listener of the data path (also those an apply binds later).

@@ -17,13 +17,13 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 
 use super::{relay, ConnGuard, Context};
 use crate::{
-    api::{ImportSource, ObjectKey, Peer},
+    api::{ImportSource, ObjectKey},
     connections::{Admission, Admitted},
     limits::Permit,
     logging::limited,
     metrics::{ConnLabels, DecisionLabels, FailLabels, Metrics, EGRESS, UNKNOWN_PEER},
     peer::{io::PeerIo, pool, DialError},
-    policy::{attr, insert_labels, Attributes},
+    policy::{self, Attributes},
     state::Snapshot,
     wire,
 };
@@ -89,25 +89,6 @@ pub fn serve(
     handle(ctx, import, client, from, permit).instrument(span)
 }
 
-fn source_attributes(ctx: &Context, client: SocketAddr) -> Attributes {
-    let mut src = ctx.clients.attributes(client.ip());
-    src.insert(attr::PEER_NAME.to_owned(), ctx.name.clone());
-    insert_labels(&mut src, attr::PEER_LABELS, &ctx.labels);
-    src
-}
-
-fn destination_attributes(source: &ImportSource, peer: &Peer) -> Attributes {
-    let mut dst = Attributes::new();
-    dst.insert(attr::EXPORT_NAME.to_owned(), source.export_name.clone());
-    dst.insert(
-        attr::EXPORT_NAMESPACE.to_owned(),
-        source.export_namespace.clone(),
-    );
-    dst.insert(attr::PEER_NAME.to_owned(), source.peer.clone());
-    insert_labels(&mut dst, attr::PEER_LABELS, &peer.status.labels);
-    dst
-}
-
 /// `_permit`: the connection's place under the caps, held until it ends.
 async fn handle(
     ctx: Arc<Context>,
@@ -130,7 +111,8 @@ async fn handle(
     };
     let _ = client.set_nodelay(true);
     let service = format!("{}/{}", key.namespace, key.name);
-    let src = source_attributes(&ctx, from);
+    // The client's own attributes; the rest are the source's and this agent's.
+    let client_attributes = ctx.clients.attributes(from.ip());
     let metrics = &ctx.metrics;
     let mut failures = Vec::new();
     for source in ctx.balancer.order(&key, import, &ctx.peers) {
@@ -139,8 +121,16 @@ async fn handle(
             source.export_namespace, source.export_name, source.peer
         );
         // Boxed: the dial and handshake are not kept in the task while the connection lasts.
-        match Box::pin(try_source(&ctx, &snapshot, source, &src, &key)).await {
-            Ok((tunnel, early, decision, dst)) => {
+        match Box::pin(try_source(
+            &ctx,
+            &snapshot,
+            source,
+            &client_attributes,
+            &key,
+        ))
+        .await
+        {
+            Ok((tunnel, early, decision)) => {
                 let span = Span::current();
                 span.record("source", field::display(&target));
                 span.record("peer", field::display(&source.peer));
@@ -158,9 +148,7 @@ async fn handle(
                         import: key.clone(),
                         source: source.clone(),
                     },
-                    namespace: key.namespace.clone(),
-                    src,
-                    dst,
+                    client: client_attributes,
                 };
                 let opened = (labels, admission);
                 carry(&ctx, client, tunnel, early, opened, &snapshot, started).await;
@@ -219,17 +207,17 @@ async fn try_source(
     ctx: &Context,
     snapshot: &Snapshot,
     source: &ImportSource,
-    src: &Attributes,
+    client: &Attributes,
     import: &ObjectKey,
-) -> Result<(Box<TlsStream<PeerIo>>, BytesMut, String, Attributes), SourceError> {
+) -> Result<(Box<TlsStream<PeerIo>>, BytesMut, String), SourceError> {
     let peer = snapshot
         .peers
         .get(&source.peer)
         .ok_or_else(|| SourceError::UnknownPeer(source.peer.clone()))?;
-    let dst = destination_attributes(source, peer);
+    let (src, dst) = policy::egress_attributes(ctx.own(), client, source, &peer.status.labels);
     // One snapshot per client connection: the sources and the policies it is checked
     // against come from the same configuration.
-    let decision = snapshot.policies.decide(&import.namespace, src, &dst);
+    let decision = snapshot.policies.decide(&import.namespace, &src, &dst);
     ctx.metrics
         .decisions
         .get_or_create(&DecisionLabels {
@@ -247,7 +235,7 @@ async fn try_source(
         &source.export_name,
         &source.export_namespace,
         &format!("{}/{}", import.namespace, import.name),
-        src,
+        &src,
     );
     let generation = ctx.dialer.generation();
     let mut pooled = health.as_ref().and_then(|h| h.pool.take(generation));
@@ -288,7 +276,7 @@ async fn try_source(
             reason: response.body,
         });
     }
-    Ok((Box::new(tls), buf, decision.to_string(), dst))
+    Ok((Box::new(tls), buf, decision.to_string()))
 }
 
 /// Carries the client's connection through `tunnel`, the connection `opened` as
