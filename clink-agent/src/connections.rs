@@ -224,7 +224,9 @@ pub struct Recheck {
 #[derive(Default)]
 pub struct ConnTable {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
+    /// Boxed: the map's buckets then take 16 bytes each, not an entry's size, and a map
+    /// has up to twice as many buckets as entries.
+    open: Mutex<HashMap<u64, Box<Entry>>>,
     closing: Closing,
     /// The agent's name and labels, for decisions after a change.
     name: String,
@@ -273,7 +275,7 @@ impl ConnTable {
         });
         self.lock().insert(
             id,
-            Entry {
+            Box::new(Entry {
                 info: ConnectionInfo {
                     id,
                     direction: direction.to_owned(),
@@ -286,7 +288,7 @@ impl ConnTable {
                 conn: conn.clone(),
                 seen: 0,
                 quiet_sweeps: 0,
-            },
+            }),
         );
         conn
     }
@@ -422,7 +424,7 @@ impl ConnTable {
         ended
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Box<Entry>>> {
         // A panic while holding the lock leaves plain data behind: still usable.
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }

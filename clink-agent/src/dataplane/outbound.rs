@@ -18,6 +18,7 @@ use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
 use super::{relay, ConnGuard, Context};
 use crate::{
     api::{ImportSource, ObjectKey},
+    clients::unmapped,
     connections::{Admission, Admitted},
     limits::Permit,
     logging::limited,
@@ -79,10 +80,9 @@ pub fn serve(
     let span = info_span!(
         "egress",
         import = %format!("{}/{}", import.namespace, import.name),
-        client = %from,
+        client = %SocketAddr::new(unmapped(from.ip()), from.port()),
         source = field::Empty,
         peer = field::Empty,
-        decision = field::Empty,
         datapath = ctx.datapath.name(),
         service_addr = field::Empty,
     );
@@ -134,10 +134,16 @@ async fn handle(
                 let span = Span::current();
                 span.record("source", field::display(&target));
                 span.record("peer", field::display(&source.peer));
-                span.record("decision", field::display(&decision));
                 let setup = started.elapsed();
                 Metrics::observe(&metrics.setup, EGRESS, setup);
-                info!(setup_ms = setup.as_secs_f64() * 1e3, "tunnel open");
+                // The decision is logged here rather than kept in the span: a span's fields
+                // are a string every open connection holds (ARCHITECTURE.md, "Buffers").
+                info!(
+                    setup_ms = setup.as_secs_f64() * 1e3,
+                    %decision,
+                    "tunnel open"
+                );
+                drop(decision);
                 let labels = ConnLabels {
                     direction: EGRESS,
                     service,
@@ -151,7 +157,12 @@ async fn handle(
                     client: client_attributes,
                 };
                 let opened = (labels, admission);
-                carry(&ctx, client, tunnel, early, opened, &snapshot, started).await;
+                // Boxed: the set-up's state (the sources, the failures so far) is not kept
+                // next to it for the life of the connection.
+                Box::pin(carry(
+                    &ctx, client, tunnel, early, opened, &snapshot, started,
+                ))
+                .await;
                 return;
             }
             Err(e) => {
