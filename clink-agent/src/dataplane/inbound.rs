@@ -203,7 +203,16 @@ async fn handle(
             // Boxed: the handshake's and the request's states are not kept next to it for
             // the life of the connection, and (in debug builds, where tokio boxes any task
             // future over 2 KiB itself) the task fits a smaller allocation.
-            Box::pin(connect(ctx, tls, peer, request, buf, started, permit)).await
+            Box::pin(connect(
+                ctx,
+                tls,
+                peer,
+                Box::new(request),
+                buf,
+                started,
+                permit,
+            ))
+            .await
         }
         (method, target) => {
             count_failure(&ctx, "", peer_label(&ctx.snapshot(), &peer), "protocol");
@@ -271,17 +280,15 @@ async fn connect(
     ctx: Arc<Context>,
     mut tls: Box<TlsStream<PeerIo>>,
     peer: String,
-    request: wire::Request,
+    // Boxed: an `async fn` keeps its arguments' room for as long as it runs.
+    request: Box<wire::Request>,
     early: BytesMut,
     started: Instant,
     _permit: Permit,
 ) {
-    let import = request
-        .header_values(wire::IMPORT_HEADER)
-        .next()
-        .unwrap_or("-")
-        .to_owned();
-    Span::current().record("import", field::display(Untrusted(&import)));
+    if let Some(import) = request.header_values(wire::IMPORT_HEADER).next() {
+        Span::current().record("import", field::display(Untrusted(import)));
+    }
     let snapshot = ctx.snapshot();
     let Some(peer_object) = snapshot.peers.get(&peer) else {
         count_failure(&ctx, "", UNKNOWN_PEER.to_owned(), "unknown-peer");

@@ -156,13 +156,13 @@ async fn handle(
                     },
                     client: client_attributes,
                 };
-                let opened = (labels, admission);
+                let local = client
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let guard = ConnGuard::open(&ctx, labels, local, admission, &snapshot);
                 // Boxed: the set-up's state (the sources, the failures so far) is not kept
                 // next to it for the life of the connection.
-                Box::pin(carry(
-                    &ctx, client, tunnel, early, opened, &snapshot, started,
-                ))
-                .await;
+                Box::pin(carry(&ctx, guard, client, tunnel, early, started)).await;
                 return;
             }
             Err(e) => {
@@ -290,22 +290,17 @@ async fn try_source(
     Ok((Box::new(tls), buf, decision.to_string()))
 }
 
-/// Carries the client's connection through `tunnel`, the connection `opened` as
-/// `snapshot` admitted it.
+/// Carries the client's connection through `tunnel`, the connection `guard` counts; `early`
+/// is what the peer sent after its answer. It takes what it needs and no more: an `async fn`
+/// keeps its arguments for as long as it runs (ARCHITECTURE.md, "Buffers").
 async fn carry(
     ctx: &Context,
+    guard: ConnGuard<'_>,
     mut client: TcpStream,
     tunnel: Box<TlsStream<PeerIo>>,
     early: BytesMut,
-    opened: (ConnLabels, Admission),
-    snapshot: &Arc<Snapshot>,
     started: Instant,
 ) {
-    let local = client
-        .peer_addr()
-        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (labels, admission) = opened;
-    let guard = ConnGuard::open(ctx, labels, local, admission, snapshot);
     if !early.is_empty() {
         if let Err(e) = client.write_all(&early).await {
             warn!(error = %e, "client went away");
