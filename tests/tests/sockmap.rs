@@ -6,6 +6,9 @@
 //! - an Import's service address (`clusterlink.net/service-ip`) reaches the Import from
 //!   inside the cgroup, over IPv4, IPv6 and IPv4-mapped IPv6, and not from outside;
 //! - an agent killed with SIGKILL leaves no attachment behind and a restart works again;
+//! - a client with blocking sockets that half-closes gets EAGAIN on this path (the kernel
+//!   limit `sockmap_eagain.rs` isolates), and works 200 times out of 200 on the userspace
+//!   path, which `auto` picks instead;
 //! - bad input: without privileges, cgroup v2 or bpffs, `--datapath sockmap` exits naming
 //!   what is missing, and `auto` falls back to userspace saying why.
 //!
