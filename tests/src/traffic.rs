@@ -118,8 +118,9 @@ pub fn send_pattern(
 ///
 /// On a socket in a sockmap (the sockmap data path splices the client's and the service's
 /// sockets), the kernel's `tcp_bpf_recvmsg` answers a *blocking* read with EAGAIN when its
-/// wait is woken without data, e.g. by an ACK or a write on the same socket (seen on Linux
-/// 6.18). Only for streams without a read timeout, where `WouldBlock` means nothing else.
+/// wait is woken without data: by the ACK of the socket's own FIN, or by its half-close from
+/// another thread (Linux 6.18; `tests/sockmap_eagain.rs`). Only for streams without a read
+/// timeout, where `WouldBlock` means nothing else.
 pub struct Patient<R>(pub R);
 
 impl<R: Read> Read for Patient<R> {

@@ -68,8 +68,8 @@ struct Args {
     /// Data path: userspace; sockmap (local hops spliced in the kernel); ktls (tunnel TLS
     /// records made by the kernel, payload spliced, never copied to the agent); both fail at
     /// start naming what is missing. auto: ktls where the kernel has kernel TLS, else
-    /// userspace, logging why (sockmap is opt-in until the kernel issues in ARCHITECTURE.md
-    /// are resolved).
+    /// userspace, logging why (sockmap is opt-in: the kernel fails blocking reads of spliced
+    /// sockets with EAGAIN, ARCHITECTURE.md "Blocking readers").
     #[arg(long, value_enum, default_value = "auto")]
     datapath: kernel::Choice,
     /// cgroup v2 directory whose processes' connections the kernel data paths intercept: the

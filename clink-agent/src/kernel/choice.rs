@@ -1,9 +1,12 @@
 //! `--datapath`: which data path the agent runs. `userspace` never touches the kernel;
 //! `sockmap` and `ktls` fail at start, naming the missing feature, if the host or the
 //! privileges do not allow them; `auto` runs ktls where the kernel has kernel TLS, else
-//! userspace, and logs why. Sockmap is opt-in because on the kernels tested (6.18) a
-//! blocking read of a spliced socket can fail with EAGAIN (ARCHITECTURE.md, "Sockmap data
-//! path"). Event-driven clients are unaffected.
+//! userspace, and logs why. Sockmap is never picked by `auto`: on the kernels tested (6.18) a
+//! blocking read of a spliced socket fails with EAGAIN when its wait is woken without data,
+//! as by the ACK of the client's own FIN (send, `shutdown(SHUT_WR)`, `recv`) or by its own
+//! half-close from another thread; nothing the agent does prevents it (ARCHITECTURE.md,
+//! "Blocking readers"; `tests/tests/sockmap_eagain.rs`). Clients that do not block in
+//! `recv` are unaffected.
 
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
@@ -93,9 +96,11 @@ pub fn select(options: &Options) -> Result<Datapath, SelectError> {
                 Ok(_) => info!(
                     datapath = USERSPACE,
                     "the sockmap data path is available but not chosen automatically: on this \
-                     kernel a blocking recv() on a spliced socket can fail with EAGAIN, which \
-                     breaks clients that use blocking sockets; --datapath sockmap turns it on \
-                     (clients with non-blocking I/O are not affected)"
+                     kernel a blocking recv() on a spliced socket fails with EAGAIN when the \
+                     client's own FIN is acknowledged or its socket half-closed while it waits \
+                     (send, shutdown(SHUT_WR), recv), which breaks clients that use blocking \
+                     sockets; --datapath sockmap turns it on (clients that do not block in \
+                     recv are not affected)"
                 ),
                 Err(unavailable) => info!(
                     datapath = USERSPACE,
