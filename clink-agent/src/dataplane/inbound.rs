@@ -11,7 +11,7 @@
 //! [`Untrusted`], and each refusal it can repeat is logged through the rate limit
 //! (`ctx.logs`, keyed by the refusal and the peer or address) and always counted.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
 use bytes::BytesMut;
 use tokio::{
@@ -114,8 +114,8 @@ async fn handle(
     // Boxed, the handshake and the stream: the task keeps only what the connection needs
     // while it lasts (ARCHITECTURE.md, "Buffers"). Before the handshake there is no identity:
     // failures are limited per source address.
-    let accept = Box::pin(acceptor.accept(peer_io(tcp)));
-    let mut tls = match timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let accept = timeout(HANDSHAKE_TIMEOUT, acceptor.accept(peer_io(tcp)));
+    let mut tls = match Box::pin(accept).await {
         Ok(Ok(tls)) => {
             Metrics::observe(&ctx.metrics.handshake, INGRESS, started.elapsed());
             Box::new(tls)
@@ -159,10 +159,12 @@ async fn handle(
     let mut buf = BytesMut::with_capacity(4096);
     // Importers keep a few handshaked connections ready: wait for their request longer than
     // for a handshake.
-    let request = match timeout(
+    // Boxed, like everything this task awaits before the connection is carried: the task's
+    // future is as large as its largest state, for the life of the connection.
+    let request = match Box::pin(timeout(
         REQUEST_IDLE_TIMEOUT,
         wire::read_head(&mut tls, &mut buf, wire::parse_request),
-    )
+    ))
     .await
     {
         Ok(Ok(request)) => request,
@@ -179,7 +181,7 @@ async fn handle(
         }
     };
     match (request.method.as_str(), request.target.as_str()) {
-        ("GET", "/healthz") => healthz(&ctx, &mut tls, &peer).await,
+        ("GET", "/healthz") => Box::pin(healthz(&ctx, &mut tls, &peer)).await,
         ("CONNECT", _) => {
             drop(handshake);
             let Some(permit) = ctx.limits.connection(Listener::Gateway, None) else {
@@ -232,8 +234,17 @@ async fn handle(
 
 /// Answers with an error and closes. Input the peer is still sending is drained for a moment
 /// first (a lingering close), so the close does not turn into a reset that destroys the answer
-/// before the peer reads it.
-async fn refuse(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
+/// before the peer reads it. Boxed: the tasks that may refuse would otherwise keep room for
+/// the drain (its timer) for the life of every connection they carry.
+fn refuse<'a>(
+    tls: &'a mut TlsStream<PeerIo>,
+    status: u16,
+    reason: &'a str,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(refuse_now(tls, status, reason))
+}
+
+async fn refuse_now(tls: &mut TlsStream<PeerIo>, status: u16, reason: &str) {
     let _ = tls.write_all(&wire::response(status, &[], reason)).await;
     let _ = tls.shutdown().await;
     let drain = async {
