@@ -20,9 +20,9 @@ use tokio::{
     time::{timeout, Duration},
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tracing::{debug, field, info, info_span, Instrument as _, Span};
+use tracing::{debug, field, info, info_span, Span};
 
-use super::{relay, ConnGuard, Context};
+use super::{relay, ConnGuard, Context, Opened};
 use crate::{
     connections::{Admission, Admitted},
     limits::{Listener, Permit},
@@ -66,7 +66,7 @@ pub fn serve(
         decision = field::Empty,
         datapath = ctx.datapath.name(),
     );
-    handle(ctx, acceptor, tcp, from, handshake).instrument(span)
+    super::set_up_then_carry(handle(ctx, acceptor, tcp, from, handshake), span)
 }
 
 /// The `peer` label of a peer: its name if it is one of our Peers (a fabric member that is not
@@ -105,7 +105,7 @@ async fn handle(
     tcp: TcpStream,
     from: SocketAddr,
     handshake: Permit,
-) {
+) -> Option<Opened<Box<TlsStream<PeerIo>>>> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     if let Err(e) = ctx.dialer.timeouts().apply(&tcp) {
@@ -123,7 +123,7 @@ async fn handle(
         Ok(Err(e)) => {
             count_handshake_failure(&ctx, "error");
             limited!(ctx.logs, "handshake", from.ip(), WARN, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             count_handshake_failure(&ctx, "timeout");
@@ -134,7 +134,7 @@ async fn handle(
                 WARN,
                 "TLS handshake timed out"
             );
-            return;
+            return None;
         }
     };
     let peer = tls
@@ -153,7 +153,7 @@ async fn handle(
             WARN,
             "client certificate has no DNS name; closing"
         );
-        return;
+        return None;
     };
     Span::current().record("peer", field::display(Untrusted(&peer)));
     let mut buf = BytesMut::with_capacity(4096);
@@ -173,15 +173,18 @@ async fn handle(
             count_failure(&ctx, "", peer_label(&ctx.snapshot(), &peer), "protocol");
             limited!(ctx.logs, "bad-request", &peer, WARN, error = %Untrusted(&error), "bad request");
             refuse(&mut tls, 400, &error).await;
-            return;
+            return None;
         }
         Err(_) => {
             debug!("no request on an idle connection; closing");
-            return;
+            return None;
         }
     };
     match (request.method.as_str(), request.target.as_str()) {
-        ("GET", "/healthz") => Box::pin(healthz(&ctx, &mut tls, &peer)).await,
+        ("GET", "/healthz") => {
+            Box::pin(healthz(&ctx, &mut tls, &peer)).await;
+            None
+        }
         ("CONNECT", _) => {
             drop(handshake);
             let Some(permit) = ctx.limits.connection(Listener::Gateway, None) else {
@@ -200,7 +203,7 @@ async fn handle(
                     &format!("at capacity: {max} tunneled connections"),
                 )
                 .await;
-                return;
+                return None;
             };
             // Boxed: the handshake's and the request's states are not kept next to it for
             // the life of the connection, and (in debug builds, where tokio boxes any task
@@ -228,6 +231,7 @@ async fn handle(
                 "unsupported request"
             );
             refuse(&mut tls, 405, "only CONNECT and GET /healthz are served").await;
+            None
         }
     }
 }
@@ -295,8 +299,8 @@ async fn connect(
     request: Box<wire::Request>,
     early: BytesMut,
     started: Instant,
-    _permit: Permit,
-) {
+    permit: Permit,
+) -> Option<Opened<Box<TlsStream<PeerIo>>>> {
     if let Some(import) = request.header_values(wire::IMPORT_HEADER).next() {
         Span::current().record("import", field::display(Untrusted(import)));
     }
@@ -311,7 +315,7 @@ async fn connect(
             "refused: certificate of a fabric member that is not one of our Peers"
         );
         refuse(&mut tls, 403, &format!("peer {peer:?} is not known here")).await;
-        return;
+        return None;
     };
     // From here on `peer` is one of our Peers: a label value of bounded number.
     let fail = |service: &str, reason: &'static str| {
@@ -333,7 +337,7 @@ async fn connect(
             "CONNECT target must be <export>.<namespace>:443",
         )
         .await;
-        return;
+        return None;
     };
     let export_id = format!("{export_ns}/{export_name}");
     Span::current().record("export", field::display(Untrusted(&export_id)));
@@ -350,7 +354,7 @@ async fn connect(
             "refused: no such export"
         );
         refuse(&mut tls, 404, &format!("no export {export_id}")).await;
-        return;
+        return None;
     };
 
     // Only client attributes are taken from the remote side; who the peer is comes from its
@@ -395,7 +399,7 @@ async fn connect(
             "refused: ingress denied"
         );
         refuse(&mut tls, 403, &format!("ingress {decision}")).await;
-        return;
+        return None;
     }
     // What the connection was admitted with (decided again on every change); the request
     // itself is not kept for the life of the connection.
@@ -430,7 +434,7 @@ async fn connect(
                 "refused: target unreachable"
             );
             refuse(&mut tls, 502, &reason).await;
-            return;
+            return None;
         }
     };
     let _ = target.set_nodelay(true);
@@ -455,11 +459,11 @@ async fn connect(
         tls.flush().await
     };
     if answered.await.is_err() {
-        return;
+        return None;
     }
     if !early.is_empty() && target.write_all(&early).await.is_err() {
         relay::arm_reset(tls.get_ref().0.get_ref());
-        return;
+        return None;
     }
     // The head buffer is not kept for the life of the connection.
     let early_len = early.len() as u64;
@@ -468,18 +472,15 @@ async fn connect(
     log_client_certificate(&tls);
     // The decision is logged here rather than kept in the span: a span's fields are a string
     // every open connection holds (ARCHITECTURE.md, "Buffers").
-    info!(%decision, "tunnel open");
-    drop(decision);
-    let carried = super::carry(&ctx, &guard, target, tls).await;
-    let received = carried.received + early_len;
-    let sent = carried.sent;
-    guard.close(sent, received);
-    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    let path = carried.path.as_str();
-    match carried.error {
-        None => info!(received, sent, duration_ms, path, "closed"),
-        Some(e) => info!(received, sent, duration_ms, path, error = %e, "reset"),
-    }
+    info!(conn = guard.id(), %decision, "tunnel open");
+    Some(Opened {
+        guard,
+        local: target,
+        tunnel: tls,
+        early: early_len,
+        started,
+        _permit: permit,
+    })
 }
 
 /// Which certificate the peer presented, for certificate rotations: logged for tunnels only

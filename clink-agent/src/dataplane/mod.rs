@@ -6,15 +6,16 @@ pub mod inbound;
 pub mod outbound;
 pub mod relay;
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
+use futures::{future::OptionFuture, FutureExt as _};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument as _, Span};
 
 use crate::connections::{Admission, BytePath, Conn, ConnTable};
 use crate::{
@@ -26,7 +27,7 @@ use crate::{
     },
     lb::Balancer,
     lifetime::ending_of,
-    limits::{Limits, Listener},
+    limits::{Limits, Listener, Permit},
     logging::LogLimiter,
     metrics::{
         BytesLabels, ConnLabels, DirectionLabels, HandoffLabels, KtlsBytesLabels, Metrics,
@@ -193,10 +194,83 @@ impl Carried {
     }
 }
 
+/// A tunneled connection once it is set up (both peers agreed, the early bytes passed on):
+/// what carrying it takes, and no more. The set-up runs in the connection's span; the
+/// carried connection keeps none (a span and its formatted fields cost every open
+/// connection about half a KiB, ARCHITECTURE.md "Buffers"), so what is logged about it
+/// from then on names it itself: `conn`, its number in `clink connections`, which the
+/// set-up's `tunnel open` line gives too.
+struct Opened<S> {
+    guard: ConnGuard,
+    local: TcpStream,
+    tunnel: S,
+    /// Payload bytes from the remote side already passed on during the set-up.
+    early: u64,
+    started: Instant,
+    /// The connection's place under the caps, held until it ends.
+    _permit: Permit,
+}
+
+impl<S: TunnelTls + relay::OverTcp> Opened<S> {
+    /// Carries the connection to its end, then counts and logs it.
+    async fn run(self) {
+        let carried = carry(&self.guard.ctx, &self.guard, self.local, self.tunnel).await;
+        let sent = carried.sent;
+        let received = carried.received + self.early;
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let path = carried.path.as_str();
+        let guard = self.guard;
+        let labels = &guard.labels;
+        let (conn, local) = (guard.id(), guard.local);
+        let (service, peer) = (labels.service.as_str(), labels.peer.as_str());
+        match carried.error {
+            None => info!(
+                conn,
+                direction = labels.direction,
+                service,
+                peer,
+                %local,
+                sent,
+                received,
+                duration_ms,
+                path,
+                "closed"
+            ),
+            Some(e) => info!(
+                conn,
+                direction = labels.direction,
+                service,
+                peer,
+                %local,
+                sent,
+                received,
+                duration_ms,
+                path,
+                error = %e,
+                "reset"
+            ),
+        }
+        guard.close(sent, received);
+    }
+}
+
+/// Runs `setup` in `span`, then carries what it set up (if it did) outside the span. The
+/// set-up's state is dropped before the connection is carried.
+fn set_up_then_carry<S, F>(setup: F, span: Span) -> impl Future<Output = ()>
+where
+    S: TunnelTls + relay::OverTcp,
+    F: Future<Output = Option<Opened<S>>>,
+{
+    setup
+        .instrument(span)
+        .then(|opened| OptionFuture::from(opened.map(Opened::run)))
+        .map(drop)
+}
+
 /// Moves a tunneled connection's bytes between the local socket and the tunnel: in the
 /// kernel where the data path is kTLS and the kernel takes the session, else in userspace.
 /// Counts why the agent reset it, where it did (`clink_connections_terminated_total`).
-async fn carry<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
+async fn carry<S>(ctx: &Context, guard: &ConnGuard, local: TcpStream, tls: S) -> Carried
 where
     S: TunnelTls + relay::OverTcp,
 {
@@ -218,7 +292,7 @@ where
     carried
 }
 
-async fn move_bytes<S>(ctx: &Context, guard: &ConnGuard<'_>, local: TcpStream, tls: S) -> Carried
+async fn move_bytes<S>(ctx: &Context, guard: &ConnGuard, local: TcpStream, tls: S) -> Carried
 where
     S: TunnelTls + relay::OverTcp,
 {
@@ -234,7 +308,7 @@ where
 /// userspace where the kernel did not take it.
 async fn carry_ktls<S>(
     ctx: &Context,
-    guard: &ConnGuard<'_>,
+    guard: &ConnGuard,
     local: TcpStream,
     tls: S,
     ktls: &Ktls,
@@ -250,13 +324,20 @@ where
             .inc();
     };
     // Boxed, like the pump below: the hand-off's state is not kept while the bytes flow.
-    let handoff = Box::pin(ktls.handoff(tls)).await;
+    // In a span of its own while it lasts, for what the hand-off logs.
+    let handoff = Box::pin(ktls.handoff(tls))
+        .instrument(info_span!("handoff", conn = guard.id()))
+        .await;
     let mut local = local;
     match handoff {
         Handoff::Kernel(tunnel, plaintext) => {
             count("kernel");
             guard.set_path(BytePath::Ktls);
-            debug!(early = plaintext.len(), "tunnel handed to kernel TLS");
+            debug!(
+                conn = guard.id(),
+                early = plaintext.len(),
+                "tunnel handed to kernel TLS"
+            );
             if let Err(failed) =
                 write_early(&mut local, tunnel.tcp(), &plaintext, BytePath::Ktls).await
             {
@@ -286,7 +367,11 @@ where
         }
         Handoff::Userspace(tls, why, taken) => {
             count(why.label());
-            info!(reason = %why, "kernel TLS did not take the tunnel; relaying in userspace");
+            info!(
+                conn = guard.id(),
+                reason = %why,
+                "kernel TLS did not take the tunnel; relaying in userspace"
+            );
             // Decrypted on the way to a record boundary (usually nothing): it goes first.
             if let Err(failed) =
                 write_early(&mut local, tls.tcp(), &taken, BytePath::Userspace).await
@@ -299,7 +384,7 @@ where
         }
         Handoff::Failed(e) => {
             count("failed");
-            warn!(error = %e, "kernel TLS hand-off failed; connection reset");
+            warn!(conn = guard.id(), error = %e, "kernel TLS hand-off failed; connection reset");
             relay::arm_reset(&local);
             Carried::failed(e, BytePath::Ktls)
         }
@@ -322,12 +407,7 @@ async fn write_early(
 }
 
 /// The userspace relay, over the data path's local leg (spliced on the sockmap path).
-async fn relay_userspace<S>(
-    ctx: &Context,
-    guard: &ConnGuard<'_>,
-    local: TcpStream,
-    tls: S,
-) -> Carried
+async fn relay_userspace<S>(ctx: &Context, guard: &ConnGuard, local: TcpStream, tls: S) -> Carried
 where
     S: relay::OverTcp,
 {
@@ -338,7 +418,16 @@ where
         BytePath::Userspace
     };
     guard.set_path(path);
-    let outcome = relay::relay(local, tls, &guard.conn.lifetime).await;
+    let relay = relay::relay(local, tls, &guard.conn.lifetime);
+    // The sockmap leg logs its demotion to TCP: in a span that names the connection. Plain
+    // relays log nothing and keep no span (see `Opened`).
+    let outcome = if path == BytePath::Sockmap {
+        relay
+            .instrument(info_span!("spliced", conn = guard.id()))
+            .await
+    } else {
+        relay.await
+    };
     Carried {
         sent: outcome.a_to_b,
         received: outcome.b_to_a,
@@ -350,16 +439,16 @@ where
 /// Counts one tunneled connection from open to close, in the metrics (which `clink status`
 /// reads too), and keeps its entry in the connection table. `local` is the client (egress)
 /// or the export target (ingress); `admission` is what `snapshot` admitted it with.
-struct ConnGuard<'a> {
-    metrics: &'a Metrics,
-    table: &'a ConnTable,
+struct ConnGuard {
+    ctx: Arc<Context>,
     labels: ConnLabels,
     conn: Arc<Conn>,
+    local: std::net::SocketAddr,
 }
 
-impl<'a> ConnGuard<'a> {
+impl ConnGuard {
     fn open(
-        ctx: &'a Context,
+        ctx: &Arc<Context>,
         labels: ConnLabels,
         local: std::net::SocketAddr,
         admission: Admission,
@@ -383,17 +472,24 @@ impl<'a> ConnGuard<'a> {
         // After the insert: a change published from now on finds the entry.
         ctx.connections.admitted(&conn, snapshot, &ctx.snapshot());
         ConnGuard {
-            metrics,
-            table: &ctx.connections,
+            ctx: ctx.clone(),
             labels,
             conn,
+            local,
         }
+    }
+
+    /// The connection's number in the table (`clink connections`), which every line logged
+    /// about it names.
+    fn id(&self) -> u64 {
+        self.conn.id
     }
 
     /// The connection's payload takes `path` (decided once, when the bytes start to move).
     fn set_path(&self, path: BytePath) {
-        self.table.set_path(self.conn.id, path);
-        self.metrics
+        self.ctx.connections.set_path(self.conn.id, path);
+        self.ctx
+            .metrics
             .paths
             .get_or_create(&PathLabels {
                 direction: self.labels.direction,
@@ -406,7 +502,8 @@ impl<'a> ConnGuard<'a> {
     /// from it.
     fn close(self, sent: u64, received: u64) {
         for (flow, n) in [("sent", sent), ("received", received)] {
-            self.metrics
+            self.ctx
+                .metrics
                 .bytes
                 .get_or_create(&BytesLabels {
                     direction: self.labels.direction,
@@ -416,14 +513,15 @@ impl<'a> ConnGuard<'a> {
                 })
                 .inc_by(n);
         }
-        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.ctx.metrics.closed.get_or_create(&self.labels).inc();
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.table.remove(self.conn.id);
-        self.metrics
+        self.ctx.connections.remove(self.conn.id);
+        self.ctx
+            .metrics
             .active
             .get_or_create(&DirectionLabels {
                 direction: self.labels.direction,

@@ -13,9 +13,9 @@ use tokio::{
     time::{timeout, Duration},
 };
 use tokio_rustls::client::TlsStream;
-use tracing::{debug, field, info, info_span, warn, Instrument as _, Span};
+use tracing::{debug, field, info, info_span, warn, Span};
 
-use super::{relay, ConnGuard, Context};
+use super::{relay, ConnGuard, Context, Opened};
 use crate::{
     api::{ImportSource, ObjectKey},
     clients::unmapped,
@@ -86,17 +86,18 @@ pub fn serve(
         datapath = ctx.datapath.name(),
         service_addr = field::Empty,
     );
-    handle(ctx, import, client, from, permit).instrument(span)
+    super::set_up_then_carry(handle(ctx, import, client, from, permit), span)
 }
 
-/// `_permit`: the connection's place under the caps, held until it ends.
+/// Sets the connection up: a tunnel through the first source that takes it. `permit` is
+/// its place under the caps, held until it ends.
 async fn handle(
     ctx: Arc<Context>,
     key: ObjectKey,
-    client: TcpStream,
+    mut client: TcpStream,
     from: SocketAddr,
-    _permit: Permit,
-) {
+    permit: Permit,
+) -> Option<Opened<Box<TlsStream<PeerIo>>>> {
     let started = Instant::now();
     // On the sockmap path, a client may have asked for the Import's service address.
     if let Ok(local) = client.local_addr() {
@@ -107,7 +108,7 @@ async fn handle(
     let snapshot = ctx.snapshot();
     let Some(import) = snapshot.imports.get(&key) else {
         debug!("import was removed; closing");
-        return;
+        return None;
     };
     let _ = client.set_nodelay(true);
     let service = format!("{}/{}", key.namespace, key.name);
@@ -134,16 +135,6 @@ async fn handle(
                 let span = Span::current();
                 span.record("source", field::display(&target));
                 span.record("peer", field::display(&source.peer));
-                let setup = started.elapsed();
-                Metrics::observe(&metrics.setup, EGRESS, setup);
-                // The decision is logged here rather than kept in the span: a span's fields
-                // are a string every open connection holds (ARCHITECTURE.md, "Buffers").
-                info!(
-                    setup_ms = setup.as_secs_f64() * 1e3,
-                    %decision,
-                    "tunnel open"
-                );
-                drop(decision);
                 let labels = ConnLabels {
                     direction: EGRESS,
                     service,
@@ -156,14 +147,32 @@ async fn handle(
                     },
                     client: client_attributes,
                 };
-                let local = client
-                    .peer_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let local = SocketAddr::new(unmapped(from.ip()), from.port());
                 let guard = ConnGuard::open(&ctx, labels, local, admission, &snapshot);
-                // Boxed: the set-up's state (the sources, the failures so far) is not kept
-                // next to it for the life of the connection.
-                Box::pin(carry(&ctx, guard, client, tunnel, early, started)).await;
-                return;
+                let setup = started.elapsed();
+                Metrics::observe(&metrics.setup, EGRESS, setup);
+                // The decision is logged here rather than kept in the span: a span's fields
+                // are a string every open connection holds (ARCHITECTURE.md, "Buffers").
+                info!(
+                    conn = guard.id(),
+                    setup_ms = setup.as_secs_f64() * 1e3,
+                    %decision,
+                    "tunnel open"
+                );
+                if !early.is_empty() {
+                    if let Err(e) = client.write_all(&early).await {
+                        warn!(error = %e, "client went away");
+                        return None;
+                    }
+                }
+                return Some(Opened {
+                    guard,
+                    local: client,
+                    tunnel,
+                    early: early.len() as u64,
+                    started,
+                    _permit: permit,
+                });
             }
             Err(e) => {
                 // An Import may name a Peer that does not exist (yet): not a label value.
@@ -212,6 +221,7 @@ async fn handle(
         "connection refused: no source could carry it"
     );
     relay::arm_reset(&client);
+    None
 }
 
 async fn try_source(
@@ -288,36 +298,4 @@ async fn try_source(
         });
     }
     Ok((Box::new(tls), buf, decision.to_string()))
-}
-
-/// Carries the client's connection through `tunnel`, the connection `guard` counts; `early`
-/// is what the peer sent after its answer. It takes what it needs and no more: an `async fn`
-/// keeps its arguments for as long as it runs (ARCHITECTURE.md, "Buffers").
-async fn carry(
-    ctx: &Context,
-    guard: ConnGuard<'_>,
-    mut client: TcpStream,
-    tunnel: Box<TlsStream<PeerIo>>,
-    early: BytesMut,
-    started: Instant,
-) {
-    if !early.is_empty() {
-        if let Err(e) = client.write_all(&early).await {
-            warn!(error = %e, "client went away");
-            return;
-        }
-    }
-    // The head buffer is not kept for the life of the connection.
-    let early_len = early.len() as u64;
-    drop(early);
-    let carried = super::carry(ctx, &guard, client, tunnel).await;
-    let sent = carried.sent;
-    let received = carried.received + early_len;
-    guard.close(sent, received);
-    let duration_ms = started.elapsed().as_secs_f64() * 1e3;
-    let path = carried.path.as_str();
-    match carried.error {
-        None => info!(sent, received, duration_ms, path, "closed"),
-        Some(e) => info!(sent, received, duration_ms, path, error = %e, "reset"),
-    }
 }
