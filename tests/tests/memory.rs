@@ -34,13 +34,10 @@ const CONNECTIONS: usize = 10_000;
 /// Descriptors an agent (or this process) needs besides two per connection: listeners, the
 /// pool, the admin and metrics sockets, log, epoll, the test's scrapes.
 const SPARE_FILES: u64 = 256;
-/// What an idle tunneled connection may cost each agent. The issue's target is 12 KiB: met
-/// at 11.7 KiB until every connection also kept what it was admitted with for the recheck
-/// after policy changes (the source and destination attributes, `connections::Admission`);
-/// 14.8 KiB since. This bound catches regressions until that is stored compactly.
-const MAX_PER_CONNECTION: u64 = 16 * 1024;
-/// The issue's target, printed next to the measured figure.
-const TARGET_PER_CONNECTION: u64 = 12 * 1024;
+/// What an idle tunneled connection may cost each agent: the issue's target. Measured at
+/// 10.9 KiB (importer) and 11.0 KiB (exporter) with 9,296 connections in debug builds
+/// (ARCHITECTURE.md, "Buffers", has the parts).
+const MAX_PER_CONNECTION: u64 = 12 * 1024;
 /// Clients connecting at once: enough to keep both agents busy without queueing past the
 /// Import listener's backlog.
 const CONCURRENCY: usize = 64;
@@ -110,15 +107,6 @@ fn idle_tunnels_cost_at_most_12_kib_per_side_and_memory_returns_after_close() {
         );
     }
     eprintln!("{connections} tunnels opened in {opened:.1?}");
-    for (i, side) in ["a", "b"].iter().enumerate() {
-        if per_connection[i] > TARGET_PER_CONNECTION {
-            eprintln!(
-                "agent {side}: {} B per idle connection, above the issue's target of \
-                 {TARGET_PER_CONNECTION} B",
-                per_connection[i]
-            );
-        }
-    }
     for (i, side) in ["a", "b"].iter().enumerate() {
         assert!(
             per_connection[i] <= MAX_PER_CONNECTION,
