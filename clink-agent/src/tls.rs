@@ -209,18 +209,25 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// ring's TLS 1.3 suites, AES-128-GCM first: all three are strong, and AES-128 (10 AES
-/// rounds, SHA-256 key schedule) costs the tunnel less per byte and per handshake than
-/// AES-256-GCM-SHA384, which rustls would otherwise pick first.
+/// The crypto library under rustls: ring, or aws-lc-rs with the `aws-lc` feature
+/// (docs/performance.md, "Crypto provider", has both measured).
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as crypto_library;
+#[cfg(not(feature = "aws-lc"))]
+use rustls::crypto::ring as crypto_library;
+
+/// The crypto library's TLS 1.3 suites, AES-128-GCM first: all three are strong, and AES-128
+/// (10 AES rounds, SHA-256 key schedule) costs the tunnel less per byte and per handshake
+/// than AES-256-GCM-SHA384, which rustls would otherwise pick first.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite as suite;
+    use crypto_library::cipher_suite as suite;
     Arc::new(rustls::crypto::CryptoProvider {
         cipher_suites: vec![
             suite::TLS13_AES_128_GCM_SHA256,
             suite::TLS13_AES_256_GCM_SHA384,
             suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        ..rustls::crypto::ring::default_provider()
+        ..crypto_library::default_provider()
     })
 }
 

@@ -8,6 +8,10 @@
 //!   4 KiB at first and four times more after every read that filled the request, up to
 //!   64 KiB (4 -> 16 -> 64): large enough that a TLS leg is written as four full 16 KiB
 //!   records at once, and a plaintext leg read in one `recvfrom`.
+//! * A read goes on while the reader has bytes without waiting: a TLS reader hands out one
+//!   record's plaintext per read, so records that arrived together leave in one write
+//!   instead of one per record (docs/performance.md, "Small requests on the userspace
+//!   path"). Nothing waits for more, so no byte is held back.
 //! * rustls pulls ciphertext from its transport at most 4 KiB at a time. [`PeerIo`](crate::peer::io::PeerIo) reads the
 //!   socket straight into rustls's buffer until a read comes back full (more is waiting), and
 //!   from then on through its own 64 KiB buffer, until the socket is empty: one `recvfrom`
@@ -105,6 +109,8 @@ struct Pipe {
 enum Step {
     /// Bytes were read and written, or kept for the writer.
     Moved,
+    /// The same, and the reader's end of stream came right after them.
+    MovedThenEof,
     /// End of stream.
     Eof,
     /// Nothing to read now.
@@ -165,7 +171,7 @@ impl Pipe {
             })?;
             match step {
                 Step::Moved => {}
-                Step::Eof => self.read_done = true,
+                Step::Eof | Step::MovedThenEof => self.read_done = true,
                 Step::Idle => {
                     // The reader is empty: nothing is kept for it while it stays quiet.
                     self.pending = Vec::new();
@@ -198,10 +204,33 @@ impl Pipe {
             Poll::Pending => return Ok(Step::Idle),
             Poll::Ready(res) => res?,
         }
-        let n = rb.filled().len();
-        if n == 0 {
+        if rb.filled().is_empty() {
             return Ok(Step::Eof);
         }
+        // A TLS reader hands out one record's plaintext per read; what it already holds (the
+        // records of one socket read) goes out in this write, one system call for all of them
+        // instead of one per record. A plain socket's next read after a short one costs no
+        // system call: tokio knows it was drained.
+        // An error behind the bytes is returned after they are written, as when it came with
+        // the next read: it resets both sides, and a reset is reported only once.
+        let mut eof = false;
+        let mut failed = None;
+        while rb.remaining() > 0 {
+            let before = rb.filled().len();
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().len() == before => {
+                    eof = true;
+                    break;
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let n = rb.filled().len();
         if n == window && self.window < MAX_BUFFER {
             // The read filled the window: there is more where it came from.
             self.window *= 4;
@@ -220,7 +249,11 @@ impl Pipe {
             }
         }
         self.pending.extend_from_slice(&scratch[written..n]);
-        Ok(Step::Moved)
+        match failed {
+            Some(e) => Err(e),
+            None if eof => Ok(Step::MovedThenEof),
+            None => Ok(Step::Moved),
+        }
     }
 }
 
@@ -332,6 +365,152 @@ mod tests {
         let outcome = relay.await.unwrap();
         assert_eq!(ending_of(outcome.error.as_ref().unwrap()), Some(&why));
         assert_eq!((outcome.a_to_b, outcome.b_to_a), (5, 0));
+    }
+
+    /// Keeps what it is given and counts the writes: the system calls a socket would see.
+    #[derive(Default)]
+    struct CountingWriter {
+        got: Vec<u8>,
+        writes: usize,
+        shut: bool,
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.got.extend_from_slice(buf);
+            self.writes += 1;
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A TLS client and server over loopback, each over [`PeerIo`] as in the agent.
+    async fn tls_pair() -> (
+        tokio_rustls::client::TlsStream<PeerIo>,
+        tokio_rustls::server::TlsStream<PeerIo>,
+    ) {
+        use crate::{
+            peer::io::peer_io,
+            tls::{create_fabric, create_peer_cert, Identity},
+        };
+        let dir = tempfile::tempdir().unwrap();
+        create_fabric("f", dir.path()).unwrap();
+        create_peer_cert("peer-a", "f", dir.path()).unwrap();
+        let identity = Identity::load(&dir.path().join("peer-a"), "peer-a").unwrap();
+        let (tcp_client, tcp_server) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.server.clone());
+        let accept = tokio::spawn(async move { acceptor.accept(peer_io(tcp_server)).await });
+        let name = rustls::pki_types::ServerName::try_from("peer-a").unwrap();
+        let client = tokio_rustls::TlsConnector::from(identity.client.clone())
+            .connect(name, peer_io(tcp_client))
+            .await
+            .unwrap();
+        (client, accept.await.unwrap().unwrap())
+    }
+
+    /// Hands out one queued chunk per read, as tokio-rustls hands out one record's
+    /// plaintext per read; then nothing (`Pending`), or the end of stream once `eof` is set.
+    #[derive(Default)]
+    struct RecordReader {
+        records: std::collections::VecDeque<Vec<u8>>,
+        eof: bool,
+    }
+
+    impl AsyncRead for RecordReader {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let Some(mut record) = self.records.pop_front() else {
+                return if self.eof {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            };
+            let n = record.len().min(buf.remaining());
+            buf.put_slice(&record[..n]);
+            if n < record.len() {
+                self.records.push_front(record.split_off(n));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Small records that arrived together leave the relay in one write, whole and in order,
+    /// instead of one write per record; an end of stream right behind them still ends the
+    /// direction after them.
+    #[tokio::test]
+    async fn records_read_together_are_written_in_one_go() {
+        const RECORDS: usize = 16;
+        const SIZE: usize = 64;
+        let mut reader = RecordReader::default();
+        let mut sent = Vec::new();
+        for i in 0..RECORDS {
+            let record: Vec<u8> = (0..SIZE).map(|j| (i * SIZE + j) as u8 ^ i as u8).collect();
+            sent.extend_from_slice(&record);
+            reader.records.push_back(record);
+        }
+        let mut pipe = Pipe::new();
+        let mut out = CountingWriter::default();
+        let step = poll_fn(|cx| Poll::Ready(pipe.poll(cx, &mut reader, &mut out))).await;
+        assert!(step.is_pending(), "the direction stays open");
+        assert_eq!(out.got, sent, "every byte, in order");
+        assert_eq!(out.writes, 1, "{RECORDS} records, one write");
+        assert_eq!(pipe.moved, (RECORDS * SIZE) as u64);
+
+        // More records than the window holds: one write per window's worth.
+        let big: Vec<u8> = (0..3 * INITIAL_BUFFER).map(|i| (i % 251) as u8).collect();
+        for record in big.chunks(100) {
+            reader.records.push_back(record.to_vec());
+        }
+        reader.records.push_back(b"last".to_vec());
+        reader.eof = true;
+        sent.extend_from_slice(&big);
+        sent.extend_from_slice(b"last");
+        let result = poll_fn(|cx| pipe.poll(cx, &mut reader, &mut out)).await;
+        assert!(result.is_ok());
+        assert_eq!(out.got, sent, "every byte, in order");
+        assert!(out.shut, "the end of stream is passed on");
+        assert!(out.writes <= 1 + 4, "{} writes", out.writes);
+    }
+
+    /// Bulk data through TLS over [`PeerIo`], in records of odd sizes, arrives intact.
+    #[tokio::test]
+    async fn bulk_through_tls_arrives_intact() {
+        let (mut client, mut server) = tls_pair().await;
+        let payload: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i * 13 + i / 997) as u8)
+            .collect();
+        let expected = payload.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in payload.chunks(7_001) {
+                server.write_all(chunk).await.unwrap();
+                server.flush().await.unwrap();
+            }
+            server.shutdown().await.unwrap();
+        });
+        let mut pipe = Pipe::new();
+        let mut out = CountingWriter::default();
+        poll_fn(|cx| pipe.poll(cx, &mut client, &mut out))
+            .await
+            .unwrap();
+        writer.await.unwrap();
+        assert!(out.got == expected, "every byte, in order");
+        assert!(out.shut);
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ const AXIS: i32 = 50;
 fn colour(route: RouteKind) -> RGBColor {
     match route {
         RouteKind::Userspace => RGBColor(31, 119, 180),
+        RouteKind::Compare => RGBColor(174, 199, 232),
         RouteKind::Sockmap => RGBColor(23, 190, 207),
         RouteKind::Ktls => RGBColor(44, 160, 44),
         RouteKind::Haproxy => RGBColor(255, 127, 14),

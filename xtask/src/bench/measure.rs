@@ -71,7 +71,7 @@ pub fn throughput(
     Ok(bps / 1e9)
 }
 
-/// CPU seconds per GiB that one iperf3 stream from A to B costs in steady state, the
+/// CPU seconds per GiB that iperf3 streams from A to B cost in steady state, the
 /// kernel's work included.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CpuCost {
@@ -105,20 +105,26 @@ pub const CPU_WARM_UP_BYTES: u64 = 4 << 20;
 /// And then this long, for work that set-up started to end.
 const CPU_SETTLE: Duration = Duration::from_millis(500);
 
-/// Runs one iperf3 stream from A to B through `to` and reads, over a window of `seconds` in
+/// Runs `streams` iperf3 streams from A to B through `to` and reads, over a window of `seconds` in
 /// its middle, the CPU time the machine (/proc/stat) and the route's tunnel processes
 /// (/proc/PID/stat) spent and the bytes the server read. The window leaves out iperf3's
 /// start-up and the set-up of its connections (tunnel handshakes included): a per-connection
 /// cost that, under emulation, where a run moves only tens of MiB, would otherwise be most
 /// of the kTLS agents' user time.
-pub fn cpu_cost(place: &Place, to: SocketAddr, seconds: f64, probe: &CpuProbe) -> Result<CpuCost> {
+pub fn cpu_cost(
+    place: &Place,
+    to: SocketAddr,
+    streams: u32,
+    seconds: f64,
+    probe: &CpuProbe,
+) -> Result<CpuCost> {
     let pids: &[u32] = probe.tunnel.as_ref().map_or(&[], |p| p.as_slice());
     // Long enough for the warm-up and the window: iperf3's clock starts once its
     // connections are up.
     let runtime = (seconds + 3.0).ceil() as u32;
     let mut cmd = place.command("iperf3");
     cmd.args(["-c", &to.ip().to_string(), "-p", &to.port().to_string()])
-        .args(["-t", &runtime.to_string()])
+        .args(["-t", &runtime.to_string(), "-P", &streams.to_string()])
         .args(["--json", "--connect-timeout", "5000"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -58,6 +58,15 @@ pub struct Options {
     /// The pipelined scenario's requests in flight on each connection.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pipelined_depth: Option<u32>,
+    /// A directory holding another build's `clink-agent`: adds the route `compare`, that
+    /// agent on the userspace data path, to the run (with its ratio to `userspace`).
+    #[arg(long, value_name = "DIR")]
+    compare_agent: Option<PathBuf>,
+    /// Take `clink-agent`, `clink` and `xtask` from this directory instead of building them
+    /// (and skip `cargo xtask setup`): a run that measures binaries built before, while the
+    /// tree is changing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["vm", "in_vm"])]
+    prebuilt: Option<PathBuf>,
     /// Repetitions of each measurement [default: 5, with --quick 3].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     reps: Option<u32>,
@@ -86,8 +95,9 @@ pub struct Options {
 pub enum Scenario {
     /// iperf3, 1 and 4 streams, both directions.
     Throughput,
-    /// CPU seconds per GiB of one iperf3 stream A→B: the whole machine's (/proc/stat) and
-    /// the tunnel processes' (/proc/PID/stat), with their user-space share.
+    /// CPU seconds per GiB of one and of four iperf3 streams A→B (only one with --vm): the
+    /// whole machine's (/proc/stat) and the tunnel processes' (/proc/PID/stat), with their
+    /// user-space share.
     Cpu,
     /// Round trips of 64-byte messages, one in flight: p50 and p99.
     Latency,
@@ -128,7 +138,9 @@ enum Step {
         streams: u32,
         reverse: bool,
     },
-    Cpu,
+    Cpu {
+        streams: u32,
+    },
     Latency,
     Connect,
     Memory,
@@ -148,7 +160,10 @@ impl Step {
             Step::Throughput { streams, reverse } => {
                 Metric::Throughput { streams, reverse }.label()
             }
-            Step::Cpu => "CPU per GiB, 1 stream A→B".to_owned(),
+            Step::Cpu { streams } => Metric::CpuMachine { streams }
+                .label()
+                .replace(", whole machine (", ", ")
+                .replace(')', ""),
             Step::Latency => "latency".to_owned(),
             Step::Connect => "connection setup".to_owned(),
             Step::Memory => "RSS with 1,000 connections".to_owned(),
@@ -161,11 +176,11 @@ impl Step {
     fn metrics(self) -> Vec<Metric> {
         match self {
             Step::Throughput { streams, reverse } => vec![Metric::Throughput { streams, reverse }],
-            Step::Cpu => vec![
-                Metric::CpuMachine,
-                Metric::CpuTunnel,
-                Metric::CpuTunnelUser,
-                Metric::TunnelUserShare,
+            Step::Cpu { streams } => vec![
+                Metric::CpuMachine { streams },
+                Metric::CpuTunnel { streams },
+                Metric::CpuTunnelUser { streams },
+                Metric::TunnelUserShare { streams },
             ],
             Step::Latency => vec![Metric::LatencyP50, Metric::LatencyP99],
             Step::Connect => vec![Metric::ConnectRate],
@@ -182,7 +197,7 @@ impl Step {
     /// The server in B it measures against.
     fn service(self) -> Service {
         match self {
-            Step::Throughput { .. } | Step::Cpu => Service::Iperf,
+            Step::Throughput { .. } | Step::Cpu { .. } => Service::Iperf,
             Step::Latency | Step::Connect | Step::Memory => Service::Echo,
             Step::Pipelined { .. } => Service::Reply,
             Step::Http => Service::Http,
@@ -226,7 +241,15 @@ impl Plan {
                         }
                     }
                 }
-                Scenario::Cpu => steps.push(Step::Cpu),
+                Scenario::Cpu => {
+                    // Four streams: whether the tunnel or the machine limits them (four streams
+                    // on the VM's two emulated CPUs add time, not insight).
+                    for streams in [1, 4] {
+                        if !(in_vm && streams > 1) {
+                            steps.push(Step::Cpu { streams });
+                        }
+                    }
+                }
                 Scenario::Latency => steps.push(Step::Latency),
                 Scenario::Connect => steps.push(Step::Connect),
                 Scenario::Memory => steps.push(Step::Memory),
@@ -301,12 +324,13 @@ impl Plan {
         for step in &self.steps {
             let part = match step {
                 Step::Throughput { .. } => format!("{} per run", self.transfer.describe()),
-                Step::Cpu => format!(
-                    "CPU: one iperf3 stream A→B; over {} s in its middle (after {} MiB and \
+                Step::Cpu { streams } => format!(
+                    "CPU: {streams} iperf3 stream{} A→B; over {} s in its middle (after {} MiB and \
                      0.5 s more: connection set-up left out), the machine's busy CPU time (the \
                      window times the CPUs, less idle and iowait from /proc/stat) and both \
                      tunnel processes' (utime, stime of /proc/PID/stat), divided by the GiB \
                      the iperf3 server read meanwhile (rchar of /proc/PID/io)",
+                    if *streams == 1 { "" } else { "s" },
                     self.cpu_seconds,
                     measure::CPU_WARM_UP_BYTES >> 20
                 ),
@@ -385,7 +409,10 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
             opts.out.clone().context("--in-vm needs --out")?,
         ),
         None => {
-            let bins = build_all()?;
+            let bins = match &opts.prebuilt {
+                Some(dir) => dir.clone(),
+                None => build_all()?,
+            };
             let out = match &opts.out {
                 Some(out) => out.clone(),
                 None => run::Workspace::locate()?.target_dir.join("bench"),
@@ -405,6 +432,7 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
         asked => asked,
     };
     let kinds = choose_routes(asked, datapaths.as_deref(), clink_testbed::ktls_available())?;
+    let kinds = with_compare(kinds, asked, opts.compare_agent.is_some())?;
     let plan = Plan::new(&opts);
     println!(
         "    routes: {}",
@@ -456,6 +484,7 @@ pub fn bench(opts: Options) -> Result<ExitCode> {
         topo: &bench.topo,
         dir: bench.dir.path(),
         bins: &bins,
+        compare_bins: opts.compare_agent.as_deref(),
         helper: &helper,
         agent_has_datapath_flag: datapaths.is_some(),
         agent_has_pin_dir_flag: help.contains("--bpf-pin-dir"),
@@ -565,6 +594,10 @@ fn choose_routes(
         if !asked.is_empty() && !asked.contains(&kind) {
             continue;
         }
+        // Added by the caller, with --compare-agent only.
+        if kind == RouteKind::Compare {
+            continue;
+        }
         if !offered(kind) {
             if asked.contains(&kind) {
                 bail!(
@@ -590,6 +623,28 @@ fn choose_routes(
         } else {
             kinds.push(kind);
         }
+    }
+    Ok(kinds)
+}
+
+/// Adds the compare route (`--compare-agent`) after userspace, when all routes or it was
+/// asked for.
+fn with_compare(
+    mut kinds: Vec<RouteKind>,
+    asked: &[RouteKind],
+    compare_agent: bool,
+) -> Result<Vec<RouteKind>> {
+    let wanted = asked.is_empty() || asked.contains(&RouteKind::Compare);
+    ensure!(
+        compare_agent || !asked.contains(&RouteKind::Compare),
+        "--path compare needs --compare-agent DIR"
+    );
+    if compare_agent && wanted {
+        let after_userspace = kinds
+            .iter()
+            .position(|k| *k == RouteKind::Userspace)
+            .map_or(0, |i| i + 1);
+        kinds.insert(after_userspace, RouteKind::Compare);
     }
     Ok(kinds)
 }
@@ -752,7 +807,7 @@ fn take(
             let gbps = measure::throughput(place, to, streams, reverse, plan.transfer)?;
             vec![(Metric::Throughput { streams, reverse }, gbps)]
         }
-        Step::Cpu => {
+        Step::Cpu { streams } => {
             let to = route.entry(Service::Iperf);
             let probe = measure::CpuProbe {
                 server: route
@@ -760,13 +815,13 @@ fn take(
                     .context("the route has no iperf3 server")?,
                 tunnel: route.processes().map(|p| [p[0].pid, p[1].pid]),
             };
-            let cost = measure::cpu_cost(place, to, plan.cpu_seconds, &probe)?;
-            let mut figures = vec![(Metric::CpuMachine, cost.machine)];
+            let cost = measure::cpu_cost(place, to, streams, plan.cpu_seconds, &probe)?;
+            let mut figures = vec![(Metric::CpuMachine { streams }, cost.machine)];
             if let (Some(tunnel), Some(user)) = (cost.tunnel, cost.tunnel_user) {
-                figures.push((Metric::CpuTunnel, tunnel));
-                figures.push((Metric::CpuTunnelUser, user));
+                figures.push((Metric::CpuTunnel { streams }, tunnel));
+                figures.push((Metric::CpuTunnelUser { streams }, user));
                 if tunnel > 0.0 {
-                    figures.push((Metric::TunnelUserShare, 100.0 * user / tunnel));
+                    figures.push((Metric::TunnelUserShare { streams }, 100.0 * user / tunnel));
                 }
             }
             figures
@@ -857,7 +912,7 @@ mod tests {
     fn plan_runs_every_scenario_unless_told() {
         let plan = Plan::new(&opts(&[]));
         assert_eq!(plan.reps, 5);
-        assert_eq!(plan.steps.len(), 11);
+        assert_eq!(plan.steps.len(), 12);
         assert_eq!(plan.services(), Service::ALL);
         assert_eq!(
             plan.pipeline,
@@ -889,7 +944,10 @@ mod tests {
         for vm in [&["--vm"][..], &["--in-vm", "/tmp/bins"]] {
             let plan = Plan::new(&opts(vm));
             assert_eq!(plan.reps, 5);
-            assert_eq!(plan.steps, [single(false), single(true), Step::Cpu]);
+            assert_eq!(
+                plan.steps,
+                [single(false), single(true), Step::Cpu { streams: 1 }]
+            );
         }
         let told = Plan::new(&opts(&["--vm", "--scenario", "latency", "--reps", "2"]));
         assert_eq!((told.reps, told.steps), (2, vec![Step::Latency]));
@@ -914,6 +972,27 @@ mod tests {
             offered_datapaths(long),
             Some(vec!["userspace".to_owned(), "sockmap".to_owned()])
         );
+    }
+
+    #[test]
+    fn the_compare_route_follows_userspace_and_needs_its_agent() {
+        use RouteKind::*;
+        let kinds = vec![Direct, Userspace, Haproxy];
+        assert_eq!(
+            with_compare(kinds.clone(), &[], true).unwrap(),
+            [Direct, Userspace, Compare, Haproxy]
+        );
+        assert_eq!(with_compare(kinds.clone(), &[], false).unwrap(), kinds);
+        assert_eq!(
+            with_compare(kinds.clone(), &[Direct, Userspace, Haproxy], true).unwrap(),
+            kinds,
+            "not asked for"
+        );
+        assert!(with_compare(kinds, &[Compare], false).is_err());
+        assert!(opts(&["--prebuilt", "/b", "--compare-agent", "/c"])
+            .prebuilt
+            .is_some());
+        assert!(Cli::try_parse_from(["bench", "--prebuilt", "/b", "--vm"]).is_err());
     }
 
     #[test]

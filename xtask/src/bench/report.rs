@@ -22,14 +22,23 @@ pub enum Metric {
         streams: u32,
         reverse: bool,
     },
-    /// CPU seconds per GiB of one iperf3 stream A→B, all CPUs of the machine (the VM).
-    CpuMachine,
+    /// CPU seconds per GiB of `streams` iperf3 streams A→B, all CPUs of the machine (the
+    /// VM).
+    CpuMachine {
+        streams: u32,
+    },
     /// The same, both tunnel processes, user and system time.
-    CpuTunnel,
+    CpuTunnel {
+        streams: u32,
+    },
     /// The same, both tunnel processes, user time only.
-    CpuTunnelUser,
+    CpuTunnelUser {
+        streams: u32,
+    },
     /// The tunnel processes' user time as a share of their CPU time, in per cent.
-    TunnelUserShare,
+    TunnelUserShare {
+        streams: u32,
+    },
     LatencyP50,
     LatencyP99,
     ConnectRate,
@@ -63,10 +72,22 @@ impl Metric {
                 if streams == 1 { "" } else { "s" },
                 if reverse { "B→A" } else { "A→B" }
             ),
-            Metric::CpuMachine => "CPU per GiB, whole machine (1 stream A→B)".to_owned(),
-            Metric::CpuTunnel => "CPU per GiB, tunnel processes (both sides)".to_owned(),
-            Metric::CpuTunnelUser => "CPU per GiB, tunnel processes in user space".to_owned(),
-            Metric::TunnelUserShare => "user-space share of the tunnel processes' CPU".to_owned(),
+            Metric::CpuMachine { streams } => format!(
+                "CPU per GiB, whole machine ({streams} stream{} A→B)",
+                if streams == 1 { "" } else { "s" }
+            ),
+            Metric::CpuTunnel { streams } => format!(
+                "CPU per GiB, tunnel processes (both sides){}",
+                streams_note(streams)
+            ),
+            Metric::CpuTunnelUser { streams } => format!(
+                "CPU per GiB, tunnel processes in user space{}",
+                streams_note(streams)
+            ),
+            Metric::TunnelUserShare { streams } => format!(
+                "user-space share of the tunnel processes' CPU{}",
+                streams_note(streams)
+            ),
             Metric::LatencyP50 => "request/response round trip, p50".to_owned(),
             Metric::LatencyP99 => "request/response round trip, p99".to_owned(),
             Metric::ConnectRate => "new connections per second".to_owned(),
@@ -93,8 +114,10 @@ impl Metric {
     pub fn unit(self) -> &'static str {
         match self {
             Metric::Throughput { .. } => "Gbit/s",
-            Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => "s/GiB",
-            Metric::TunnelUserShare => "%",
+            Metric::CpuMachine { .. } | Metric::CpuTunnel { .. } | Metric::CpuTunnelUser { .. } => {
+                "s/GiB"
+            }
+            Metric::TunnelUserShare { .. } => "%",
             Metric::LatencyP50
             | Metric::LatencyP99
             | Metric::PipelinedP99 { .. }
@@ -126,13 +149,24 @@ impl Metric {
             Metric::PipelinedCpu { .. } => format!("{value:.2}"),
             // Under emulation the userspace path costs tens of seconds per GiB, the kTLS
             // agents' user time hundredths: both keep three significant digits.
-            Metric::CpuMachine | Metric::CpuTunnel | Metric::CpuTunnelUser => match value {
-                v if v >= 10.0 => format!("{v:.1}"),
-                v if v >= 1.0 => format!("{v:.2}"),
-                v => format!("{v:.3}"),
-            },
+            Metric::CpuMachine { .. } | Metric::CpuTunnel { .. } | Metric::CpuTunnelUser { .. } => {
+                match value {
+                    v if v >= 10.0 => format!("{v:.1}"),
+                    v if v >= 1.0 => format!("{v:.2}"),
+                    v => format!("{v:.3}"),
+                }
+            }
             _ => format!("{value:.1}"),
         }
+    }
+}
+
+/// What a CPU row of more than one stream adds to its label.
+fn streams_note(streams: u32) -> String {
+    if streams == 1 {
+        String::new()
+    } else {
+        format!(", {streams} streams")
     }
 }
 
@@ -350,7 +384,11 @@ impl Results {
             if route != RouteKind::Haproxy && has(RouteKind::Haproxy) {
                 columns.push((route, RouteKind::Haproxy));
             }
-            if matches!(route, RouteKind::Sockmap | RouteKind::Ktls) && has(RouteKind::Userspace) {
+            if matches!(
+                route,
+                RouteKind::Sockmap | RouteKind::Ktls | RouteKind::Compare
+            ) && has(RouteKind::Userspace)
+            {
                 columns.push((route, RouteKind::Userspace));
             }
         }
@@ -461,12 +499,12 @@ impl Results {
             ),
             (
                 "whole-machine CPU per GiB ≤ 0.6× userspace",
-                self.ratio(Metric::CpuMachine, ktls, user)
+                self.ratio(Metric::CpuMachine { streams: 1 }, ktls, user)
                     .map(|r| (format!("{r:.2}×"), r <= 0.6)),
             ),
             (
                 "agents' user-space CPU per GiB ≤ 0.1× userspace's",
-                self.ratio(Metric::CpuTunnelUser, ktls, user)
+                self.ratio(Metric::CpuTunnelUser { streams: 1 }, ktls, user)
                     .map(|r| (format!("{r:.3}×"), r <= 0.1)),
             ),
         ];
@@ -655,9 +693,9 @@ mod tests {
         for (metric, userspace, ktls) in [
             (UP, 0.10, 0.15),
             (down, 0.10, 0.12),
-            (Metric::CpuMachine, 200.0, 100.0),
-            (Metric::CpuTunnel, 120.0, 30.0),
-            (Metric::CpuTunnelUser, 80.0, 0.5),
+            (Metric::CpuMachine { streams: 1 }, 200.0, 100.0),
+            (Metric::CpuTunnel { streams: 1 }, 120.0, 30.0),
+            (Metric::CpuTunnelUser { streams: 1 }, 80.0, 0.5),
         ] {
             r.add(metric, RouteKind::Userspace, userspace);
             r.add(metric, RouteKind::Ktls, ktls);

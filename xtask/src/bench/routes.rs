@@ -44,12 +44,17 @@ pub enum RouteKind {
     Haproxy,
     /// A stunnel mTLS pair.
     Stunnel,
+    /// ClusterLink-rs, userspace data path, with the agent of another build
+    /// (`--compare-agent DIR`): a change's before and after, or two cargo features, side by
+    /// side in one interleaved run.
+    Compare,
 }
 
 impl RouteKind {
-    pub const ALL: [RouteKind; 6] = [
+    pub const ALL: [RouteKind; 7] = [
         RouteKind::Direct,
         RouteKind::Userspace,
+        RouteKind::Compare,
         RouteKind::Sockmap,
         RouteKind::Ktls,
         RouteKind::Haproxy,
@@ -64,6 +69,7 @@ impl RouteKind {
             RouteKind::Ktls => "clink ktls",
             RouteKind::Haproxy => "haproxy",
             RouteKind::Stunnel => "stunnel",
+            RouteKind::Compare => "clink userspace, --compare-agent",
         }
     }
 
@@ -77,13 +83,14 @@ impl RouteKind {
             RouteKind::Ktls => "ktls",
             RouteKind::Haproxy => "haproxy",
             RouteKind::Stunnel => "stunnel",
+            RouteKind::Compare => "compare",
         }
     }
 
     /// The agent's `--datapath` value, for ClusterLink-rs routes.
     pub fn datapath(self) -> Option<&'static str> {
         match self {
-            RouteKind::Userspace => Some("userspace"),
+            RouteKind::Userspace | RouteKind::Compare => Some("userspace"),
             RouteKind::Sockmap => Some("sockmap"),
             RouteKind::Ktls => Some("ktls"),
             _ => None,
@@ -108,6 +115,7 @@ impl RouteKind {
             RouteKind::Haproxy => 3,
             RouteKind::Stunnel => 4,
             RouteKind::Ktls => 5,
+            RouteKind::Compare => 6,
         };
         Ports(10_000 + 100 * index)
     }
@@ -185,6 +193,8 @@ pub struct Env<'a> {
     pub dir: &'a Path,
     /// Holds `clink-agent` and `clink`.
     pub bins: &'a Path,
+    /// Holds the `clink-agent` of the compare route (`--compare-agent`).
+    pub compare_bins: Option<&'a Path>,
     /// The xtask binary that runs `bench-tool`.
     pub helper: &'a Path,
     /// Whether the agent has `--datapath` at all.
@@ -269,7 +279,7 @@ impl Route {
         self.start_servers(env)?;
         match self.kind {
             RouteKind::Direct => return Ok(()),
-            RouteKind::Userspace | RouteKind::Sockmap | RouteKind::Ktls => {
+            RouteKind::Userspace | RouteKind::Compare | RouteKind::Sockmap | RouteKind::Ktls => {
                 self.start_agents(env)?
             }
             RouteKind::Haproxy | RouteKind::Stunnel => self.start_proxies(env)?,
@@ -421,9 +431,13 @@ impl Route {
             .zip([("A", PEERS[0]), ("B", PEERS[1])])
         {
             let files = AgentFiles::new(peer, &env.dir.join(peer), &dir.join(peer))?;
+            let bins = match self.kind {
+                RouteKind::Compare => env.compare_bins.context("no --compare-agent")?,
+                _ => env.bins,
+            };
             let mut cmd = self
                 .place(cluster.netns())
-                .command(env.bins.join("clink-agent"));
+                .command(bins.join("clink-agent"));
             files.configure(&mut cmd)?;
             cmd.arg("--listen")
                 .arg(format!("0.0.0.0:{}", self.ports.gateway()))
