@@ -223,33 +223,22 @@ impl<S: TunnelTls + relay::OverTcp> Opened<S> {
         let labels = &guard.labels;
         let (conn, local) = (guard.id(), guard.local);
         let (service, peer) = (labels.service.as_str(), labels.peer.as_str());
-        match carried.error {
-            None => info!(
-                conn,
-                direction = labels.direction,
-                service,
-                peer,
-                %local,
-                sent,
-                received,
-                duration_ms,
-                path,
-                "closed"
-            ),
-            Some(e) => info!(
-                conn,
-                direction = labels.direction,
-                service,
-                peer,
-                %local,
-                sent,
-                received,
-                duration_ms,
-                path,
-                error = %e,
-                "reset"
-            ),
-        }
+        // An error (both sides were reset) is a field of its own, absent otherwise.
+        let error = carried.error.as_ref().map(tracing::field::display);
+        let what = if error.is_some() { "reset" } else { "closed" };
+        info!(
+            conn,
+            direction = labels.direction,
+            service,
+            peer,
+            %local,
+            sent,
+            received,
+            duration_ms,
+            path,
+            error,
+            "{what}"
+        );
         guard.close(sent, received);
     }
 }
