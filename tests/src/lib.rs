@@ -19,6 +19,6 @@ pub use metrics::{sample, scrape, scrape_at, total, wait_metric, METRICS_PORT};
 pub use sockmap::{Datapath, Sockets, SockmapSandbox, SockmapSetup};
 pub use traffic::{
     ask, assert_intact, connect_in, exchange, half_close_exchange, listen_in, pattern_digest,
-    read_hash, refused, refused_at, round_trip, send_pattern, transfer_both_ways, EchoService,
-    NamedService, Patient, Pattern, Transfer,
+    read_hash, refused, refused_at, round_trip, send_pattern, tcp_state, transfer_both_ways,
+    EchoService, NamedService, Patient, Pattern, Transfer,
 };

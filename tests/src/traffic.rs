@@ -341,3 +341,39 @@ pub fn round_trip(stream: &mut TcpStream, msg: &[u8]) -> io::Result<Duration> {
     }
     Ok(started.elapsed())
 }
+
+/// The TCP state of `stream` by its kernel name (`TCP_INFO`'s `tcpi_state`); `"?"` if the
+/// kernel does not say.
+pub fn tcp_state(stream: &TcpStream) -> &'static str {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: all-zero is a valid `tcp_info` (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return "?";
+    }
+    match info.tcpi_state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "other",
+    }
+}

@@ -28,8 +28,8 @@ use serde_json::Value;
 
 use clink_agent::{admin::types::StatusResponse, kernel::inspect::Inspection};
 use clink_tests::{
-    assert_intact, connect_in, exchange, require_root, sample, scrape, wait_metric, Datapath,
-    Fabric, Patient, SockmapSandbox, Transfer, METRICS_PORT,
+    assert_intact, connect_in, exchange, require_root, sample, scrape, tcp_state, wait_metric,
+    Datapath, Fabric, Patient, SockmapSandbox, Transfer, METRICS_PORT,
 };
 
 const IMPORT_PORT: u16 = 7000;
@@ -703,32 +703,11 @@ fn a_pod_client_reaches_the_service_address_at_the_node_address() {
 /// What one blocking client of [`half_closing_clients`] saw.
 struct BlockingRun {
     /// The TCP state of the client's socket at each EAGAIN of a blocking read.
-    eagain_states: Vec<u8>,
+    eagain_states: Vec<&'static str>,
     /// The answer, read on after any EAGAIN, was whole and intact.
     intact: bool,
 }
 
-/// `TCP_INFO`'s `tcpi_state` (FIN_WAIT2 is 5).
-fn tcp_state(stream: &TcpStream) -> u8 {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: all-zero is a valid `tcp_info` (plain integers).
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(ret, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_state
-}
-
-const TCP_FIN_WAIT2: u8 = 5;
 const QUESTION: usize = 1_000;
 const ANSWER: usize = 64 * 1024 + 3;
 
@@ -817,7 +796,7 @@ fn a_blocking_half_closing_client_gets_eagain_on_the_sockmap_path() {
         runs.iter().all(|run| run.intact),
         "an answer was lost or damaged"
     );
-    let states: Vec<u8> = runs
+    let states: Vec<&str> = runs
         .iter()
         .flat_map(|run| run.eagain_states.clone())
         .collect();
@@ -835,7 +814,7 @@ fn a_blocking_half_closing_client_gets_eagain_on_the_sockmap_path() {
          and reconsider sockmap for `auto` (ARCHITECTURE.md, \"Blocking readers\")"
     );
     assert!(
-        states.iter().all(|&state| state == TCP_FIN_WAIT2),
+        states.iter().all(|&state| state == "FIN_WAIT2"),
         "EAGAIN in another state than FIN_WAIT2 (own FIN acknowledged): {states:?}"
     );
 }

@@ -26,7 +26,7 @@ use std::{
 };
 
 use clink_testbed::Netns;
-use clink_tests::require_root;
+use clink_tests::{require_root, tcp_state};
 
 /// Runs of each case on each kind of pair.
 const RUNS: usize = 10;
@@ -364,39 +364,9 @@ impl Pair {
     }
 }
 
-/// The TCP state of `stream` (`TCP_INFO`), by name.
-fn state(stream: &TcpStream) -> &'static str {
-    // SAFETY: all-zero is a valid `tcp_info` (plain integers).
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most that.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            std::ptr::from_mut(&mut info).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return "?";
-    }
-    match info.tcpi_state {
-        1 => "ESTABLISHED",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        _ => "other",
-    }
-}
-
 fn wait_for_state(stream: &TcpStream, want: &str) {
     let since = Instant::now();
-    while state(stream) != want {
+    while tcp_state(stream) != want {
         assert!(
             since.elapsed() < Duration::from_secs(5),
             "never reached {want}"
@@ -429,7 +399,7 @@ fn read_to_end(client: &mut TcpStream, before: &str) -> Outcome {
     loop {
         let result = client.read(&mut buf);
         let at = since.elapsed().as_millis();
-        let now = state(client);
+        let now = tcp_state(client);
         match result {
             Ok(n) => {
                 trace.push_str(&format!(" {n} B at {at} ms ({now})"));
@@ -552,7 +522,7 @@ fn run(case: Case, kind: Kind) -> io::Result<Outcome> {
             vec![peer_after(100, &pair.server, answer)]
         }
     };
-    let before = state(c);
+    let before = tcp_state(c);
     let outcome = read_to_end(c, before);
     for helper in helpers {
         helper.join().expect("helper thread");
