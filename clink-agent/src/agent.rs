@@ -260,7 +260,8 @@ impl Agent {
             return;
         }
         let ctx = self.ctx.clone();
-        let outcome = off_workers(move || ctx.connections.recheck(&ctx.snapshot())).await;
+        let outcome =
+            off_workers(move || ctx.connections.recheck(&ctx.snapshot(), ctx.own())).await;
         if outcome.ended + outcome.kept > 0 {
             info!(
                 allowed = outcome.allowed,

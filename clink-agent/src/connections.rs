@@ -228,26 +228,13 @@ pub struct ConnTable {
     /// has up to twice as many buckets as entries.
     open: Mutex<HashMap<u64, Box<Entry>>>,
     closing: Closing,
-    /// The agent's name and labels, for decisions after a change.
-    name: String,
-    labels: BTreeMap<String, String>,
 }
 
 impl ConnTable {
-    /// The table of agent `name` with `labels`.
-    pub fn new(closing: Closing, name: &str, labels: &BTreeMap<String, String>) -> ConnTable {
+    pub fn new(closing: Closing) -> ConnTable {
         ConnTable {
             closing,
-            name: name.to_owned(),
-            labels: labels.clone(),
             ..ConnTable::default()
-        }
-    }
-
-    fn own(&self) -> Own<'_> {
-        Own {
-            name: &self.name,
-            labels: &self.labels,
         }
     }
 
@@ -296,13 +283,19 @@ impl ConnTable {
     /// Decides a connection just entered again against `current` when it was admitted by an
     /// older snapshot: a connection set up during a change is then not missed by the change's
     /// [`ConnTable::recheck`], which walks the table after the new snapshot is published.
-    pub fn admitted(&self, conn: &Conn, decided_with: &Arc<Snapshot>, current: &Arc<Snapshot>) {
+    pub fn admitted(
+        &self,
+        conn: &Conn,
+        decided_with: &Arc<Snapshot>,
+        current: &Arc<Snapshot>,
+        own: Own<'_>,
+    ) {
         if Arc::ptr_eq(decided_with, current) {
             return;
         }
         let info = self.lock().get(&conn.id).map(|e| e.info.clone());
         if let Some(info) = info {
-            self.decide_again(conn, &info, current, &mut Recheck::default());
+            self.decide_again(conn, &info, current, own, &mut Recheck::default());
         }
     }
 
@@ -340,7 +333,7 @@ impl ConnTable {
     /// Decides every open connection again against `snapshot` (after a change) and ends
     /// those it no longer allows, or only logs them with `--keep-established`. Each is
     /// logged with the reason.
-    pub fn recheck(&self, snapshot: &Snapshot) -> Recheck {
+    pub fn recheck(&self, snapshot: &Snapshot, own: Own<'_>) -> Recheck {
         // Decided outside the lock: connections open and close meanwhile.
         let open: Vec<(Arc<Conn>, ConnectionInfo)> = self
             .lock()
@@ -349,7 +342,7 @@ impl ConnTable {
             .collect();
         let mut outcome = Recheck::default();
         for (conn, info) in &open {
-            self.decide_again(conn, info, snapshot, &mut outcome);
+            self.decide_again(conn, info, snapshot, own, &mut outcome);
         }
         outcome
     }
@@ -359,9 +352,10 @@ impl ConnTable {
         conn: &Conn,
         info: &ConnectionInfo,
         snapshot: &Snapshot,
+        own: Own<'_>,
         outcome: &mut Recheck,
     ) {
-        let Err(why) = conn.admission.recheck(snapshot, self.own()) else {
+        let Err(why) = conn.admission.recheck(snapshot, own) else {
             outcome.allowed += 1;
             return;
         };
@@ -577,14 +571,14 @@ spec:
         let first = table.insert("egress", "shop/db", "peer-b", local(), egress());
         let second = table.insert("ingress", "shop/db", "peer-b", local(), ingress());
         assert_eq!(
-            table.recheck(&allowed),
+            table.recheck(&allowed, own()),
             Recheck {
                 allowed: 2,
                 ..Recheck::default()
             }
         );
         assert_eq!(
-            table.recheck(&denied),
+            table.recheck(&denied, own()),
             Recheck {
                 ended: 2,
                 ..Recheck::default()
@@ -593,13 +587,13 @@ spec:
         assert_eq!(first.lifetime.ending().map(Ending::label), Some("denied"));
         assert_eq!(second.lifetime.ending().map(Ending::label), Some("denied"));
         // Ended once: a later change does not count them again.
-        assert_eq!(table.recheck(&nothing).ended, 0);
+        assert_eq!(table.recheck(&nothing, own()).ended, 0);
 
         // One set up while a change was published is decided against the new snapshot.
         let late = table.insert("egress", "shop/db", "peer-b", local(), egress());
-        table.admitted(&late, &allowed, &allowed);
+        table.admitted(&late, &allowed, &allowed, own());
         assert_eq!(late.lifetime.ending(), None);
-        table.admitted(&late, &allowed, &denied);
+        table.admitted(&late, &allowed, &denied, own());
         assert_eq!(late.lifetime.ending().map(Ending::label), Some("denied"));
     }
 
@@ -640,17 +634,13 @@ spec:
 
     #[test]
     fn keep_established_keeps_them() {
-        let table = ConnTable::new(
-            Closing {
-                idle_timeout: None,
-                keep_established: true,
-            },
-            "peer-a",
-            &BTreeMap::new(),
-        );
+        let table = ConnTable::new(Closing {
+            idle_timeout: None,
+            keep_established: true,
+        });
         let conn = table.insert("egress", "shop/db", "peer-b", local(), egress());
         assert_eq!(
-            table.recheck(&snapshot(PEER_AND_IMPORT)),
+            table.recheck(&snapshot(PEER_AND_IMPORT), own()),
             Recheck {
                 kept: 1,
                 ..Recheck::default()

@@ -450,15 +450,6 @@ async fn run(args: Args) -> Result<()> {
         metrics.limits.clone(),
         metrics.limits_in_use.clone(),
     );
-    let connections = ConnTable::new(
-        Closing {
-            idle_timeout: (args.idle_timeout > 0)
-                .then(|| std::time::Duration::from_secs(args.idle_timeout)),
-            keep_established: args.keep_established,
-        },
-        &args.name,
-        &labels,
-    );
     let ctx = Context {
         name: args.name.clone(),
         labels,
@@ -470,7 +461,11 @@ async fn run(args: Args) -> Result<()> {
         clients,
         metrics: metrics.clone(),
         datapath: datapath.clone(),
-        connections,
+        connections: ConnTable::new(Closing {
+            idle_timeout: (args.idle_timeout > 0)
+                .then(|| std::time::Duration::from_secs(args.idle_timeout)),
+            keep_established: args.keep_established,
+        }),
         limits,
         draining: tokio::sync::watch::Sender::new(false),
         logs: LogLimiter::new(

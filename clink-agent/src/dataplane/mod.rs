@@ -459,7 +459,8 @@ impl ConnGuard {
             admission,
         );
         // After the insert: a change published from now on finds the entry.
-        ctx.connections.admitted(&conn, snapshot, &ctx.snapshot());
+        ctx.connections
+            .admitted(&conn, snapshot, &ctx.snapshot(), ctx.own());
         ConnGuard {
             ctx: ctx.clone(),
             labels,
