@@ -18,8 +18,8 @@ ARG RUST_VERSION=1.95
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 # The nightly the project builds its eBPF programs with (1.97, LLVM 22).
 ARG NIGHTLY_DATE=2026-05-20
-# musl-tools: musl-gcc, which the cc crate finds, compiles ring's C and assembly for the musl
-# target.
+# musl-tools: musl-gcc, which the cc crate finds, compiles aws-lc's and ring's C and assembly
+# for the musl target.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/*

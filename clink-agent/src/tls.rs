@@ -209,8 +209,8 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-/// The crypto library under rustls: ring, or aws-lc-rs with the `aws-lc` feature
-/// (docs/performance.md, "Crypto provider", has both measured).
+/// The crypto library under rustls: aws-lc-rs with the `aws-lc` feature (the default), else
+/// ring (docs/performance.md, "Crypto provider", has both measured).
 #[cfg(feature = "aws-lc")]
 use rustls::crypto::aws_lc_rs as crypto_library;
 #[cfg(not(feature = "aws-lc"))]

@@ -64,7 +64,8 @@ const LICENSES: &str = "Apache-2.0";
 const PACKAGES: &[(&str, &str)] = &[
     (
         "musl-tools",
-        "musl-gcc (found by the cc crate) compiles ring's C and assembly for the musl target",
+        "musl-gcc (found by the cc crate) compiles aws-lc's and ring's C and assembly for the \
+         musl target",
     ),
     (
         "skopeo",
