@@ -45,6 +45,13 @@ pub fn bench_in_vm(opts: &Options) -> Result<ExitCode> {
         fs::copy(bins.join(bin), staged.path().join(bin))
             .with_context(|| format!("copy {}", bins.join(bin).display()))?;
     }
+    // The compare agent too, so that a rebuild during the run changes nothing it measures.
+    if let Some(dir) = &opts.compare_agent {
+        let (from, to) = (dir.join("clink-agent"), staged.path().join(COMPARE_DIR));
+        fs::create_dir(&to).with_context(|| format!("create {}", to.display()))?;
+        fs::copy(&from, to.join("clink-agent"))
+            .with_context(|| format!("copy {} (--compare-agent)", from.display()))?;
+    }
     let command = GuestCommand {
         dir: run::workspace_root(),
         argv: guest_args(opts, &staged.path().to_string_lossy(), &out, Meta::host()),
@@ -63,6 +70,9 @@ pub fn bench_in_vm(opts: &Options) -> Result<ExitCode> {
     ));
     Ok(vm.code)
 }
+
+/// Where in the staged directory the `--compare-agent` build's agent goes.
+const COMPARE_DIR: &str = "compare";
 
 /// The bench's command line in the guest: the binaries in `bins`, the report to `out`,
 /// every choice of the host's command line passed on.
@@ -85,6 +95,10 @@ fn guest_args(opts: &Options, bins: &str, out: &Path, host: [String; 2]) -> Vec<
     for path in &opts.paths {
         argv.push("--path".to_owned());
         argv.push(value_name(*path));
+    }
+    if opts.compare_agent.is_some() {
+        argv.push("--compare-agent".to_owned());
+        argv.push(format!("{bins}/{COMPARE_DIR}"));
     }
     if let Some(reps) = opts.reps {
         argv.push("--reps".to_owned());
@@ -162,5 +176,31 @@ mod tests {
         assert!(!guest.vm);
         assert_eq!(guest.in_vm, Some(PathBuf::from("/tmp/b")));
         assert_eq!(guest.host.len(), 2);
+    }
+
+    /// The compare agent is run from the staged copy, as the route `compare`.
+    #[test]
+    fn the_guest_bench_gets_the_staged_compare_agent() {
+        let opts = Cli::try_parse_from([
+            "bench",
+            "--vm",
+            "--compare-agent",
+            "/home/me/ring-build",
+            "--path",
+            "userspace",
+            "--path",
+            "compare",
+        ])
+        .unwrap()
+        .opts;
+        let argv = guest_args(
+            &opts,
+            "/tmp/b",
+            &PathBuf::from("/w/target/bench-vm"),
+            ["h".into(), "m".into()],
+        );
+        let guest = Cli::try_parse_from(&argv[1..]).unwrap().opts;
+        assert_eq!(guest.compare_agent, Some(PathBuf::from("/tmp/b/compare")));
+        assert_eq!(guest.paths, opts.paths);
     }
 }
