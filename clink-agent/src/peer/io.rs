@@ -1,8 +1,11 @@
 //! The transport under every peer TLS connection (both directions): the TCP socket, read
 //! through a buffer that exists only while bulk data flows. rustls pulls ciphertext at most
-//! 4 KiB at a time; once a read comes back full, one `recvfrom` fills 64 KiB instead of ~16
-//! small ones; once the socket is empty again the buffer is given back, so a quiet
-//! connection holds none (ARCHITECTURE.md, "Buffers").
+//! 4 KiB at a time; once a read comes back full, one `recvfrom` fills up to 64 KiB instead of
+//! ~16 small ones; once the socket is empty again the buffer is given back, so a quiet
+//! connection holds none (ARCHITECTURE.md, "Buffers"). The buffer is not zeroed: the socket
+//! reads into its spare capacity, so a burst touches only the pages it fills. A burst of one
+//! 16 KiB record (a window of small responses) takes and gives back a buffer each time, and
+//! zeroing 64 KiB for 12 KiB of ciphertext was a measurable part of its cost.
 
 use std::{
     io,
@@ -68,9 +71,10 @@ impl Framing {
 /// exists only while bulk data flows.
 pub struct PeerIo {
     tcp: TcpStream,
+    /// [`TLS_READ_BUFFER`] of capacity while bulk data flows, none otherwise; its length is
+    /// what the last socket read brought, of which rustls has taken `pos`.
     buf: Vec<u8>,
     pos: usize,
-    filled: usize,
     /// The framing of every byte handed to the reader (rustls).
     framing: Framing,
 }
@@ -80,7 +84,6 @@ pub fn peer_io(tcp: TcpStream) -> PeerIo {
         tcp,
         buf: Vec::new(),
         pos: 0,
-        filled: 0,
         framing: Framing::default(),
     }
 }
@@ -92,7 +95,7 @@ impl PeerIo {
 
     /// Read from the socket but not yet handed to rustls.
     pub fn buffered(&self) -> &[u8] {
-        &self.buf[self.pos..self.filled]
+        &self.buf[self.pos..]
     }
 
     /// Where what rustls was handed stands in the record framing.
@@ -103,7 +106,7 @@ impl PeerIo {
     /// Hands up to `n` buffered bytes to `consume` (which returns how many it took), keeping
     /// the framing: how the kTLS hand-off gives rustls what this buffer read ahead.
     pub fn take_buffered(&mut self, consume: impl FnOnce(&[u8]) -> usize) -> usize {
-        let n = consume(&self.buf[self.pos..self.filled]).min(self.filled - self.pos);
+        let n = consume(&self.buf[self.pos..]).min(self.buf.len() - self.pos);
         self.framing.feed(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         n
@@ -127,38 +130,50 @@ impl AsyncRead for PeerIo {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos == this.filled {
-            if this.buf.is_empty() {
+        if this.pos == this.buf.len() {
+            if this.buf.capacity() == 0 {
                 let want = out.remaining();
                 let before = out.filled().len();
                 ready!(Pin::new(&mut this.tcp).poll_read(cx, out))?;
                 this.framing.feed(&out.filled()[before..]);
                 if want > 0 && out.filled().len() - before == want {
                     // The socket had at least as much as asked for: bulk data, buffer it.
-                    this.buf = vec![0; TLS_READ_BUFFER];
+                    this.buf = Vec::with_capacity(TLS_READ_BUFFER);
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    // The bulk is over (the socket is empty): read straight into rustls's
-                    // buffer again, and give this one back while the connection is quiet.
-                    this.buf = Vec::new();
-                    this.pos = 0;
-                    this.filled = 0;
-                    return Poll::Pending;
-                }
-                Poll::Ready(res) => res?,
-            }
+            this.buf.clear();
             this.pos = 0;
-            this.filled = rb.filled().len();
+            if read_into_spare(&this.tcp, cx, &mut this.buf)?.is_pending() {
+                // The bulk is over (the socket is empty): read straight into rustls's
+                // buffer again, and give this one back while the connection is quiet.
+                this.buf = Vec::new();
+                return Poll::Pending;
+            }
         }
-        let n = out.remaining().min(this.filled - this.pos);
+        let n = out.remaining().min(this.buf.len() - this.pos);
         out.put_slice(&this.buf[this.pos..this.pos + n]);
         this.framing.feed(&this.buf[this.pos..this.pos + n]);
         this.pos += n;
         Poll::Ready(Ok(()))
+    }
+}
+
+/// One read from `tcp` into `buf`'s spare capacity (which is not zeroed first); end of stream
+/// leaves `buf` as it was.
+fn read_into_spare(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut Vec<u8>,
+) -> Poll<io::Result<()>> {
+    loop {
+        ready!(tcp.poll_read_ready(cx))?;
+        match tcp.try_read_buf(buf) {
+            Ok(_) => return Poll::Ready(Ok(())),
+            // Readiness was stale: try_read_buf cleared it, so the next poll registers.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -207,7 +222,7 @@ mod tests {
         let mut small = [0u8; 4096];
         let n = io.read(&mut small).await.unwrap();
         assert_eq!(&small[..n], b"tiny");
-        assert!(io.buf.is_empty(), "a short read allocates nothing");
+        assert_eq!(io.buf.capacity(), 0, "a short read allocates nothing");
         let bulk = vec![9u8; 200_000];
         tx.write_all(&bulk).await.unwrap();
         drop(tx);
@@ -236,7 +251,7 @@ mod tests {
             let n = io.read(&mut chunk).await.unwrap();
             assert_eq!(n, chunk.len());
             assert_eq!(
-                io.buf.len(),
+                io.buf.capacity(),
                 TLS_READ_BUFFER,
                 "a full read: the rest is buffered"
             );
@@ -248,8 +263,9 @@ mod tests {
             assert_eq!(got, bulk, "round {round}");
             let quiet = tokio::time::timeout(Duration::from_millis(50), io.read(&mut chunk)).await;
             assert!(quiet.is_err(), "nothing was sent");
-            assert!(
-                io.buf.is_empty(),
+            assert_eq!(
+                io.buf.capacity(),
+                0,
                 "round {round}: a quiet connection holds no buffer"
             );
             assert!(io.buffered().is_empty());
