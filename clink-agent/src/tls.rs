@@ -216,6 +216,16 @@ use rustls::crypto::aws_lc_rs as crypto_library;
 #[cfg(not(feature = "aws-lc"))]
 use rustls::crypto::ring as crypto_library;
 
+/// Makes the crypto library rustls's process-wide default, for the TLS the agent does not
+/// configure itself: the Kubernetes client's, which asks rustls for the default. rustls
+/// cannot choose one by itself while both ring (which the Kubernetes client enables) and
+/// aws-lc-rs are built in, and panics instead. Call it before making a Kubernetes client; a
+/// second call keeps the first provider.
+pub fn install_process_provider() {
+    // An error only says that a provider is installed already.
+    let _ = crypto_library::default_provider().install_default();
+}
+
 /// The crypto library's TLS 1.3 suites, AES-128-GCM first: all three are strong, and AES-128
 /// (10 AES rounds, SHA-256 key schedule) costs the tunnel less per byte and per handshake
 /// than AES-256-GCM-SHA384, which rustls would otherwise pick first.

@@ -115,6 +115,7 @@ async fn client(api: &ApiServer) -> Client {
         .await
         .unwrap();
     assert_eq!(config.default_namespace, "default");
+    clink_agent::tls::install_process_provider();
     Client::try_from(config).unwrap()
 }
 
@@ -717,6 +718,7 @@ async fn kube_discovery_resolves_the_crds_and_the_built_in_kinds() {
         return;
     };
     // The other way to point kube-rs at it: the URL alone (namespace "default").
+    clink_agent::tls::install_process_provider();
     let client = Client::try_from(Config::new(api.url().parse().unwrap())).unwrap();
     let discovery = kube::Discovery::new(client).run().await.unwrap();
     let resolve = |group: &str, version: &str, kind: &str| {

@@ -388,6 +388,9 @@ async fn run(args: Args) -> Result<()> {
             "--state is required in standalone mode (the directory where objects are kept)"
         ),
     };
+    if kube_options.is_some() {
+        clink_agent::tls::install_process_provider();
+    }
     let kube_client = match &kube_options {
         Some(_) => Some(
             kube::Client::try_default()
