@@ -140,29 +140,32 @@ mod tests {
         opts: Options,
     }
 
+    /// The host's options from `host_args` and the guest's command line made from them
+    /// (binaries in /tmp/b, report to /w/target/bench-vm).
+    fn guest_of(host_args: &[&str], host: [String; 2]) -> (Options, Vec<String>) {
+        let opts = Cli::try_parse_from(host_args).unwrap().opts;
+        let argv = guest_args(&opts, "/tmp/b", &PathBuf::from("/w/target/bench-vm"), host);
+        (opts, argv)
+    }
+
     #[test]
     fn the_guest_bench_gets_the_hosts_choices() {
-        let opts = Cli::try_parse_from([
-            "bench",
-            "--vm",
-            "--path",
-            "ktls",
-            "--path",
-            "userspace",
-            "--scenario",
-            "cpu",
-            "--reps",
-            "2",
-            "--pipelined-depth",
-            "4",
-            "--quick",
-        ])
-        .unwrap()
-        .opts;
-        let argv = guest_args(
-            &opts,
-            "/tmp/b",
-            &PathBuf::from("/w/target/bench-vm"),
+        let (_, argv) = guest_of(
+            &[
+                "bench",
+                "--vm",
+                "--path",
+                "ktls",
+                "--path",
+                "userspace",
+                "--scenario",
+                "cpu",
+                "--reps",
+                "2",
+                "--pipelined-depth",
+                "4",
+                "--quick",
+            ],
             ["cargo xtask bench --vm".into(), "2 × CPU".into()],
         );
         assert_eq!(
@@ -181,22 +184,17 @@ mod tests {
     /// The compare agent is run from the staged copy, as the route `compare`.
     #[test]
     fn the_guest_bench_gets_the_staged_compare_agent() {
-        let opts = Cli::try_parse_from([
-            "bench",
-            "--vm",
-            "--compare-agent",
-            "/home/me/ring-build",
-            "--path",
-            "userspace",
-            "--path",
-            "compare",
-        ])
-        .unwrap()
-        .opts;
-        let argv = guest_args(
-            &opts,
-            "/tmp/b",
-            &PathBuf::from("/w/target/bench-vm"),
+        let (opts, argv) = guest_of(
+            &[
+                "bench",
+                "--vm",
+                "--compare-agent",
+                "/home/me/ring-build",
+                "--path",
+                "userspace",
+                "--path",
+                "compare",
+            ],
             ["h".into(), "m".into()],
         );
         let guest = Cli::try_parse_from(&argv[1..]).unwrap().opts;
