@@ -696,20 +696,17 @@ fn run(cmd: &mut std::process::Command) -> Result<()> {
     Ok(())
 }
 
-/// Two agents of one cluster: one holds the Lease and writes status; when it dies (SIGKILL,
-/// no release), the other takes the Lease within its duration and writes status from then on.
-#[test]
-fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
-    if !k8s_ready("Kubernetes mode: leader failover") {
-        return Ok(());
-    }
+/// Cluster a with its API server and two agents, on node-1 and node-2 (`agent-1`, `agent-2`,
+/// metrics on 9091 and 9092), once one of them holds the Lease and `clink status` of both
+/// agrees; the last item is the leader's index in the agents.
+fn leader_cluster() -> Result<(Topology, tempfile::TempDir, ApiServer, Vec<Agent>, usize)> {
     let topo = two_clusters()?;
     let ns = topo.a().netns();
     let dir = tempfile::Builder::new().prefix("clink-k8s-").tempdir()?;
     let certs = dir.path().join("certs");
     make_certificates(&bin_path("clink")?, &certs, FABRIC, &["peer-a"])?;
     let api = api_server(ns)?;
-    let mut agents = vec![
+    let agents = vec![
         k8s_agent(
             "peer-a",
             ns,
@@ -729,18 +726,12 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
             None,
         )?,
     ];
-    let holder = |api: &ApiServer| {
-        get(api, &["lease", "clusterlink-agent", "-n", SYSTEM])
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
-    };
-    let export = |name: &str| export_yaml(name, "10.9.9.9", 80);
     let mut leader = None;
     wait_for("a leader", Duration::from_secs(30), || {
-        leader = holder(&api);
+        leader = lease_holder(&api);
         leader.is_some()
     })?;
-    let leader = leader.expect("set by the wait");
-    let (dead, survivor) = if leader == "agent-1" { (0, 1) } else { (1, 0) };
+    let leader = usize::from(leader.as_deref() != Some("agent-1"));
     let statuses: Vec<Option<bool>> = agents
         .iter()
         .map(|a| a.status().map(|s| s.leader).unwrap_or_default())
@@ -749,13 +740,35 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
         "clink status to agree with the Lease",
         Duration::from_secs(10),
         || {
-            agents[dead].status().is_ok_and(|s| s.leader == Some(true))
-                && agents[survivor]
+            agents[leader]
+                .status()
+                .is_ok_and(|s| s.leader == Some(true))
+                && agents[1 - leader]
                     .status()
                     .is_ok_and(|s| s.leader == Some(false))
         },
     )
     .with_context(|| format!("{statuses:?}"))?;
+    Ok((topo, dir, api, agents, leader))
+}
+
+/// Who holds the agents' Lease, if anyone.
+fn lease_holder(api: &ApiServer) -> Option<String> {
+    get(api, &["lease", "clusterlink-agent", "-n", SYSTEM])
+        .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+}
+
+/// Two agents of one cluster: one holds the Lease and writes status; when it dies (SIGKILL,
+/// no release), the other takes the Lease within its duration and writes status from then on.
+#[test]
+fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
+    if !k8s_ready("Kubernetes mode: leader failover") {
+        return Ok(());
+    }
+    let (topo, _dir, api, mut agents, dead) = leader_cluster()?;
+    let ns = topo.a().netns();
+    let survivor = 1 - dead;
+    let export = |name: &str| export_yaml(name, "10.9.9.9", 80);
     apply(&api, &export("before"))?;
     wait_condition(
         &api,
@@ -771,7 +784,7 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
     wait_for(
         "the survivor to take the Lease",
         Duration::from_secs(LEASE_SECONDS * 3 + 10),
-        || holder(&api).as_deref() == Some(survivor_name),
+        || lease_holder(&api).as_deref() == Some(survivor_name),
     )?;
     let took = killed.elapsed();
     eprintln!(
@@ -794,6 +807,54 @@ fn another_agent_takes_over_when_the_leader_dies() -> Result<()> {
     assert_eq!(agents[survivor].status()?.leader, Some(true));
     let metrics = scrape_at(ns, if survivor == 0 { 9091 } else { 9092 })?;
     assert_eq!(sample(&metrics, "clink_kubernetes_leader"), 1.0);
+    drop(agents);
+    Ok(())
+}
+
+/// A leader told to stop (SIGTERM, as a rolling update does) releases the Lease on its way
+/// out: the object has no holder once the process has exited, where a killed leader's name
+/// stays until the Lease expires, and the other agent takes it over.
+/// Not covered (the emulator has no clock-driven behaviour of its own): how soon the other
+/// agent looks again, which is kube-lease-manager's schedule (at the Lease's expiry time).
+#[test]
+fn a_terminated_leader_releases_the_lease() -> Result<()> {
+    if !k8s_ready("Kubernetes mode: Lease release on SIGTERM") {
+        return Ok(());
+    }
+    let (_topo, _dir, api, mut agents, leader) = leader_cluster()?;
+    let (leader_name, other_name) = if leader == 0 {
+        ("agent-1", "agent-2")
+    } else {
+        ("agent-2", "agent-1")
+    };
+
+    agents[leader].terminate()?;
+    let status = agents[leader].wait_exit(Duration::from_secs(20))?;
+    assert!(status.success(), "the leader exited with {status}");
+    let log = agents[leader].log();
+    assert!(
+        log.contains("released the Lease"),
+        "the leader's log says nothing of the release:\n{log}"
+    );
+    let holder = lease_holder(&api);
+    assert!(
+        holder.is_none() || holder.as_deref() == Some(other_name),
+        "{leader_name} exited and the Lease names {holder:?}"
+    );
+    wait_for(
+        "the other agent to take the released Lease",
+        Duration::from_secs(LEASE_SECONDS * 3 + 10),
+        || lease_holder(&api).as_deref() == Some(other_name),
+    )?;
+    wait_for(
+        "the other agent to report itself the leader",
+        Duration::from_secs(10),
+        || {
+            agents[1 - leader]
+                .status()
+                .is_ok_and(|s| s.leader == Some(true))
+        },
+    )?;
     drop(agents);
     Ok(())
 }

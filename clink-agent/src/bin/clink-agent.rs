@@ -500,7 +500,7 @@ async fn run(args: Args) -> Result<()> {
             (!reload_every.is_zero()).then_some(reload_every),
         )
         .context("watching the certificate files")?;
-    let _kubernetes = match (kube_client, kube_options, pods) {
+    let mut k8s_mode = match (kube_client, kube_options, pods) {
         (Some(client), Some(options), Some(pods)) => {
             Some(k8s::start(agent.clone(), client, options, pods))
         }
@@ -526,6 +526,13 @@ async fn run(args: Args) -> Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
         _ = term.recv() => info!("terminated; shutting down"),
+    }
+    // Before the drain: another agent can write status while this one lets its connections
+    // finish.
+    if let Some(k8s_mode) = &mut k8s_mode {
+        k8s_mode
+            .leave_election(std::time::Duration::from_secs(3))
+            .await;
     }
     drain(
         agent.context(),

@@ -53,17 +53,24 @@ pub const REASON_SERVICE_CONFLICT: &str = "ServiceExists";
 /// The reason of a condition that reports a failed validation.
 pub const REASON_INVALID: &str = "InvalidSpec";
 
-/// The election's task and its verdict.
+/// The election's task, its verdict, and the way to leave it.
 pub struct Leading {
     pub task: JoinHandle<()>,
     pub leader: watch::Receiver<bool>,
+    /// `true` ends the election: the verdict turns false (the writer stops) and the Lease is
+    /// released if this agent holds it, then the task ends.
+    pub stop: watch::Sender<bool>,
 }
 
 /// Takes part in the election for the Lease `options.lease_name` in the agents' namespace.
 /// Losing the API server neither makes nor unmakes a leader by itself: the Lease expires
-/// after its duration and another agent takes it.
+/// after its duration and another agent takes it. Leaving through [`Leading::stop`] (the
+/// agent shutting down) releases it instead, so that an agent looking for a leader (the pod
+/// that replaces this one in a rolling update, or another one once its wait ends) takes it
+/// without waiting for it to expire.
 pub fn elect(client: Client, options: &Options, metrics: Arc<Metrics>) -> Leading {
     let (tx, rx) = watch::channel(false);
+    let (stop, mut stopping) = watch::channel(false);
     let duration = options.lease_duration.as_secs().max(2);
     // Renew well before expiry; kube-lease-manager needs grace < duration.
     let grace = (duration / 3).max(1);
@@ -75,19 +82,21 @@ pub fn elect(client: Client, options: &Options, metrics: Arc<Metrics>) -> Leadin
     let task = tokio::spawn(async move {
         let mut delay = Duration::from_secs(1);
         loop {
-            let built = LeaseManagerBuilder::new(client.clone(), &name)
-                .with_namespace(&namespace)
-                .with_identity(&identity)
-                .with_duration(duration)
-                .with_grace(grace)
-                .with_field_manager(FIELD_MANAGER)
-                .build()
-                .await;
+            let built = tokio::select! {
+                built = LeaseManagerBuilder::new(client.clone(), &name)
+                    .with_namespace(&namespace)
+                    .with_identity(&identity)
+                    .with_duration(duration)
+                    .with_grace(grace)
+                    .with_field_manager(FIELD_MANAGER)
+                    .build() => built,
+                _ = stopping.wait_for(|s| *s) => return,
+            };
             match built {
                 Ok(manager) => {
                     delay = Duration::from_secs(1);
                     let (mut verdict, handle) = manager.watch().await;
-                    loop {
+                    let stopped = loop {
                         let leading = *verdict.borrow_and_update();
                         if *tx.borrow() != leading {
                             metrics.kubernetes_leader.set(i64::from(leading));
@@ -98,16 +107,30 @@ pub fn elect(client: Client, options: &Options, metrics: Arc<Metrics>) -> Leadin
                             }
                             tx.send_replace(leading);
                         }
-                        if verdict.changed().await.is_err() {
-                            break;
+                        tokio::select! {
+                            changed = verdict.changed() => if changed.is_err() {
+                                break false;
+                            },
+                            _ = stopping.wait_for(|s| *s) => break true,
                         }
-                    }
-                    tx.send_replace(false);
+                    };
+                    let was_leading = tx.send_replace(false);
                     metrics.kubernetes_leader.set(0);
+                    // With nobody listening, the manager's task releases the Lease if it
+                    // holds it, and ends.
+                    drop(verdict);
                     match handle.await {
                         Ok(Err(e)) => warn!(lease = %name, error = %e, "leader election stopped"),
                         Err(e) => warn!(lease = %name, error = %e, "leader election stopped"),
+                        Ok(Ok(_)) if stopped && was_leading => info!(
+                            lease = %name,
+                            "released the Lease: another agent can take it without waiting \
+                             for it to expire"
+                        ),
                         Ok(Ok(_)) => {}
+                    }
+                    if stopped {
+                        return;
                     }
                 }
                 Err(e) => warn!(
@@ -118,11 +141,18 @@ pub fn elect(client: Client, options: &Options, metrics: Arc<Metrics>) -> Leadin
                      leases in the agents' namespace is in the chart); retrying"
                 ),
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopping.wait_for(|s| *s) => return,
+            }
             delay = (delay * 2).min(Duration::from_secs(30));
         }
     });
-    Leading { task, leader: rx }
+    Leading {
+        task,
+        leader: rx,
+        stop,
+    }
 }
 
 /// Writes while this agent leads, until the task is dropped.

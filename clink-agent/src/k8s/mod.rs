@@ -22,7 +22,7 @@ use std::{
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use tokio::{sync::Notify, task::JoinHandle};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     agent::Agent,
@@ -175,11 +175,33 @@ impl Shared {
 /// The tasks of Kubernetes mode; dropping it stops them.
 pub struct Running {
     tasks: Vec<JoinHandle<()>>,
+    election: Option<JoinHandle<()>>,
+    stop_election: tokio::sync::watch::Sender<bool>,
+}
+
+impl Running {
+    /// Leaves the leader election: this agent stops writing and, if it holds the Lease,
+    /// releases it, waiting at most `timeout` for the API server. The watches go on (a
+    /// draining agent still needs the objects). Called once the agent is told to stop.
+    pub async fn leave_election(&mut self, timeout: Duration) {
+        self.stop_election.send_replace(true);
+        let Some(mut election) = self.election.take() else {
+            return;
+        };
+        if tokio::time::timeout(timeout, &mut election).await.is_err() {
+            election.abort();
+            warn!(
+                timeout_s = timeout.as_secs(),
+                "the API server did not answer in time: the Lease, if this agent held it, \
+                 is left to expire"
+            );
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.election) {
             t.abort();
         }
     }
@@ -209,7 +231,6 @@ pub fn start(agent: Arc<Agent>, client: Client, options: Options, pods: Arc<PodC
         shared.clone(),
     )));
     let leading = leader::elect(client.clone(), &options, agent.metrics_arc());
-    tasks.push(leading.task);
     tasks.push(tokio::spawn(leader::run(
         agent,
         client,
@@ -224,5 +245,9 @@ pub fn start(agent: Arc<Agent>, client: Client, options: Options, pods: Arc<PodC
         lease = %options.lease_name,
         "Kubernetes mode: objects come from the API server"
     );
-    Running { tasks }
+    Running {
+        tasks,
+        election: Some(leading.task),
+        stop_election: leading.stop,
+    }
 }
