@@ -3,6 +3,7 @@
 mod bench;
 mod clink;
 mod demo;
+mod disk;
 mod fuzz;
 mod image;
 mod run;
@@ -138,6 +139,10 @@ fn test(args: &[String]) -> Result<ExitCode> {
         }
     }
     let ws = Workspace::locate()?;
+    if guards {
+        let fuzz_target = run::workspace_root().join("fuzz/target");
+        disk::ensure_free(&[ws.target_dir.clone(), fuzz_target], disk::TEST_NEED)?;
+    }
     if nix::unistd::geteuid().is_root() {
         for name in clink_testbed::remove_stale_namespaces()? {
             println!("removed namespace {name} left by a test run that was killed");
