@@ -38,7 +38,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     (
         "nginx",
         "the bench's http scenario: a real HTTP server in cluster B (one process, started by the \
-         bench; the package's own service is not used)",
+         bench; setup stops and disables the service the package starts)",
     ),
     ("wrk", "the bench's http scenario drives nginx with it"),
     (
@@ -141,7 +141,31 @@ pub fn debian_packages(packages: &[(&str, &str)]) -> Result<()> {
     step("apt-get update");
     check(apt_get().args(["update", "-q"]))?;
     step(&format!("apt-get install {}", missing.join(" ")));
-    check(apt_install().args(&missing))
+    check(apt_install().args(&missing))?;
+    stop_package_services(&missing)
+}
+
+/// Services that Debian starts when their package is installed, but that the project only
+/// ever runs as its own processes (the bench starts nginx and haproxy with its own
+/// configuration). Left running, nginx would serve port 80 on every address of the host.
+const PACKAGE_SERVICES: &[(&str, &str)] = &[("nginx", "nginx"), ("haproxy", "haproxy")];
+
+/// Stops and disables the services of the packages this run just installed, on a host run by
+/// systemd; a service the host had before this run is not touched.
+fn stop_package_services(installed: &[&str]) -> Result<()> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        return Ok(());
+    }
+    for (package, service) in PACKAGE_SERVICES {
+        if installed.contains(package) {
+            step(&format!(
+                "systemctl disable --now {service} (started by its package; the project runs \
+                 {package} itself)"
+            ));
+            check(Command::new("systemctl").args(["disable", "--now", service]))?;
+        }
+    }
+    Ok(())
 }
 
 /// `apt-get install` that never removes a package: setup adds to the host, it does not
