@@ -79,6 +79,11 @@ pub struct Options {
     /// ktls, throughput and CPU, 5 repetitions of 4 s runs.
     #[arg(long)]
     vm: bool,
+    /// With --vm: boot this kernel image instead of `cargo xtask vm-test`'s (the newest
+    /// /boot/vmlinuz-6.1*); its modules must be in /lib/modules/<release>, and the report
+    /// names the release the guest ran.
+    #[arg(long, value_name = "FILE", requires = "vm")]
+    vm_kernel: Option<PathBuf>,
     /// Seconds the whole VM run may take before it is killed (with --vm).
     #[arg(long, value_name = "S", default_value_t = vm::DEFAULT_TIMEOUT.as_secs())]
     vm_timeout: u64,
@@ -993,6 +998,12 @@ mod tests {
             .prebuilt
             .is_some());
         assert!(Cli::try_parse_from(["bench", "--prebuilt", "/b", "--vm"]).is_err());
+        // Another kernel only means something for a run in the VM.
+        assert!(Cli::try_parse_from(["bench", "--vm-kernel", "/boot/vmlinuz-x"]).is_err());
+        assert_eq!(
+            opts(&["--vm", "--vm-kernel", "/k/vmlinuz-6.12"]).vm_kernel,
+            Some(PathBuf::from("/k/vmlinuz-6.12"))
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub fn bench_in_vm(opts: &Options) -> Result<ExitCode> {
         argv: guest_args(opts, &staged.path().to_string_lossy(), &out, Meta::host()),
     };
     let vm = run_in_vm(
-        None,
+        opts.vm_kernel.clone(),
         Duration::from_secs(opts.vm_timeout),
         &[command],
         &[],
