@@ -275,7 +275,10 @@ fn export_yaml(name: &str, host: impl std::fmt::Display, port: u16) -> String {
     )
 }
 
-/// An Import of peer-b's `export`; `target_port` 0 leaves it to the agents to lease.
+/// An Import of peer-b's `export`; `target_port` 0 leaves it to the agents to lease. Fixed
+/// ports in these tests lie below the kernel's ephemeral range (32768-60999, also in a new
+/// network namespace): inside it, one of the agent's own outgoing connections can hold the
+/// port when its listener binds ("Address already in use", seen in CI).
 fn import_yaml(name: &str, port: u16, target_port: u16, export: &str) -> String {
     format!(
         "apiVersion: clusterlink.net/v1alpha1\nkind: Import\nmetadata:\n  name: {name}\n  \
@@ -506,7 +509,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
     let c = Clusters::start()?;
     apply(
         &c.api_a,
-        &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("good", 8080, 41000, "svc")),
+        &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("good", 8080, 31000, "svc")),
     )?;
     wait_condition(
         &c.api_a,
@@ -516,7 +519,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
         Duration::from_secs(30),
     )?;
     // Valid under the CRD's schema, refused by the agent: the port is the other Import's.
-    apply(&c.api_a, &import_yaml("clash", 9000, 41000, "svc"))?;
+    apply(&c.api_a, &import_yaml("clash", 9000, 31000, "svc"))?;
     let (_, reason, message) = wait_condition(
         &c.api_a,
         &["import", "clash", "-n", APP],
@@ -526,7 +529,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
     )?;
     assert_eq!(reason, "InvalidSpec");
     assert!(
-        message.contains("41000") && message.contains("good"),
+        message.contains("31000") && message.contains("good"),
         "{message}"
     );
     let mut events = Value::Null;
@@ -552,7 +555,7 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
     assert!(get(&c.api_a, &["service", "good", "-n", APP]).is_some());
     assert!(listening(
         c.topo.a().netns(),
-        SocketAddr::from(([127, 0, 0, 1], 41000))
+        SocketAddr::from(([127, 0, 0, 1], 31000))
     ));
 
     // A Service the user made, then an Import of the same name.
@@ -598,8 +601,8 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
     apply(
         &c.api_a,
         &(peer_yaml("peer-b", c.topo.b().ip())
-            + &import_yaml("svc", 42001, 42001, "svc")
-            + &import_yaml("old", 42002, 42002, "none")
+            + &import_yaml("svc", 31001, 31001, "svc")
+            + &import_yaml("old", 31002, 31002, "none")
             + &allow_yaml("allow-all", "{}")),
     )?;
     wait_condition(
@@ -609,7 +612,7 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
         "True",
         Duration::from_secs(30),
     )?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], 42001));
+    let addr = SocketAddr::from(([127, 0, 0, 1], 31001));
     for name in ["svc", "old"] {
         wait_condition(
             &c.api_a,
@@ -656,12 +659,12 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
     transfer_both_ways(service.try_clone()?, connect_in(ns, addr)?, 1 << 20);
     // Meanwhile an operator deletes an Import.
     c.api_a.kubectl(&["delete", "import", "old", "-n", APP])?;
-    assert!(listening(ns, SocketAddr::from(([127, 0, 0, 1], 42002))));
+    assert!(listening(ns, SocketAddr::from(([127, 0, 0, 1], 31002))));
 
     // The API server answers again: the agent catches up and drops the Import.
     run(ns.command("iptables").arg("-D").args(block))?;
     wait_for("the agent to catch up", Duration::from_secs(60), || {
-        !listening(ns, SocketAddr::from(([127, 0, 0, 1], 42002)))
+        !listening(ns, SocketAddr::from(([127, 0, 0, 1], 31002)))
     })
     .with_context(|| c.a.log())?;
     wait_for("the watch to be marked up", Duration::from_secs(30), || {
