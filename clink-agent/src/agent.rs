@@ -36,6 +36,10 @@ use crate::{
 pub enum ChangeError {
     #[error(transparent)]
     Invalid(#[from] ApiError),
+    /// The object is valid but a port it needs is held by another socket on the node right
+    /// now (an Import's `targetPort`): applying it again later may succeed.
+    #[error(transparent)]
+    Busy(ApiError),
     #[error("{0} not found")]
     NotFound(ObjectKey),
     #[error("state directory: {0}")]
@@ -314,8 +318,8 @@ impl Agent {
                         self.serve_import(&mut runtime, key, port, l, false);
                     }
                     Err(e) => {
-                        problems.push(format!("{e} (not served until re-applied)"));
-                        runtime.failed_imports.insert(key.clone(), e.message);
+                        problems.push(format!("{} (not served until re-applied)", e.error));
+                        runtime.failed_imports.insert(key.clone(), e.error.message);
                     }
                 }
             }
@@ -421,7 +425,13 @@ impl Agent {
                 taken.push(port);
                 listener
             } else {
-                bind_import(key, import)?
+                bind_import(key, import).map_err(|e| {
+                    if e.busy {
+                        ChangeError::Busy(e.error)
+                    } else {
+                        ChangeError::Invalid(e.error)
+                    }
+                })?
             };
             bound.push((key.clone(), import.spec.target_port, listener, leased));
         }
@@ -721,15 +731,24 @@ fn check_ports(
     Ok(())
 }
 
+/// Why an Import's listener could not be bound.
+struct BindError {
+    error: ApiError,
+    /// Another socket holds the port (`EADDRINUSE`): perhaps only for now, e.g. an outgoing
+    /// connection given it from the kernel's ephemeral range.
+    busy: bool,
+}
+
 /// Binds an Import's listener on every address of the node: dual-stack where IPv6 exists.
-fn bind_import(key: &ObjectKey, import: &Import) -> Result<TcpListener, ApiError> {
+fn bind_import(key: &ObjectKey, import: &Import) -> Result<TcpListener, BindError> {
     let port = import.spec.listen_port();
-    bind_any(port).map_err(|e| {
-        ApiError::new(
+    bind_any(port).map_err(|e| BindError {
+        busy: e.kind() == std::io::ErrorKind::AddrInUse,
+        error: ApiError::new(
             &key.to_string(),
             import.spec.listen_field(),
             &format!("cannot listen on port {port}: {e}"),
-        )
+        ),
     })
 }
 

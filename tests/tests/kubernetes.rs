@@ -589,6 +589,55 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
 /// The API server going away does not take the agent's objects with it: traffic keeps
 /// flowing, the agent says so in its log and a metric, and catches up when it answers again
 /// (a deletion made meanwhile takes effect).
+/// An Import whose `targetPort` another socket on the node holds is reported, then served
+/// once the port is free, without being applied again: the kernel can hand a port in the
+/// ephemeral range to one of the node's outgoing connections at any time.
+#[test]
+fn an_import_whose_port_is_taken_listens_once_it_is_free() -> Result<()> {
+    if !k8s_ready("Kubernetes mode: a busy targetPort") {
+        return Ok(());
+    }
+    let c = Clusters::start()?;
+    let ns = c.topo.a().netns();
+    let holder = ns.enter(|| std::net::TcpListener::bind(("0.0.0.0", 31003)))?;
+    apply(
+        &c.api_a,
+        &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("late", 8080, 31003, "svc")),
+    )?;
+    let (_, reason, message) = wait_condition(
+        &c.api_a,
+        &["import", "late", "-n", APP],
+        "ImportTargetPortValid",
+        "False",
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.contains("31003") && message.contains("in use"),
+        "{message}"
+    );
+    assert!(c
+        .a
+        .log()
+        .contains("port in use on this node; applying it again"));
+
+    drop(holder);
+    wait_condition(
+        &c.api_a,
+        &["import", "late", "-n", APP],
+        "ImportTargetPortValid",
+        "True",
+        Duration::from_secs(30),
+    )
+    .with_context(|| c.a.log())?;
+    assert!(listening(ns, SocketAddr::from(([127, 0, 0, 1], 31003))));
+    let log = c.a.log();
+    assert!(log.contains("applied: its port is free now"), "{log}");
+    // One warning, not one per retry.
+    assert_eq!(log.matches("port in use on this node").count(), 1, "{log}");
+    Ok(())
+}
+
 #[test]
 fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
     if !k8s_ready("Kubernetes mode: API server outage") {

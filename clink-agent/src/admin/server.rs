@@ -257,6 +257,7 @@ fn list(snapshot: &Snapshot, kind: Kind, query: &BTreeMap<String, String>) -> Re
 fn change_error(e: ChangeError) -> Fail {
     let status = match e {
         ChangeError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        ChangeError::Busy(_) => StatusCode::CONFLICT,
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
         ChangeError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

@@ -8,11 +8,17 @@
 //! object that was valid leaves the last valid version in force. After a break (the API
 //! server unreachable, a watch expired) the watcher relists with backoff; the agent serves the
 //! objects it has meanwhile, then applies the relist whole and deletes what is gone.
+//!
+//! An Import whose `targetPort` another socket on the node holds (`EADDRINUSE`: often one
+//! of the node's outgoing connections, given that port from the ephemeral range) is not
+//! invalid, only early: its watch applies it again every [`BUSY_RETRY`] until it listens,
+//! changes or goes.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     pin::pin,
     sync::Arc,
+    time::Duration,
 };
 
 use futures::StreamExt as _;
@@ -153,14 +159,41 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
     let mut events = pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
     let mut relist: Vec<DynamicObject> = Vec::new();
     let mut failing = false;
-    while let Some(event) = events.next().await {
+    // Objects whose port was in use, to apply again; the newest version of each, since an
+    // event for it replaces or removes it.
+    let mut busy: BTreeMap<ObjectKey, DynamicObject> = BTreeMap::new();
+    let mut retry = tokio::time::interval(BUSY_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            _ = retry.tick(), if !busy.is_empty() => {
+                for (key, object) in std::mem::take(&mut busy) {
+                    if let Some(object) = apply(&agent, kind, object, &shared, Attempt::Retry).await {
+                        busy.insert(key, object);
+                    }
+                }
+                continue;
+            }
+        };
+        // A newer version or a delete replaces what was to be applied again.
+        let was_busy = match &event {
+            Ok(Event::Apply(object) | Event::Delete(object)) => {
+                busy.remove(&key_of(kind, object)).is_some()
+            }
+            _ => false,
+        };
         match event {
             Ok(Event::Init) => relist.clear(),
             Ok(Event::InitApply(object)) => relist.push(object),
             Ok(Event::InitDone) => {
                 let objects = std::mem::take(&mut relist);
                 let count = objects.len();
-                resync(&agent, kind, objects, &shared).await;
+                busy = resync(&agent, kind, objects, &shared).await;
+                retry.reset();
                 up.set(1);
                 if failing {
                     info!(
@@ -175,7 +208,17 @@ pub async fn sync_kind(agent: Arc<Agent>, client: Client, kind: Kind, shared: Ar
             }
             Ok(Event::Apply(object)) => {
                 answered(&up, &mut failing, resource);
-                apply(&agent, kind, object, &shared).await;
+                let attempt = if was_busy {
+                    Attempt::KnownBusy
+                } else {
+                    Attempt::New
+                };
+                if let Some(object) = apply(&agent, kind, object, &shared, attempt).await {
+                    busy.insert(key_of(kind, &object), object);
+                    if !was_busy {
+                        retry.reset();
+                    }
+                }
             }
             Ok(Event::Delete(object)) => {
                 answered(&up, &mut failing, resource);
@@ -261,20 +304,61 @@ fn to_agent_object(
     Ok(converted)
 }
 
-async fn apply(agent: &Arc<Agent>, kind: Kind, object: DynamicObject, shared: &Shared) {
+/// How often an object whose port was in use is applied again.
+pub const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+/// What is known of an object [`apply`] gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// A version not applied before.
+    New,
+    /// A new version of an object whose port was in use (a status write, a change): what it
+    /// is now is recorded, but a port still in use is not warned about again.
+    KnownBusy,
+    /// The same version again, on [`BUSY_RETRY`]: only a different outcome is recorded.
+    Retry,
+}
+
+/// Applies one watched object. Returns it if its port is in use, to be applied again.
+async fn apply(
+    agent: &Arc<Agent>,
+    kind: Kind,
+    object: DynamicObject,
+    shared: &Shared,
+    attempt: Attempt,
+) -> Option<DynamicObject> {
     let key = key_of(kind, &object);
     let result = match to_agent_object(kind, &object, shared) {
         Ok(o) => agent.apply(vec![o]).await.map(drop),
         Err(e) => Err(ChangeError::Invalid(e)),
     };
-    let invalid = match result {
-        Ok(()) => None,
+    let (invalid, busy) = match result {
+        Ok(()) => {
+            if attempt != Attempt::New {
+                info!(object = %key, "applied: its port is free now");
+            }
+            (None, false)
+        }
+        Err(ChangeError::Busy(_)) if attempt == Attempt::Retry => return Some(object),
+        Err(e @ ChangeError::Busy(_)) => {
+            if attempt == Attempt::New {
+                warn!(
+                    object = %key,
+                    error = %e,
+                    "port in use on this node; applying it again every {}s until it is free \
+                     (the last valid version, if any, stays in force)",
+                    BUSY_RETRY.as_secs()
+                );
+            }
+            (Some(e.to_string()), true)
+        }
         Err(e) => {
             warn!(object = %key, error = %e, "invalid; the last valid version (if any) stays in force");
-            Some(e.to_string())
+            (Some(e.to_string()), false)
         }
     };
     shared.observe(key, seen(kind, &object, invalid));
+    busy.then_some(object)
 }
 
 async fn delete(agent: &Arc<Agent>, kind: Kind, object: &DynamicObject, shared: &Shared) {
@@ -288,16 +372,23 @@ async fn delete(agent: &Arc<Agent>, kind: Kind, object: &DynamicObject, shared: 
 
 /// Makes the agent's objects of `kind` the relisted ones: valid ones applied in one batch
 /// (one by one if the batch is refused, so one bad object does not hold up the rest), and
-/// what the API server no longer has deleted.
-async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, shared: &Shared) {
+/// what the API server no longer has deleted. Returns those whose port was in use.
+async fn resync(
+    agent: &Arc<Agent>,
+    kind: Kind,
+    objects: Vec<DynamicObject>,
+    shared: &Shared,
+) -> BTreeMap<ObjectKey, DynamicObject> {
     let mut valid = Vec::new();
     let mut seen_now = Vec::new();
+    let mut watched = BTreeMap::new();
     for object in &objects {
         let key = key_of(kind, object);
         match to_agent_object(kind, object, shared) {
             Ok(o) => {
                 valid.push(o);
-                seen_now.push((key, seen(kind, object, None)));
+                seen_now.push((key.clone(), seen(kind, object, None)));
+                watched.insert(key, object);
             }
             Err(e) => {
                 warn!(object = %key, error = %e, "invalid; not served");
@@ -307,13 +398,29 @@ async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, sha
     }
     let listed: BTreeSet<ObjectKey> = seen_now.iter().map(|(k, _)| k.clone()).collect();
     shared.replace_kind(kind, seen_now);
+    let mut busy = BTreeMap::new();
     if let Err(e) = agent.apply(valid.clone()).await {
         debug!(error = %e, "the relist as one apply was refused; applying one by one");
         for object in valid {
             let key = object.key();
-            if let Err(e) = agent.apply(vec![object]).await {
-                warn!(object = %key, error = %e, "invalid; not served");
-                shared.mark_invalid(&key, e.to_string());
+            match agent.apply(vec![object]).await {
+                Ok(_) => {}
+                Err(e @ ChangeError::Busy(_)) => {
+                    warn!(
+                        object = %key,
+                        error = %e,
+                        "port in use on this node; applying it again every {}s until it is free",
+                        BUSY_RETRY.as_secs()
+                    );
+                    shared.mark_invalid(&key, e.to_string());
+                    if let Some(object) = watched.get(&key) {
+                        busy.insert(key, (*object).clone());
+                    }
+                }
+                Err(e) => {
+                    warn!(object = %key, error = %e, "invalid; not served");
+                    shared.mark_invalid(&key, e.to_string());
+                }
             }
         }
     }
@@ -331,6 +438,7 @@ async fn resync(agent: &Arc<Agent>, kind: Kind, objects: Vec<DynamicObject>, sha
             Err(e) => warn!(object = %key, error = %e, "cannot delete"),
         }
     }
+    busy
 }
 
 /// The Import a Service the agents keep belongs to, and its cluster IPs (comma-separated;
