@@ -135,6 +135,17 @@ fn condition(object: &Value, type_: &str) -> Option<(String, String, String)> {
         })
 }
 
+/// [`wait_condition`] on an Import's `ImportTargetPortValid`, for up to 30 s.
+fn wait_import_port(api: &ApiServer, name: &str, status: &str) -> Result<(String, String, String)> {
+    wait_condition(
+        api,
+        &["import", name, "-n", APP],
+        "ImportTargetPortValid",
+        status,
+        Duration::from_secs(30),
+    )
+}
+
 /// Waits until `object` (kubectl get args) has condition `type_` with `status`; returns it.
 fn wait_condition(
     api: &ApiServer,
@@ -370,13 +381,7 @@ fn an_import_becomes_a_service_and_pods_labels_decide_access() -> Result<()> {
         "True",
         Duration::from_secs(30),
     )?;
-    let (_, reason, message) = wait_condition(
-        &c.api_a,
-        &["import", "svc", "-n", APP],
-        "ImportTargetPortValid",
-        "True",
-        Duration::from_secs(30),
-    )?;
+    let (_, reason, message) = wait_import_port(&c.api_a, "svc", "True")?;
     assert!(message.contains(&leased.to_string()), "{reason}: {message}");
     assert_eq!(reason, "Leased", "{message}");
     wait_condition(
@@ -511,22 +516,10 @@ fn bad_objects_and_foreign_services_are_reported_not_served() -> Result<()> {
         &c.api_a,
         &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("good", 8080, 31000, "svc")),
     )?;
-    wait_condition(
-        &c.api_a,
-        &["import", "good", "-n", APP],
-        "ImportTargetPortValid",
-        "True",
-        Duration::from_secs(30),
-    )?;
+    wait_import_port(&c.api_a, "good", "True")?;
     // Valid under the CRD's schema, refused by the agent: the port is the other Import's.
     apply(&c.api_a, &import_yaml("clash", 9000, 31000, "svc"))?;
-    let (_, reason, message) = wait_condition(
-        &c.api_a,
-        &["import", "clash", "-n", APP],
-        "ImportTargetPortValid",
-        "False",
-        Duration::from_secs(30),
-    )?;
+    let (_, reason, message) = wait_import_port(&c.api_a, "clash", "False")?;
     assert_eq!(reason, "InvalidSpec");
     assert!(
         message.contains("31000") && message.contains("good"),
@@ -604,13 +597,7 @@ fn an_import_whose_port_is_taken_listens_once_it_is_free() -> Result<()> {
         &c.api_a,
         &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("late", 8080, 31003, "svc")),
     )?;
-    let (_, reason, message) = wait_condition(
-        &c.api_a,
-        &["import", "late", "-n", APP],
-        "ImportTargetPortValid",
-        "False",
-        Duration::from_secs(30),
-    )?;
+    let (_, reason, message) = wait_import_port(&c.api_a, "late", "False")?;
     assert_eq!(reason, "InvalidSpec");
     assert!(
         message.contains("31003") && message.contains("in use"),
@@ -622,14 +609,7 @@ fn an_import_whose_port_is_taken_listens_once_it_is_free() -> Result<()> {
         .contains("port in use on this node; applying it again"));
 
     drop(holder);
-    wait_condition(
-        &c.api_a,
-        &["import", "late", "-n", APP],
-        "ImportTargetPortValid",
-        "True",
-        Duration::from_secs(30),
-    )
-    .with_context(|| c.a.log())?;
+    wait_import_port(&c.api_a, "late", "True").with_context(|| c.a.log())?;
     assert!(listening(ns, SocketAddr::from(([127, 0, 0, 1], 31003))));
     let log = c.a.log();
     assert!(log.contains("applied: its port is free now"), "{log}");
@@ -663,13 +643,7 @@ fn an_unreachable_api_server_leaves_the_last_objects_serving() -> Result<()> {
     )?;
     let addr = SocketAddr::from(([127, 0, 0, 1], 31001));
     for name in ["svc", "old"] {
-        wait_condition(
-            &c.api_a,
-            &["import", name, "-n", APP],
-            "ImportTargetPortValid",
-            "True",
-            Duration::from_secs(30),
-        )?;
+        wait_import_port(&c.api_a, name, "True")?;
     }
 
     // Cluster a's agent loses its API server: new connections are refused, open ones
