@@ -194,6 +194,11 @@ fn half_close_and_odd_writes_pass_through_ktls() {
     }
     let (fabric, service) = allowed_service();
     let client = fabric.connect(0, import_addr()).unwrap();
+    // The tunnel opens on accept: let both agents hand it to the kernel before the client
+    // half-closes. A FIN that reaches b first leaves b's socket past ESTABLISHED, where the
+    // kernel refuses the TLS ULP, and b carries on in userspace (intact, but not the path
+    // this test is about; seen once under emulation in CI).
+    assert_handed_off(&fabric, 1.0);
     half_close_exchange(service, client, Duration::from_millis(2));
     assert_handed_off(&fabric, 1.0);
 }
