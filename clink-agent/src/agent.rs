@@ -425,13 +425,7 @@ impl Agent {
                 taken.push(port);
                 listener
             } else {
-                bind_import(key, import).map_err(|e| {
-                    if e.busy {
-                        ChangeError::Busy(e.error)
-                    } else {
-                        ChangeError::Invalid(e.error)
-                    }
-                })?
+                bind_import(key, import)?
             };
             bound.push((key.clone(), import.spec.target_port, listener, leased));
         }
@@ -737,6 +731,16 @@ struct BindError {
     /// Another socket holds the port (`EADDRINUSE`): perhaps only for now, e.g. an outgoing
     /// connection given it from the kernel's ephemeral range.
     busy: bool,
+}
+
+impl From<BindError> for ChangeError {
+    fn from(e: BindError) -> Self {
+        if e.busy {
+            ChangeError::Busy(e.error)
+        } else {
+            ChangeError::Invalid(e.error)
+        }
+    }
 }
 
 /// Binds an Import's listener on every address of the node: dual-stack where IPv6 exists.

@@ -307,6 +307,17 @@ fn to_agent_object(
 /// How often an object whose port was in use is applied again.
 pub const BUSY_RETRY: Duration = Duration::from_secs(5);
 
+/// The one warning about an object whose port is in use.
+fn warn_busy(key: &ObjectKey, e: &ChangeError) {
+    warn!(
+        object = %key,
+        error = %e,
+        "port in use on this node; applying it again every {}s until it is free \
+         (the last valid version, if any, stays in force)",
+        BUSY_RETRY.as_secs()
+    );
+}
+
 /// What is known of an object [`apply`] gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attempt {
@@ -342,13 +353,7 @@ async fn apply(
         Err(ChangeError::Busy(_)) if attempt == Attempt::Retry => return Some(object),
         Err(e @ ChangeError::Busy(_)) => {
             if attempt == Attempt::New {
-                warn!(
-                    object = %key,
-                    error = %e,
-                    "port in use on this node; applying it again every {}s until it is free \
-                     (the last valid version, if any, stays in force)",
-                    BUSY_RETRY.as_secs()
-                );
+                warn_busy(&key, &e);
             }
             (Some(e.to_string()), true)
         }
@@ -406,12 +411,7 @@ async fn resync(
             match agent.apply(vec![object]).await {
                 Ok(_) => {}
                 Err(e @ ChangeError::Busy(_)) => {
-                    warn!(
-                        object = %key,
-                        error = %e,
-                        "port in use on this node; applying it again every {}s until it is free",
-                        BUSY_RETRY.as_secs()
-                    );
+                    warn_busy(&key, &e);
                     shared.mark_invalid(&key, e.to_string());
                     if let Some(object) = watched.get(&key) {
                         busy.insert(key, (*object).clone());
