@@ -640,8 +640,15 @@ fn nginx_config(dir: &Path, port: u16) -> String {
     )
 }
 
-/// haproxy, one process, TLS 1.3 only. haproxy wants the certificate and its key in one
-/// file: it is written to `dir`.
+/// The TLS 1.3 suites the agent offers, in its order (`tls::provider` in clink-agent), in
+/// OpenSSL's spelling. The proxies are given the same list: OpenSSL's own default puts
+/// AES-256-GCM first, which costs more per byte than the AES-128-GCM the agents negotiate,
+/// and a comparison of tunnels should not be one of ciphers.
+const TUNNEL_SUITES: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+
+/// haproxy, one process, TLS 1.3 only, the agent's suites ([`TUNNEL_SUITES`]). haproxy
+/// wants the certificate and its key in one file: it is written to `dir`.
 fn haproxy_config(side: &ProxySide, dir: &Path) -> Result<String> {
     let combined = dir.join(format!("{}-combined.pem", side.certs.peer()));
     let pem = fs::read_to_string(side.certs.cert())? + &fs::read_to_string(side.certs.key())?;
@@ -651,9 +658,11 @@ fn haproxy_config(side: &ProxySide, dir: &Path) -> Result<String> {
         combined.display(),
         side.certs.ca().display()
     );
-    let mut cfg = String::from(
+    let mut cfg = format!(
         "global\n    ssl-default-bind-options ssl-min-ver TLSv1.3\n    \
-         ssl-default-server-options ssl-min-ver TLSv1.3\n\
+         ssl-default-server-options ssl-min-ver TLSv1.3\n    \
+         ssl-default-bind-ciphersuites {TUNNEL_SUITES}\n    \
+         ssl-default-server-ciphersuites {TUNNEL_SUITES}\n\
          defaults\n    mode tcp\n    timeout connect 5s\n    \
          timeout client 1h\n    timeout server 1h\n",
     );
@@ -680,9 +689,9 @@ fn haproxy_config(side: &ProxySide, dir: &Path) -> Result<String> {
     Ok(cfg)
 }
 
-/// stunnel, one process in the foreground, TLS 1.3 only, Nagle off on both legs as the
-/// agents and haproxy do. Its log goes to stderr only, like the agents': where no syslog
-/// daemon listens, stunnel falls back to writing every line to /dev/console under a global
+/// stunnel, one process in the foreground, TLS 1.3 only with the agent's suites, Nagle off
+/// on both legs as the agents and haproxy do. Its log goes to stderr only, like the agents':
+/// where no syslog daemon listens, stunnel falls back to writing every line to /dev/console under a global
 /// lock, which would cap it at about 130 connections a second.
 fn stunnel_config(side: &ProxySide) -> String {
     let mut cfg = String::from("foreground = yes\nsyslog = no\npid =\n");
@@ -702,6 +711,7 @@ fn stunnel_config(side: &ProxySide) -> String {
             cfg,
             "[{}]\naccept = {listen}\nconnect = {connect}\n{role}cert = {}\nkey = {}\n\
              CAfile = {}\nverifyChain = yes\nsslVersion = TLSv1.3\n\
+             ciphersuites = {TUNNEL_SUITES}\n\
              socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n",
             service.name(),
             side.certs.cert().display(),
@@ -784,6 +794,10 @@ mod tests {
                 .count(),
             Service::ALL.len()
         );
+        for side in ["bind", "server"] {
+            let line = format!("ssl-default-{side}-ciphersuites TLS_AES_128_GCM_SHA256:");
+            assert!(a.contains(&line), "{a}");
+        }
         assert!(a.contains("bind 127.0.0.1:10311"), "{a}");
         assert!(a.contains("server iperf3 10.0.0.2:10351 ssl crt"), "{a}");
         let b = haproxy_config(&server, dir.path()).unwrap();
@@ -816,6 +830,11 @@ mod tests {
         );
         assert_eq!(
             a.matches("verifyChain = yes\nsslVersion = TLSv1.3\n")
+                .count(),
+            Service::ALL.len()
+        );
+        assert_eq!(
+            a.matches(&format!("ciphersuites = {TUNNEL_SUITES}\n"))
                 .count(),
             Service::ALL.len()
         );
