@@ -172,7 +172,7 @@ impl Ktls {
             _ => return Handoff::Userspace(tls, Fallback::Cipher, Vec::new()),
         };
         if let Err(e) = setup_ulp(io.get_ref()) {
-            return Handoff::Userspace(tls, Fallback::Ulp(e.to_string()), Vec::new());
+            return Handoff::Userspace(tls, ulp_refused(e), Vec::new());
         }
         // Plaintext rustls decrypts on the way: taken out as it comes, because rustls stops
         // reading once its own plaintext buffer (16 KiB) is full, and a peer that sends right
@@ -373,6 +373,18 @@ pub enum Handoff<S> {
     Failed(io::Error),
 }
 
+/// Why the kernel refused `TCP_ULP` "tls" on a tunnel socket. It takes it only on an
+/// ESTABLISHED socket and says `ENOTCONN` otherwise: at the hand-off that means the peer's
+/// FIN (or reset) came first, which is the peer closing, not a kernel without kTLS.
+fn ulp_refused(e: ktls_core::Error) -> Fallback {
+    match &e {
+        ktls_core::Error::Ulp(io) if io.raw_os_error() == Some(libc::ENOTCONN) => {
+            Fallback::PeerClosed
+        }
+        _ => Fallback::Ulp(e.to_string()),
+    }
+}
+
 /// Why a connection stayed in userspace.
 #[derive(Debug)]
 pub enum Fallback {
@@ -405,7 +417,9 @@ impl std::fmt::Display for Fallback {
             Fallback::Cipher => f.write_str("the kernel does not take the negotiated cipher"),
             Fallback::Ulp(e) => write!(f, "the socket does not take kernel TLS: {e}"),
             Fallback::Buffered => f.write_str("rustls holds too much unread plaintext"),
-            Fallback::PeerClosed => f.write_str("the peer already closed its side"),
+            Fallback::PeerClosed => {
+                f.write_str("the peer already closed its side (TLS close_notify or TCP FIN)")
+            }
             Fallback::PendingWrite => f.write_str("rustls still has records to send"),
         }
     }
@@ -667,6 +681,36 @@ mod tests {
         cipher_suite::TLS13_AES_256_GCM_SHA384,
         cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
+
+    /// The peer's FIN before the hand-off is counted as the peer closing: the kernel refuses
+    /// the TLS ULP on a socket past ESTABLISHED with `ENOTCONN`. Without kTLS the same call
+    /// fails for want of the `tls` module, which stays `fallback-no-ktls`.
+    #[test]
+    fn a_socket_the_peer_closed_is_refused_as_peer_closed() {
+        let ktls = ktls_or_skip("a_socket_the_peer_closed_is_refused_as_peer_closed");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tunnel = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        tunnel
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(
+            tunnel.peek(&mut [0u8; 1]).unwrap(),
+            0,
+            "the FIN has arrived"
+        );
+        let why = ulp_refused(setup_ulp(&tunnel).expect_err("the ULP on a closing socket"));
+        let expected = match ktls {
+            Some(_) => "fallback-peer-closed",
+            None => "fallback-no-ktls",
+        };
+        assert_eq!(why.label(), expected, "{why}");
+        // An established socket still takes it where the kernel has kTLS.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        assert_eq!(setup_ulp(&open).is_ok(), ktls.is_some());
+    }
 
     /// rustls's secrets become the kernel's crypto info for every suite we offer; the two
     /// ends' secrets mirror each other (one side's TX is the other's RX, sequence included).
