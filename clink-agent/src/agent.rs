@@ -6,7 +6,7 @@
 //! immutable [`Snapshot`]; a change swaps it, and the next connection sees the new one.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv6Addr, SocketAddr},
     sync::{Arc, Weak},
 };
@@ -45,6 +45,10 @@ pub enum ChangeError {
     #[error("state directory: {0}")]
     Store(#[from] std::io::Error),
 }
+
+/// How often an Import whose port another socket held is tried again: by the agent for what
+/// it loaded at start-up, by Kubernetes mode's watches for what they apply.
+pub const BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `work` on a thread of its own at a lower CPU priority: file I/O, and whatever grows
 /// with the number of objects (parsing, checking, deriving status, building a snapshot,
@@ -133,6 +137,8 @@ struct Runtime {
     heartbeats: HashMap<ObjectKey, Heartbeat>,
     /// Imports whose stored port could not be bound at start-up.
     failed_imports: HashMap<ObjectKey, String>,
+    /// Those of them whose port another socket held: tried again every [`BUSY_RETRY`].
+    busy_imports: HashSet<ObjectKey>,
 }
 
 /// The agent's control side: it owns the objects (through the store), the listeners and
@@ -317,6 +323,15 @@ impl Agent {
                         let port = import.spec.listen_port();
                         self.serve_import(&mut runtime, key, port, l, false);
                     }
+                    Err(e) if e.busy => {
+                        problems.push(format!(
+                            "{} (tried again every {}s until it is free)",
+                            e.error,
+                            BUSY_RETRY.as_secs()
+                        ));
+                        runtime.failed_imports.insert(key.clone(), e.error.message);
+                        runtime.busy_imports.insert(key.clone());
+                    }
                     Err(e) => {
                         problems.push(format!("{} (not served until re-applied)", e.error));
                         runtime.failed_imports.insert(key.clone(), e.error.message);
@@ -327,7 +342,64 @@ impl Agent {
         self.sync_heartbeats(&mut runtime, &set);
         info!(objects = set.len(), "loaded state");
         self.publish(set, &runtime).await;
+        if !runtime.busy_imports.is_empty() {
+            self.spawn_busy_retry();
+        }
         Ok(problems)
+    }
+
+    /// Tries the Imports of [`Runtime::busy_imports`] again every [`BUSY_RETRY`] until none
+    /// is left: each listens once its port is free, or leaves the set when an apply or a
+    /// delete took it over (under the change lock, so never against a newer version).
+    fn spawn_busy_retry(self: &Arc<Self>) {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(BUSY_RETRY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(agent) = agent.upgrade() else { return };
+                if !agent.retry_busy_imports().await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One try of every busy Import; returns whether any is still waiting.
+    async fn retry_busy_imports(self: &Arc<Self>) -> bool {
+        let mut runtime = self.runtime.lock().await;
+        let objects = self.snapshot().objects.clone();
+        let mut served = false;
+        for key in runtime.busy_imports.clone() {
+            let import = match objects.get(&key) {
+                Some(Object::Import(i)) if !runtime.listeners.contains_key(&key) => i,
+                _ => {
+                    runtime.busy_imports.remove(&key);
+                    continue;
+                }
+            };
+            match bind_import(&key, import) {
+                Ok(listener) => {
+                    info!(import = %key, "its port is free now");
+                    let port = import.spec.listen_port();
+                    self.serve_import(&mut runtime, &key, port, listener, false);
+                    served = true;
+                }
+                Err(e) if e.busy => {}
+                Err(e) => {
+                    warn!(import = %key, error = %e.error, "not served until re-applied");
+                    runtime.busy_imports.remove(&key);
+                    runtime.failed_imports.insert(key.clone(), e.error.message);
+                    served = true;
+                }
+            }
+        }
+        if served {
+            self.publish(objects, &runtime).await;
+        }
+        !runtime.busy_imports.is_empty()
     }
 
     fn serve_import(
@@ -341,6 +413,7 @@ impl Agent {
         info!(import = %key, port, leased, "listening for import");
         let task = dataplane::serve_import(self.ctx.clone(), key.clone(), listener);
         runtime.failed_imports.remove(key);
+        runtime.busy_imports.remove(key);
         runtime.listeners.insert(
             key.clone(),
             ImportListener {
@@ -410,12 +483,18 @@ impl Agent {
                 _ => None,
             })
             .collect();
+        let applied: HashSet<&ObjectKey> = changes.iter().map(|(key, _)| key).collect();
         for (key, object) in next.iter_mut() {
             let Object::Import(import) = object else {
                 continue;
             };
             let current = runtime.listeners.get(key).map(|l| l.port);
             if import.spec.target_port != 0 && current == Some(import.spec.target_port) {
+                continue;
+            }
+            // An Import that did not bind at start-up is bound again when it is applied
+            // again, not by an apply of other objects, which its port must not refuse.
+            if current.is_none() && !applied.contains(key) {
                 continue;
             }
             let leased = import.spec.target_port == 0;
@@ -468,6 +547,7 @@ impl Agent {
             info!(import = %key, "stopped listening for import");
         }
         runtime.failed_imports.remove(key);
+        runtime.busy_imports.remove(key);
         self.ctx.balancer.forget(key);
         self.sync_heartbeats(&mut runtime, &next);
         self.publish(next, &runtime).await;
@@ -617,6 +697,7 @@ struct Serving {
     /// Imports listening on a port the agent leased.
     leased: std::collections::HashSet<ObjectKey>,
     failed_imports: HashMap<ObjectKey, String>,
+    busy_imports: HashSet<ObjectKey>,
 }
 
 impl Serving {
@@ -628,6 +709,7 @@ impl Serving {
                 .map(|(k, l)| (k.clone(), l.port))
                 .collect(),
             failed_imports: runtime.failed_imports.clone(),
+            busy_imports: runtime.busy_imports.clone(),
             leased: runtime
                 .listeners
                 .iter()
@@ -661,6 +743,9 @@ fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Serving) 
                             format!("listening on port {port}"),
                         ),
                         (Some(port), _) => (true, "Listening", format!("listening on port {port}")),
+                        (None, Some(e)) if runtime.busy_imports.contains(key) => {
+                            (false, api::REASON_PORT_IN_USE, e.clone())
+                        }
                         (None, Some(e)) => (false, api::REASON_ERROR, e.clone()),
                         (None, None) => (false, api::REASON_ERROR, "not listening".to_owned()),
                     };

@@ -140,6 +140,9 @@ pub const REASON_HEARTBEAT: &str = "Heartbeat";
 pub const REASON_ERROR: &str = "Error";
 /// `ImportTargetPortValid` when the agents chose the port (upstream's reason).
 pub const REASON_LEASED: &str = "Leased";
+/// Condition reason: an Import's port is held by another socket on the node; the agent tries
+/// it again every [`crate::agent::BUSY_RETRY`] until it listens.
+pub const REASON_PORT_IN_USE: &str = "PortInUse";
 
 impl Status {
     pub fn is_empty(&self) -> bool {

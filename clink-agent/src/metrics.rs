@@ -219,7 +219,8 @@ pub struct Metrics {
     /// Kubernetes mode: 1 while this agent holds the Lease and writes status and Services.
     pub kubernetes_leader: Gauge,
     pub kubernetes_writes: Family<WriteLabels, Counter>,
-    /// Kubernetes mode: objects the API server has that failed validation.
+    /// Kubernetes mode: objects the API server has that the agent refused (invalid, or an
+    /// Import's port in use on the node).
     pub kubernetes_invalid_objects: Gauge,
     /// Reloads of the peer certificate directory, by result.
     pub certificate_reloads: Family<ReloadLabels, Counter>,
@@ -392,8 +393,9 @@ impl Default for Metrics {
         );
         registry.register(
             "kubernetes_invalid_objects",
-            "Kubernetes mode: objects in the API server that failed validation (each has a \
-             condition or an Event saying why)",
+            "Kubernetes mode: objects in the API server the agent refused: failed validation, \
+             or an Import whose port another socket on the node holds (each has a condition \
+             or an Event saying why)",
             m.kubernetes_invalid_objects.clone(),
         );
         registry.register(

@@ -598,7 +598,7 @@ fn an_import_whose_port_is_taken_listens_once_it_is_free() -> Result<()> {
         &(peer_yaml("peer-b", c.topo.b().ip()) + &import_yaml("late", 8080, 31003, "svc")),
     )?;
     let (_, reason, message) = wait_import_port(&c.api_a, "late", "False")?;
-    assert_eq!(reason, "InvalidSpec");
+    assert_eq!(reason, "PortInUse");
     assert!(
         message.contains("31003") && message.contains("in use"),
         "{message}"

@@ -1,7 +1,8 @@
 //! The state store seen from outside: large applies do not stall tunnels, an apply survives a
 //! SIGKILL whole or not at all, names the file system cannot hold are refused before anything
-//! is written, status is never taken from what is applied, and bad state files are moved
-//! aside at start instead of stopping the agent.
+//! is written, status is never taken from what is applied, bad state files are moved
+//! aside at start instead of stopping the agent, and an Import whose port is taken at start
+//! listens once it is free.
 
 use std::{
     collections::BTreeSet,
@@ -474,4 +475,103 @@ fn bad_state_files_are_moved_aside_and_the_agent_starts_with_the_rest() {
     agent.start().unwrap();
     assert_eq!(export_ports(agent, "").len(), 2);
     assert!(Path::new(&state.join("rejected/exports/default/zero.yaml")).is_symlink());
+}
+
+/// An Import whose port another socket holds when the agent starts (a reboot where some
+/// process came up first, or an outgoing connection given the port) is reported with reason
+/// `PortInUse` and listens by itself once the port is free: nobody has to apply it again.
+#[test]
+fn an_import_whose_port_is_taken_at_start_listens_once_it_is_free() {
+    if !require_root("an_import_whose_port_is_taken_at_start_listens_once_it_is_free") {
+        return;
+    }
+    const PORT: u16 = 7310;
+    let mut lone = lone_agent(None);
+    let (agent, ns) = (&mut lone.agent, &lone.ns);
+    let port = PORT.to_string();
+    agent
+        .clink_ok(&[
+            "create",
+            "import",
+            "late",
+            "--port",
+            &port,
+            "--target-port",
+            &port,
+            "--peer",
+            "peer-b",
+        ])
+        .unwrap();
+    agent.stop().unwrap();
+    let holder = ns
+        .enter(|| std::net::TcpListener::bind(("0.0.0.0", PORT)))
+        .unwrap();
+    agent.start().unwrap();
+    let port_condition = |agent: &Agent| {
+        status_of(agent, "import", "late")["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "ImportTargetPortValid")
+            .cloned()
+            .unwrap()
+    };
+    let held = port_condition(agent);
+    assert_eq!(held["status"], "False", "{held}");
+    assert_eq!(held["reason"], "PortInUse", "{held}");
+    assert!(
+        held["message"].as_str().unwrap().contains("in use"),
+        "{held}"
+    );
+    agent
+        .wait_log("tried again every 5s until it is free")
+        .unwrap();
+    // Other objects can be applied meanwhile: the held port refuses only its own Import.
+    agent
+        .clink_ok(&[
+            "create",
+            "export",
+            "db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "5432",
+        ])
+        .unwrap();
+    let refused = agent
+        .clink(&[
+            "create",
+            "import",
+            "late",
+            "--port",
+            &port,
+            "--target-port",
+            &port,
+            "--peer",
+            "peer-b",
+        ])
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "re-applied while the port is held"
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("in use"), "{said}");
+
+    drop(holder);
+    wait_for("the Import to listen", Duration::from_secs(20), || {
+        port_condition(agent)["status"] == "True"
+    })
+    .unwrap();
+    assert_eq!(
+        port_condition(agent)["message"],
+        format!("listening on port {PORT}")
+    );
+    agent.wait_log("its port is free now").unwrap();
+    ns.enter(|| std::net::TcpStream::connect(("127.0.0.1", PORT)))
+        .expect("the agent listens on the freed port");
+    // Once it listens, the retry has nothing left to do: a later restart binds at once.
+    agent.stop().unwrap();
+    agent.start().unwrap();
+    assert_eq!(port_condition(agent)["status"], "True");
 }

@@ -53,6 +53,15 @@ pub const REASON_SERVICE_CONFLICT: &str = "ServiceExists";
 /// The reason of a condition that reports a failed validation.
 pub const REASON_INVALID: &str = "InvalidSpec";
 
+/// The reason of the condition and Event of an object the agent refused.
+fn refusal_reason(seen: &Seen) -> &'static str {
+    if seen.port_in_use {
+        api::REASON_PORT_IN_USE
+    } else {
+        REASON_INVALID
+    }
+}
+
 /// The election's task, its verdict, and the way to leave it.
 pub struct Leading {
     pub task: JoinHandle<()>,
@@ -244,7 +253,7 @@ impl Writer {
         for key in keys {
             let object = &seen[key];
             if let Some(why) = &object.invalid {
-                self.event(key, object, REASON_INVALID, why).await;
+                self.event(key, object, refusal_reason(object), why).await;
             }
             if !matches!(key.kind, Kind::Peer | Kind::Export | Kind::Import) {
                 continue;
@@ -269,10 +278,12 @@ impl Writer {
             let type_ = match key.kind {
                 Kind::Peer => api::PEER_REACHABLE,
                 Kind::Export => api::EXPORT_VALID,
-                _ if why.contains("spec.targetPort") => api::IMPORT_TARGET_PORT_VALID,
+                _ if seen.port_in_use || why.contains("spec.targetPort") => {
+                    api::IMPORT_TARGET_PORT_VALID
+                }
                 _ => api::IMPORT_SERVICE_VALID,
             };
-            status.set_condition(type_, false, REASON_INVALID, why);
+            status.set_condition(type_, false, refusal_reason(seen), why);
         }
         if let Some(why) = self.conflicts.get(key) {
             status.set_condition(
@@ -707,6 +718,7 @@ mod tests {
                 status: api::Status::default(),
                 target_port: Some(api_target_port),
                 invalid: None,
+                port_in_use: false,
             },
         );
         (snapshot, shared)
@@ -803,6 +815,34 @@ mod tests {
             writer.metrics.encode(),
             "no write on an unchanged world"
         );
+    }
+
+    /// An Import refused because another socket holds its port gets reason `PortInUse` on
+    /// `ImportTargetPortValid`; refused for its spec, the same message gets `InvalidSpec`.
+    #[tokio::test]
+    async fn a_port_in_use_is_a_reason_of_its_own() {
+        let (svc, _handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let writer = Writer::new(
+            Client::new(svc, "default"),
+            options(),
+            Arc::new(Metrics::default()),
+        );
+        let (_, shared) = world(40000, 40000);
+        let message = "Import shop/db: cannot listen on port 40000: Address already in use";
+        for (port_in_use, type_, reason) in [
+            (true, api::IMPORT_TARGET_PORT_VALID, "PortInUse"),
+            (false, api::IMPORT_SERVICE_VALID, "InvalidSpec"),
+        ] {
+            shared.mark_refused(&import_key(), message.into(), port_in_use);
+            let seen = shared.seen().remove(&import_key()).unwrap();
+            let status = writer.desired_status(&import_key(), &seen, &Snapshot::default());
+            let condition = status.condition(type_).expect(type_);
+            assert_eq!(
+                (condition.status.as_str(), condition.reason.as_str()),
+                ("False", reason)
+            );
+            assert_eq!(condition.message, message);
+        }
     }
 
     #[tokio::test]
@@ -902,6 +942,7 @@ mod tests {
                 status: api::Status::default(),
                 target_port: None,
                 invalid: Some("Export shop/db: spec.port: must be 1-65535".into()),
+                port_in_use: false,
             },
         );
         assert_eq!(

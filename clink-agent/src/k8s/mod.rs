@@ -91,6 +91,9 @@ pub struct Seen {
     pub target_port: Option<u16>,
     /// Why the agent refused the object, if it did.
     pub invalid: Option<String>,
+    /// The refusal is an Import's port held by another socket on this node: not the spec's
+    /// fault, and applied again until it listens (condition reason `PortInUse`).
+    pub port_in_use: bool,
 }
 
 /// What the watches learn and the leader reads.
@@ -145,9 +148,12 @@ impl Shared {
         self.changed.notify_one();
     }
 
-    pub fn mark_invalid(&self, key: &ObjectKey, why: String) {
+    /// Records that the agent refused `key`: for a port in use on this node if `port_in_use`,
+    /// else for its spec.
+    pub fn mark_refused(&self, key: &ObjectKey, why: String, port_in_use: bool) {
         if let Some(seen) = self.lock().get_mut(key) {
             seen.invalid = Some(why);
+            seen.port_in_use = port_in_use;
         }
         self.update_invalid();
         self.changed.notify_one();

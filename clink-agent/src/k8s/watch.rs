@@ -18,7 +18,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     pin::pin,
     sync::Arc,
-    time::Duration,
 };
 
 use futures::StreamExt as _;
@@ -36,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::{crd, PodCache, Seen, Shared};
 use crate::{
-    agent::{Agent, ChangeError},
+    agent::{Agent, ChangeError, BUSY_RETRY},
     api::{self, ApiError, Kind, Object, ObjectKey},
     kernel::sockmap::SERVICE_IP_ANNOTATION,
     metrics::ResourceLabels,
@@ -143,6 +142,7 @@ fn seen(kind: Kind, object: &DynamicObject, invalid: Option<String>) -> Seen {
         status,
         target_port,
         invalid,
+        port_in_use: false,
     }
 }
 
@@ -304,9 +304,6 @@ fn to_agent_object(
     Ok(converted)
 }
 
-/// How often an object whose port was in use is applied again.
-pub const BUSY_RETRY: Duration = Duration::from_secs(5);
-
 /// The one warning about an object whose port is in use.
 fn warn_busy(key: &ObjectKey, e: &ChangeError) {
     warn!(
@@ -362,7 +359,11 @@ async fn apply(
             (Some(e.to_string()), false)
         }
     };
-    shared.observe(key, seen(kind, &object, invalid));
+    let seen = Seen {
+        port_in_use: busy,
+        ..seen(kind, &object, invalid)
+    };
+    shared.observe(key, seen);
     busy.then_some(object)
 }
 
@@ -412,14 +413,14 @@ async fn resync(
                 Ok(_) => {}
                 Err(e @ ChangeError::Busy(_)) => {
                     warn_busy(&key, &e);
-                    shared.mark_invalid(&key, e.to_string());
+                    shared.mark_refused(&key, e.to_string(), true);
                     if let Some(object) = watched.get(&key) {
                         busy.insert(key, (*object).clone());
                     }
                 }
                 Err(e) => {
                     warn!(object = %key, error = %e, "invalid; not served");
-                    shared.mark_invalid(&key, e.to_string());
+                    shared.mark_refused(&key, e.to_string(), false);
                 }
             }
         }
