@@ -33,10 +33,12 @@
 //!   (`KernelConnection`, only on rustls's unbuffered connections) and a kernel that accepts
 //!   new keys on a live socket (Linux 6.13 and later); Debian 6.1 refuses with `EBUSY`. No
 //!   peer of ours sends one early: rustls updates keys only near the AES-GCM
-//!   confidentiality limit (about 2^24.5 records, ~370 GiB one way), so a tunnel to a
-//!   userspace peer that carries that much one way is reset. The kernel never updates keys
-//!   and this path does not count records, so a tunnel between two kTLS agents is not held
-//!   to that limit (a known gap).
+//!   confidentiality limit (2^24 records, 256 GiB one way in full records), so a tunnel
+//!   to a userspace peer that carries that much one way is reset.
+//! * The kernel never updates keys, so the sending side holds the tunnel to that limit
+//!   itself ([`RecordBudget`]): it reads the kernel's `TLS_TX` record sequence now and then
+//!   and resets the tunnel before the sequence reaches the suite's confidentiality limit
+//!   (rustls's figure: 2^24 records for AES-GCM; ChaCha20-Poly1305 has none that matters).
 //!
 //! Sending side: the kernel closes a record per `splice` into the socket. On half-close a
 //! `close_notify` goes out as a control record, then FIN; but the kernel may still hold
@@ -49,6 +51,7 @@ use std::{
     io::{self, Read as _},
     net::Shutdown,
     os::fd::{AsFd, AsRawFd as _},
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
 
@@ -167,8 +170,13 @@ impl Ktls {
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
             return Handoff::Userspace(tls, Fallback::Version, Vec::new());
         }
-        let suite = match conn.negotiated_cipher_suite() {
-            Some(suite) if self.takes(suite.suite()) => suite.suite(),
+        let (suite, record_limit) = match conn.negotiated_cipher_suite() {
+            Some(suite) if self.takes(suite.suite()) => (
+                suite.suite(),
+                suite
+                    .tls13()
+                    .map_or(u64::MAX, |s| s.common.confidentiality_limit),
+            ),
             _ => return Handoff::Userspace(tls, Fallback::Cipher, Vec::new()),
         };
         if let Err(e) = setup_ulp(io.get_ref()) {
@@ -223,6 +231,7 @@ impl Ktls {
                     suite,
                     queued_at_handoff: queued,
                     tx_seq_at_handoff: tx_seq,
+                    budget: RecordBudget::new(record_limit, tx_seq),
                 },
                 plaintext,
             ),
@@ -433,6 +442,66 @@ pub struct Tunnel {
     /// Bytes TCP had queued when the kernel took over (all written by rustls).
     queued_at_handoff: u64,
     tx_seq_at_handoff: u64,
+    budget: RecordBudget,
+}
+
+/// Holds a kTLS tunnel's sending side to its cipher's confidentiality limit: the records one
+/// key may encrypt (rustls updates keys before it; the kernel cannot). Every record carries at
+/// least one payload byte, so after reading the kernel's record sequence `seq`, the next
+/// `limit - seq - RECORD_MARGIN` bytes cannot take it past the margin, and the sequence is
+/// read again only after that many: with full records that is every 16 MiB at first, and
+/// the reads get
+/// closer together only near the limit, where [`RecordBudget::allowance`] also makes the
+/// `splice` calls no larger than what is left to send before the next read. The tunnel is
+/// reset while [`RECORD_MARGIN`] records are left: room for the `close_notify`.
+#[derive(Debug)]
+pub struct RecordBudget {
+    limit: u64,
+    /// Payload bytes sent since the sequence was last read.
+    unchecked: AtomicU64,
+    /// How many may be sent before it must be read again.
+    check_after: AtomicU64,
+}
+
+/// Records left under the limit at which a tunnel is reset.
+const RECORD_MARGIN: u64 = 16;
+
+impl RecordBudget {
+    fn new(limit: u64, seq: u64) -> RecordBudget {
+        RecordBudget {
+            limit,
+            unchecked: AtomicU64::new(0),
+            check_after: AtomicU64::new(limit.saturating_sub(seq + RECORD_MARGIN)),
+        }
+    }
+
+    /// The most bytes the next send may carry: what is left before the sequence must be read
+    /// again (at least one byte, which makes at most one record).
+    fn allowance(&self) -> u64 {
+        let (after, sent) = (self.check_after.load(Relaxed), self.unchecked.load(Relaxed));
+        after.saturating_sub(sent).max(1)
+    }
+
+    /// Counts `n` payload bytes sent; `seq` reads the record sequence when it is due. Fails
+    /// when the tunnel must not send more under this key.
+    fn charge(&self, n: u64, seq: impl FnOnce() -> io::Result<u64>) -> io::Result<()> {
+        let unchecked = self.unchecked.fetch_add(n, Relaxed) + n;
+        if unchecked < self.check_after.load(Relaxed) {
+            return Ok(());
+        }
+        let seq = seq()?;
+        let left = self.limit.saturating_sub(seq);
+        if left <= RECORD_MARGIN {
+            return Err(io::Error::other(format!(
+                "the tunnel's key encrypted {seq} TLS records, the cipher's limit is {}: the \
+                 kernel cannot update keys, so the connection is reset",
+                self.limit
+            )));
+        }
+        self.unchecked.store(0, Relaxed);
+        self.check_after.store(left - RECORD_MARGIN, Relaxed);
+        Ok(())
+    }
 }
 
 /// A record that is not application data, or data `recvmsg` returned with one.
@@ -446,6 +515,27 @@ pub enum Control {
 impl Tunnel {
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
+    }
+
+    /// Counts `n` payload bytes spliced into the tunnel; fails (and the caller resets the
+    /// connection) once its key must not encrypt more ([`RecordBudget`]).
+    pub fn count_sent(&self, n: usize) -> io::Result<()> {
+        self.budget
+            .charge(n as u64, || tx_record_seq(&self.tcp, self.suite))
+    }
+
+    /// The most bytes the next `splice` into the tunnel may move (see [`RecordBudget`]).
+    pub fn send_allowance(&self) -> usize {
+        usize::try_from(self.budget.allowance()).unwrap_or(usize::MAX)
+    }
+
+    /// Lowers the record limit to `records` past the current sequence, for tests that reach
+    /// it without sending 256 GiB.
+    #[cfg(test)]
+    fn limit_records(&mut self, records: u64) -> io::Result<()> {
+        let seq = tx_record_seq(&self.tcp, self.suite)?;
+        self.budget = RecordBudget::new(seq + records, seq);
+        Ok(())
     }
 
     /// Whether `splice` from the socket failed because the next record is not data.
@@ -810,6 +900,137 @@ mod tests {
             };
             through_two_kernel_tunnels(client, server).await;
         }
+    }
+
+    /// The record budget never lets the sequence pass the limit, even if every record held
+    /// one byte, and reads it rarely when records are full: simulated senders, each splice
+    /// up to 128 KiB as the pump's, and the budget's own allowance.
+    #[test]
+    fn the_record_budget_stops_before_the_limit_and_reads_rarely() {
+        const LIMIT: u64 = 1 << 24;
+        const FILL: u64 = 128 * 1024;
+        // (records per splice of n bytes, smallest expected reads, largest)
+        let full = |n: u64| n.div_ceil(16 * 1024);
+        let tiny = |n: u64| n;
+        for (name, records_of, start) in [
+            ("full records", &full as &dyn Fn(u64) -> u64, 0),
+            ("one byte per record", &tiny, 0),
+            ("full records, late hand-off", &full, LIMIT - 100_000),
+        ] {
+            let budget = RecordBudget::new(LIMIT, start);
+            let (mut seq, mut reads, mut sent) = (start, 0u64, 0u64);
+            let error = loop {
+                let n = FILL.min(budget.allowance());
+                seq += records_of(n);
+                sent += n;
+                assert!(seq <= LIMIT, "{name}: sequence {seq} past the limit");
+                let read = || {
+                    reads += 1;
+                    Ok(seq)
+                };
+                if let Err(e) = budget.charge(n, read) {
+                    break e;
+                }
+            };
+            assert!(
+                seq >= LIMIT - RECORD_MARGIN - 16,
+                "{name}: stopped early at {seq}"
+            );
+            assert!(error.to_string().contains("limit is 16777216"), "{error}");
+            if name == "full records" {
+                // 256 GiB in full records, less the partial records of the smaller sends
+                // near the end (under 1% of the bytes), with a read per MiB or fewer.
+                assert!(sent > LIMIT * 16 * 1024 / 100 * 99, "{name}: {sent}");
+                eprintln!("{name}: {reads} reads of the sequence for {sent} bytes");
+                assert!(reads < sent >> 20, "{name}: {reads} reads for {sent} bytes");
+            }
+        }
+        // No limit to speak of (ChaCha20-Poly1305): never read.
+        let budget = RecordBudget::new(u64::MAX, 7);
+        for _ in 0..1000 {
+            budget
+                .charge(FILL, || panic!("read without a limit"))
+                .unwrap();
+        }
+    }
+
+    /// In the kernel: a tunnel whose key reaches its record limit is reset by the pump, the
+    /// kernel's sequence stays under the limit, and the data sent before arrives intact.
+    #[tokio::test]
+    async fn a_tunnel_at_its_record_limit_is_reset_before_it() {
+        let Some(ktls) = ktls_or_skip("a_tunnel_at_its_record_limit_is_reset_before_it") else {
+            return;
+        };
+        const RECORDS: u64 = 2000;
+        let (mut client, server) = tls_pair(SUITES[0]).await;
+        let mut server = server;
+        server.write_all(b"200\n").await.unwrap();
+        server.flush().await.unwrap();
+        let mut answer = [0u8; 4];
+        client.read_exact(&mut answer).await.unwrap();
+        let handoff = |h: Handoff<_>| match h {
+            Handoff::Kernel(tunnel, _) => tunnel,
+            Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
+            Handoff::Failed(e) => panic!("{e}"),
+        };
+        let mut client = handoff(ktls.handoff(client).await);
+        let server = match ktls.handoff(server).await {
+            Handoff::Kernel(tunnel, _) => tunnel,
+            Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
+            Handoff::Failed(e) => panic!("{e}"),
+        };
+        let start = tx_record_seq(client.tcp(), client.suite).unwrap();
+        client.limit_records(RECORDS).unwrap();
+        let (app, app_local) = local_pair().await;
+        let (service_local, service) = local_pair().await;
+        let a = tokio::spawn(async move {
+            let outcome = super::super::splice::pump(
+                &app_local,
+                client.tcp(),
+                Some(&client),
+                &Default::default(),
+            )
+            .await;
+            let seq = tx_record_seq(client.tcp(), client.suite).unwrap();
+            (outcome, seq)
+        });
+        let b = tokio::spawn(async move {
+            super::super::splice::pump(
+                &service_local,
+                server.tcp(),
+                Some(&server),
+                &Default::default(),
+            )
+            .await
+        });
+        let (_app_r, app_w) = app.into_split();
+        let (service_r, _service_w) = service.into_split();
+        // Far more than 2,000 records' worth: the sender fails once the tunnel is reset.
+        let up = tokio::spawn(send(app_w, 1, 256 * 1024 * 1024));
+        let at_service = tokio::spawn(receive(service_r));
+        let (outcome, seq) = a.await.unwrap();
+        let error = outcome.error.expect("the pump ended with an error");
+        assert!(error.to_string().contains("cannot update keys"), "{error}");
+        assert!(
+            seq <= start + RECORDS,
+            "sequence {seq}, limit {}",
+            start + RECORDS
+        );
+        assert!(
+            seq >= start + RECORDS - RECORD_MARGIN - 16,
+            "stopped early: {seq}"
+        );
+        assert!(outcome.to_tunnel > 0);
+        let far_side = b.await.unwrap();
+        assert!(far_side.error.is_some(), "the far side saw a clean end");
+        assert!(
+            far_side.from_tunnel <= outcome.to_tunnel,
+            "{} arrived, {} sent",
+            far_side.from_tunnel,
+            outcome.to_tunnel
+        );
+        let _ = up.await;
+        let _ = at_service.await;
     }
 
     /// app <-> pump <-> kTLS client socket <-> kTLS server socket <-> pump <-> service.

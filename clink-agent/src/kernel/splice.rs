@@ -193,15 +193,22 @@ async fn one_way(
             }
         }
         while in_pipe > 0 {
+            let len = match &dst {
+                Sink::Tunnel(_, Some(tunnel)) => in_pipe.min(tunnel.send_allowance()),
+                _ => in_pipe,
+            };
             dst.tcp().writable().await?;
             match dst.tcp().try_io(Interest::WRITABLE, || {
-                Ok(splice(&pipe.read, None, dst.tcp(), None, in_pipe, FLAGS)?)
+                Ok(splice(&pipe.read, None, dst.tcp(), None, len, FLAGS)?)
             }) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     in_pipe -= n;
                     *moved += n as u64;
                     lifetime.add_moved(n as u64);
+                    if let Sink::Tunnel(_, Some(tunnel)) = &dst {
+                        tunnel.count_sent(n)?;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
