@@ -179,7 +179,8 @@ pub struct ReloadLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TerminatedLabels {
     pub direction: &'static str,
-    /// `idle`, `denied`, `removed` or `peer-timeout` (see `lifetime::Ending`).
+    /// `idle`, `denied`, `removed`, `peer-timeout` or `record-limit` (see `lifetime::Ending`
+    /// and `kernel::ktls::RecordLimit`).
     pub reason: &'static str,
 }
 
@@ -410,7 +411,8 @@ impl Default for Metrics {
             "Tunneled connections the agent reset, both sides, by reason: idle (no byte either \
              way for --idle-timeout), denied (a policy change denies it), removed (its Import, \
              Export or Peer was deleted or no longer names it), peer-timeout (the peer stopped \
-             answering: TCP keepalive or --peer-user-timeout)",
+             answering: TCP keepalive or --peer-user-timeout), record-limit (a kTLS tunnel's \
+             key reached its cipher's record limit, about 256 GiB one way)",
             m.terminated.clone(),
         );
         registry.register(

@@ -22,7 +22,7 @@ use crate::{
     api::ObjectKey,
     clients::Clients,
     kernel::{
-        ktls::{Handoff, TunnelTls},
+        ktls::{Handoff, RecordLimit, TunnelTls},
         splice, Datapath, Ktls,
     },
     lb::Balancer,
@@ -267,7 +267,9 @@ where
     let reason = carried.error.as_ref().and_then(|e| match ending_of(e) {
         Some(ending) => Some(ending.label()),
         // Keepalive or TCP_USER_TIMEOUT on the tunnel socket: the peer stopped answering.
-        None => (e.raw_os_error() == Some(libc::ETIMEDOUT)).then_some("peer-timeout"),
+        None if e.raw_os_error() == Some(libc::ETIMEDOUT) => Some("peer-timeout"),
+        None if RecordLimit::is(e) => Some("record-limit"),
+        None => None,
     });
     if let Some(reason) = reason {
         ctx.metrics

@@ -463,6 +463,24 @@ pub struct RecordBudget {
     check_after: AtomicU64,
 }
 
+/// A kTLS tunnel's key encrypted as many records as its cipher allows.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the tunnel's key encrypted {records} TLS records, the cipher's limit is {limit}: the \
+     kernel cannot update keys, so the connection is reset"
+)]
+pub struct RecordLimit {
+    records: u64,
+    limit: u64,
+}
+
+impl RecordLimit {
+    /// Whether `e` is the pump's error for a tunnel that reached its record limit.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<RecordLimit>())
+    }
+}
+
 /// Records left under the limit at which a tunnel is reset.
 const RECORD_MARGIN: u64 = 16;
 
@@ -492,11 +510,10 @@ impl RecordBudget {
         let seq = seq()?;
         let left = self.limit.saturating_sub(seq);
         if left <= RECORD_MARGIN {
-            return Err(io::Error::other(format!(
-                "the tunnel's key encrypted {seq} TLS records, the cipher's limit is {}: the \
-                 kernel cannot update keys, so the connection is reset",
-                self.limit
-            )));
+            return Err(io::Error::other(RecordLimit {
+                records: seq,
+                limit: self.limit,
+            }));
         }
         self.unchecked.store(0, Relaxed);
         self.check_after.store(left - RECORD_MARGIN, Relaxed);
@@ -1010,6 +1027,7 @@ mod tests {
         let at_service = tokio::spawn(receive(service_r));
         let (outcome, seq) = a.await.unwrap();
         let error = outcome.error.expect("the pump ended with an error");
+        assert!(RecordLimit::is(&error), "{error}");
         assert!(error.to_string().contains("cannot update keys"), "{error}");
         assert!(
             seq <= start + RECORDS,
