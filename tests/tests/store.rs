@@ -489,19 +489,18 @@ fn an_import_whose_port_is_taken_at_start_listens_once_it_is_free() {
     let mut lone = lone_agent(None);
     let (agent, ns) = (&mut lone.agent, &lone.ns);
     let port = PORT.to_string();
-    agent
-        .clink_ok(&[
-            "create",
-            "import",
-            "late",
-            "--port",
-            &port,
-            "--target-port",
-            &port,
-            "--peer",
-            "peer-b",
-        ])
-        .unwrap();
+    let create = [
+        "create",
+        "import",
+        "late",
+        "--port",
+        &port,
+        "--target-port",
+        &port,
+        "--peer",
+        "peer-b",
+    ];
+    agent.clink_ok(&create).unwrap();
     agent.stop().unwrap();
     let holder = ns
         .enter(|| std::net::TcpListener::bind(("0.0.0.0", PORT)))
@@ -538,19 +537,7 @@ fn an_import_whose_port_is_taken_at_start_listens_once_it_is_free() {
             "5432",
         ])
         .unwrap();
-    let refused = agent
-        .clink(&[
-            "create",
-            "import",
-            "late",
-            "--port",
-            &port,
-            "--target-port",
-            &port,
-            "--peer",
-            "peer-b",
-        ])
-        .unwrap();
+    let refused = agent.clink(&create).unwrap();
     assert!(
         !refused.status.success(),
         "re-applied while the port is held"

@@ -979,53 +979,30 @@ mod tests {
             return;
         };
         const RECORDS: u64 = 2000;
-        let (mut client, server) = tls_pair(SUITES[0]).await;
-        let mut server = server;
+        let (mut client, mut server) = tls_pair(SUITES[0]).await;
         server.write_all(b"200\n").await.unwrap();
         server.flush().await.unwrap();
         let mut answer = [0u8; 4];
         client.read_exact(&mut answer).await.unwrap();
-        let handoff = |h: Handoff<_>| match h {
-            Handoff::Kernel(tunnel, _) => tunnel,
-            Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
-            Handoff::Failed(e) => panic!("{e}"),
-        };
-        let mut client = handoff(ktls.handoff(client).await);
-        let server = match ktls.handoff(server).await {
-            Handoff::Kernel(tunnel, _) => tunnel,
-            Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
-            Handoff::Failed(e) => panic!("{e}"),
-        };
+        let mut client = in_kernel(ktls.handoff(client).await);
+        let server = in_kernel(ktls.handoff(server).await);
         let start = tx_record_seq(client.tcp(), client.suite).unwrap();
         client.limit_records(RECORDS).unwrap();
         let (app, app_local) = local_pair().await;
         let (service_local, service) = local_pair().await;
-        let a = tokio::spawn(async move {
-            let outcome = super::super::splice::pump(
-                &app_local,
-                client.tcp(),
-                Some(&client),
-                &Default::default(),
-            )
-            .await;
-            let seq = tx_record_seq(client.tcp(), client.suite).unwrap();
-            (outcome, seq)
-        });
-        let b = tokio::spawn(async move {
-            super::super::splice::pump(
-                &service_local,
-                server.tcp(),
-                Some(&server),
-                &Default::default(),
-            )
-            .await
-        });
+        let (a, b) = (
+            pump_task(app_local, client),
+            pump_task(service_local, server),
+        );
         let (_app_r, app_w) = app.into_split();
         let (service_r, _service_w) = service.into_split();
         // Far more than 2,000 records' worth: the sender fails once the tunnel is reset.
         let up = tokio::spawn(send(app_w, 1, 256 * 1024 * 1024));
         let at_service = tokio::spawn(receive(service_r));
-        let (outcome, seq) = a.await.unwrap();
+        let (outcome, client) = a.await.unwrap();
+        let seq = tx_record_seq(client.tcp(), client.suite).unwrap();
+        drop(client); // the reset the pump armed reaches the far side
+
         let error = outcome.error.expect("the pump ended with an error");
         assert!(RecordLimit::is(&error), "{error}");
         assert!(error.to_string().contains("cannot update keys"), "{error}");
@@ -1039,7 +1016,7 @@ mod tests {
             "stopped early: {seq}"
         );
         assert!(outcome.to_tunnel > 0);
-        let far_side = b.await.unwrap();
+        let (far_side, _) = b.await.unwrap();
         assert!(far_side.error.is_some(), "the far side saw a clean end");
         assert!(
             far_side.from_tunnel <= outcome.to_tunnel,
@@ -1051,24 +1028,41 @@ mod tests {
         let _ = at_service.await;
     }
 
+    /// The tunnel a hand-off gave the kernel; panics if it stayed in userspace or failed.
+    fn in_kernel<S>(handoff: Handoff<S>) -> Tunnel {
+        match handoff {
+            Handoff::Kernel(tunnel, _) => tunnel,
+            Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
+            Handoff::Failed(e) => panic!("{e}"),
+        }
+    }
+
+    /// The pump between `local` and a kernel tunnel, in a task that gives the tunnel back.
+    fn pump_task(
+        local: TcpStream,
+        tunnel: Tunnel,
+    ) -> tokio::task::JoinHandle<(super::super::splice::Outcome, Tunnel)> {
+        tokio::spawn(async move {
+            let outcome = super::super::splice::pump(
+                &local,
+                tunnel.tcp(),
+                Some(&tunnel),
+                &Default::default(),
+            )
+            .await;
+            (outcome, tunnel)
+        })
+    }
+
     /// app <-> pump <-> kTLS client socket <-> kTLS server socket <-> pump <-> service.
     async fn through_two_kernel_tunnels(client: Tunnel, server: Tunnel) {
         const LEN: usize = 64 * 1024 * 1024;
         let (app, app_local) = local_pair().await;
         let (service_local, service) = local_pair().await;
-        let a = tokio::spawn(async move {
-            super::super::splice::pump(&app_local, client.tcp(), Some(&client), &Default::default())
-                .await
-        });
-        let b = tokio::spawn(async move {
-            super::super::splice::pump(
-                &service_local,
-                server.tcp(),
-                Some(&server),
-                &Default::default(),
-            )
-            .await
-        });
+        let (a, b) = (
+            pump_task(app_local, client),
+            pump_task(service_local, server),
+        );
         let (app_r, app_w) = app.into_split();
         let (service_r, service_w) = service.into_split();
         let up = tokio::spawn(send(app_w, 1, LEN));
@@ -1078,7 +1072,7 @@ mod tests {
         let (sent_up, sent_down) = (up.await.unwrap(), down.await.unwrap());
         assert_eq!(at_service.await.unwrap(), (LEN, sent_up));
         assert_eq!(at_app.await.unwrap(), (LEN, sent_down));
-        for pump in [a.await.unwrap(), b.await.unwrap()] {
+        for (pump, _) in [a.await.unwrap(), b.await.unwrap()] {
             assert!(pump.error.is_none(), "{:?}", pump.error);
             assert_eq!((pump.to_tunnel, pump.from_tunnel), (LEN as u64, LEN as u64));
         }
@@ -1100,11 +1094,7 @@ mod tests {
             server.flush().await.unwrap();
             let mut answer = [0u8; 4];
             peer.read_exact(&mut answer).await.unwrap();
-            let tunnel = match ktls.handoff(server).await {
-                Handoff::Kernel(tunnel, _) => tunnel,
-                Handoff::Userspace(_, why, _) => panic!("stayed in userspace: {why}"),
-                Handoff::Failed(e) => panic!("{e}"),
-            };
+            let tunnel = in_kernel(ktls.handoff(server).await);
             let (mut app, app_local) = local_pair().await;
             let pump = tokio::spawn(async move {
                 let outcome = super::super::splice::pump(
