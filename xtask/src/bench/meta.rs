@@ -103,8 +103,8 @@ impl Meta {
              - {}.\n\
              - Tunnels: one process per side, TLS 1.3 only, the same ECDSA P-256 fabric \
              certificates (made by `clink`), client certificates verified against the fabric \
-             CA; haproxy and stunnel as packaged by Debian, with their default session \
-             resumption.\n\
+             CA, the same suites in the agents' order (AES-128-GCM first); haproxy and \
+             stunnel as packaged by Debian, with their default session resumption.\n\
              - Tools: {}.\n",
             self.command,
             self.date,

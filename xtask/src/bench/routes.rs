@@ -1,8 +1,8 @@
 //! The ways from cluster A to the servers in cluster B that the bench compares: direct over
 //! the veth link, a ClusterLink-rs agent pair per data path, an haproxy mTLS pair and a
 //! stunnel mTLS pair. Every tunnel uses the same fabric certificates (ECDSA P-256, made by
-//! `clink`), TLS 1.3 only, client certificates verified against the fabric CA, the server's
-//! name checked, one process per side.
+//! `clink`), TLS 1.3 only with the agents' suites ([`TUNNEL_SUITES`]), client certificates
+//! verified against the fabric CA, the server's name checked, one process per side.
 //!
 //! Each route has its own servers in B (iperf3, the bench's echo and reply servers, nginx:
 //! those the run's scenarios use) and its own ports, so routes never share a socket; a route whose data path attaches eBPF programs
