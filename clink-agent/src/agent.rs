@@ -136,9 +136,21 @@ struct Runtime {
     listeners: HashMap<ObjectKey, ImportListener>,
     heartbeats: HashMap<ObjectKey, Heartbeat>,
     /// Imports whose stored port could not be bound at start-up.
-    failed_imports: HashMap<ObjectKey, String>,
-    /// Those of them whose port another socket held: tried again every [`BUSY_RETRY`].
-    busy_imports: HashSet<ObjectKey>,
+    failed_imports: HashMap<ObjectKey, FailedImport>,
+}
+
+/// Why an Import loaded at start-up does not listen.
+#[derive(Clone)]
+struct FailedImport {
+    message: String,
+    /// Another socket holds the port: tried again every [`BUSY_RETRY`].
+    busy: bool,
+}
+
+impl Runtime {
+    fn any_busy(&self) -> bool {
+        self.failed_imports.values().any(|f| f.busy)
+    }
 }
 
 /// The agent's control side: it owns the objects (through the store), the listeners and
@@ -323,18 +335,21 @@ impl Agent {
                         let port = import.spec.listen_port();
                         self.serve_import(&mut runtime, key, port, l, false);
                     }
-                    Err(e) if e.busy => {
-                        problems.push(format!(
-                            "{} (tried again every {}s until it is free)",
-                            e.error,
-                            BUSY_RETRY.as_secs()
-                        ));
-                        runtime.failed_imports.insert(key.clone(), e.error.message);
-                        runtime.busy_imports.insert(key.clone());
-                    }
                     Err(e) => {
-                        problems.push(format!("{} (not served until re-applied)", e.error));
-                        runtime.failed_imports.insert(key.clone(), e.error.message);
+                        problems.push(if e.busy {
+                            format!(
+                                "{} (tried again every {}s until it is free)",
+                                e.error,
+                                BUSY_RETRY.as_secs()
+                            )
+                        } else {
+                            format!("{} (not served until re-applied)", e.error)
+                        });
+                        let failed = FailedImport {
+                            message: e.error.message,
+                            busy: e.busy,
+                        };
+                        runtime.failed_imports.insert(key.clone(), failed);
                     }
                 }
             }
@@ -342,13 +357,13 @@ impl Agent {
         self.sync_heartbeats(&mut runtime, &set);
         info!(objects = set.len(), "loaded state");
         self.publish(set, &runtime).await;
-        if !runtime.busy_imports.is_empty() {
+        if runtime.any_busy() {
             self.spawn_busy_retry();
         }
         Ok(problems)
     }
 
-    /// Tries the Imports of [`Runtime::busy_imports`] again every [`BUSY_RETRY`] until none
+    /// Tries the busy Imports of [`Runtime::failed_imports`] again every [`BUSY_RETRY`] until none
     /// is left: each listens once its port is free, or leaves the set when an apply or a
     /// delete took it over (under the change lock, so never against a newer version).
     fn spawn_busy_retry(self: &Arc<Self>) {
@@ -372,13 +387,18 @@ impl Agent {
         let mut runtime = self.runtime.lock().await;
         let objects = self.snapshot().objects.clone();
         let mut served = false;
-        for key in runtime.busy_imports.clone() {
-            let import = match objects.get(&key) {
-                Some(Object::Import(i)) if !runtime.listeners.contains_key(&key) => i,
-                _ => {
-                    runtime.busy_imports.remove(&key);
-                    continue;
-                }
+        let busy: Vec<ObjectKey> = runtime
+            .failed_imports
+            .iter()
+            .filter(|(_, f)| f.busy)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in busy {
+            // Apply, delete and serving take an Import out of `failed_imports`, so a busy one
+            // is still the stored object and not listening.
+            let Some(Object::Import(import)) = objects.get(&key) else {
+                runtime.failed_imports.remove(&key);
+                continue;
             };
             match bind_import(&key, import) {
                 Ok(listener) => {
@@ -390,8 +410,11 @@ impl Agent {
                 Err(e) if e.busy => {}
                 Err(e) => {
                     warn!(import = %key, error = %e.error, "not served until re-applied");
-                    runtime.busy_imports.remove(&key);
-                    runtime.failed_imports.insert(key.clone(), e.error.message);
+                    let failed = FailedImport {
+                        message: e.error.message,
+                        busy: false,
+                    };
+                    runtime.failed_imports.insert(key.clone(), failed);
                     served = true;
                 }
             }
@@ -399,7 +422,7 @@ impl Agent {
         if served {
             self.publish(objects, &runtime).await;
         }
-        !runtime.busy_imports.is_empty()
+        runtime.any_busy()
     }
 
     fn serve_import(
@@ -413,7 +436,6 @@ impl Agent {
         info!(import = %key, port, leased, "listening for import");
         let task = dataplane::serve_import(self.ctx.clone(), key.clone(), listener);
         runtime.failed_imports.remove(key);
-        runtime.busy_imports.remove(key);
         runtime.listeners.insert(
             key.clone(),
             ImportListener {
@@ -547,7 +569,6 @@ impl Agent {
             info!(import = %key, "stopped listening for import");
         }
         runtime.failed_imports.remove(key);
-        runtime.busy_imports.remove(key);
         self.ctx.balancer.forget(key);
         self.sync_heartbeats(&mut runtime, &next);
         self.publish(next, &runtime).await;
@@ -696,8 +717,7 @@ struct Serving {
     ports: HashMap<ObjectKey, u16>,
     /// Imports listening on a port the agent leased.
     leased: std::collections::HashSet<ObjectKey>,
-    failed_imports: HashMap<ObjectKey, String>,
-    busy_imports: HashSet<ObjectKey>,
+    failed_imports: HashMap<ObjectKey, FailedImport>,
 }
 
 impl Serving {
@@ -709,7 +729,6 @@ impl Serving {
                 .map(|(k, l)| (k.clone(), l.port))
                 .collect(),
             failed_imports: runtime.failed_imports.clone(),
-            busy_imports: runtime.busy_imports.clone(),
             leased: runtime
                 .listeners
                 .iter()
@@ -743,10 +762,10 @@ fn refresh_status(objects: &mut BTreeMap<ObjectKey, Object>, runtime: &Serving) 
                             format!("listening on port {port}"),
                         ),
                         (Some(port), _) => (true, "Listening", format!("listening on port {port}")),
-                        (None, Some(e)) if runtime.busy_imports.contains(key) => {
-                            (false, api::REASON_PORT_IN_USE, e.clone())
+                        (None, Some(f)) if f.busy => {
+                            (false, api::REASON_PORT_IN_USE, f.message.clone())
                         }
-                        (None, Some(e)) => (false, api::REASON_ERROR, e.clone()),
+                        (None, Some(f)) => (false, api::REASON_ERROR, f.message.clone()),
                         (None, None) => (false, api::REASON_ERROR, "not listening".to_owned()),
                     };
                 i.status

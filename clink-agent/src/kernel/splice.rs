@@ -153,6 +153,11 @@ async fn one_way(
 ) -> io::Result<()> {
     let mut in_pipe = 0usize;
     let mut eof = false;
+    // Sending into a kTLS tunnel: its key's record budget bounds and counts the splices.
+    let kernel_tls = match &dst {
+        Sink::Tunnel(_, tunnel) => *tunnel,
+        Sink::Local(_) => None,
+    };
     loop {
         if in_pipe == 0 && !eof {
             src.readable().await?;
@@ -193,10 +198,7 @@ async fn one_way(
             }
         }
         while in_pipe > 0 {
-            let len = match &dst {
-                Sink::Tunnel(_, Some(tunnel)) => in_pipe.min(tunnel.send_allowance()),
-                _ => in_pipe,
-            };
+            let len = kernel_tls.map_or(in_pipe, |t| in_pipe.min(t.send_allowance()));
             dst.tcp().writable().await?;
             match dst.tcp().try_io(Interest::WRITABLE, || {
                 Ok(splice(&pipe.read, None, dst.tcp(), None, len, FLAGS)?)
@@ -206,7 +208,7 @@ async fn one_way(
                     in_pipe -= n;
                     *moved += n as u64;
                     lifetime.add_moved(n as u64);
-                    if let Sink::Tunnel(_, Some(tunnel)) = &dst {
+                    if let Some(tunnel) = kernel_tls {
                         tunnel.count_sent(n)?;
                     }
                 }
