@@ -354,6 +354,10 @@ pub struct Pipelined {
     /// divided by every response it received, in microseconds; None without tunnel
     /// processes.
     pub cpu_per_request: Option<f64>,
+    /// The machine's busy CPU time over the same run, divided the same way.
+    pub machine_cpu_per_request: f64,
+    /// The machine's busy CPU time over the run as a share of all its CPUs, in per cent.
+    pub machine_busy: f64,
 }
 
 /// How many connections and requests in flight the pipelined client keeps.
@@ -392,13 +396,17 @@ pub fn pipelined(
         pipelined_report,
     )?;
     let after = CpuTimes::read(pids)?;
+    let ticks = clock_ticks_per_second()?;
     let (user, system) = after.processes_since(&before);
-    let cpu_seconds = (user + system) as f64 / clock_ticks_per_second()?;
+    let cpu_seconds = (user + system) as f64 / ticks;
+    let machine_seconds = after.machine_busy_since(&before, ticks);
+    let window = after.at.duration_since(before.at).as_secs_f64();
     Ok(Pipelined {
         rate: report.requests / report.seconds,
         p99: report.p99,
-        cpu_per_request: (!pids.is_empty() && report.total > 0.0)
-            .then(|| cpu_seconds * 1e6 / report.total),
+        cpu_per_request: (!pids.is_empty()).then(|| cpu_seconds * 1e6 / report.total),
+        machine_cpu_per_request: machine_seconds * 1e6 / report.total,
+        machine_busy: 100.0 * machine_seconds / (window * f64::from(after.machine.cpus)),
     })
 }
 

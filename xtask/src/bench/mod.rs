@@ -194,6 +194,8 @@ impl Step {
                 Metric::PipelinedRate { response },
                 Metric::PipelinedP99 { response },
                 Metric::PipelinedCpu { response },
+                Metric::PipelinedMachineCpu { response },
+                Metric::PipelinedMachineBusy { response },
             ],
             Step::Http => vec![Metric::HttpRate, Metric::HttpP50, Metric::HttpP99],
         }
@@ -363,7 +365,10 @@ impl Plan {
                      {} B or 1 KiB, {} s per run (the first fifth, at most 200 ms, is a \
                      warm-up); p99 from a request's write to its whole response; tunnel CPU \
                      per request: both tunnel processes' utime + stime over the whole client \
-                     run ÷ every response",
+                     run ÷ every response; whole machine: the same window's busy CPU time (its \
+                     length times the CPUs, less idle and iowait from /proc/stat) ÷ every \
+                     response, and as a share of all CPUs (under 100%: the route waited, the \
+                     CPUs did not bound it)",
                     self.pipeline.connections,
                     self.pipeline.depth,
                     measure::REQUEST_SIZE,
@@ -863,6 +868,11 @@ fn take(
             if let Some(cpu) = figures.cpu_per_request {
                 out.push((Metric::PipelinedCpu { response }, cpu));
             }
+            out.push((
+                Metric::PipelinedMachineCpu { response },
+                figures.machine_cpu_per_request,
+            ));
+            out.push((Metric::PipelinedMachineBusy { response }, figures.machine_busy));
             out
         }
         Step::Http => {

@@ -54,6 +54,16 @@ pub enum Metric {
     PipelinedCpu {
         response: u32,
     },
+    /// The whole machine's busy CPU time per pipelined request: client, server, tunnels
+    /// and the kernel's work for all of them.
+    PipelinedMachineCpu {
+        response: u32,
+    },
+    /// The share of the machine's CPUs that was busy while the pipelined client ran: under
+    /// 100% the route's rate was bound by waiting (wake-ups, scheduling), not by the CPUs.
+    PipelinedMachineBusy {
+        response: u32,
+    },
     /// nginx driven by wrk over keep-alive connections.
     HttpRate,
     HttpP50,
@@ -103,6 +113,14 @@ impl Metric {
                 "CPU per pipelined request, tunnel processes, {} responses",
                 bytes(response)
             ),
+            Metric::PipelinedMachineCpu { response } => format!(
+                "CPU per pipelined request, whole machine, {} responses",
+                bytes(response)
+            ),
+            Metric::PipelinedMachineBusy { response } => format!(
+                "machine's CPUs busy during pipelined requests, {} responses",
+                bytes(response)
+            ),
             Metric::HttpRate => "HTTP requests per second (nginx, wrk)".to_owned(),
             Metric::HttpP50 => "HTTP request latency p50".to_owned(),
             Metric::HttpP99 => "HTTP request latency p99".to_owned(),
@@ -117,11 +135,12 @@ impl Metric {
             Metric::CpuMachine { .. } | Metric::CpuTunnel { .. } | Metric::CpuTunnelUser { .. } => {
                 "s/GiB"
             }
-            Metric::TunnelUserShare { .. } => "%",
+            Metric::TunnelUserShare { .. } | Metric::PipelinedMachineBusy { .. } => "%",
             Metric::LatencyP50
             | Metric::LatencyP99
             | Metric::PipelinedP99 { .. }
             | Metric::PipelinedCpu { .. }
+            | Metric::PipelinedMachineCpu { .. }
             | Metric::HttpP50
             | Metric::HttpP99 => "µs",
             Metric::ConnectRate => "conn/s",
@@ -146,7 +165,9 @@ impl Metric {
             Metric::ConnectRate | Metric::PipelinedRate { .. } | Metric::HttpRate => {
                 thousands(value.round() as u64)
             }
-            Metric::PipelinedCpu { .. } => format!("{value:.2}"),
+            Metric::PipelinedCpu { .. } | Metric::PipelinedMachineCpu { .. } => {
+                format!("{value:.2}")
+            }
             // Under emulation the userspace path costs tens of seconds per GiB, the kTLS
             // agents' user time hundredths: both keep three significant digits.
             Metric::CpuMachine { .. } | Metric::CpuTunnel { .. } | Metric::CpuTunnelUser { .. } => {
@@ -309,12 +330,13 @@ impl Results {
         md.push_str(&"--:|".repeat(routes.len()));
         md.push('\n');
         for &metric in &metrics {
-            let arrow = if metric.higher_is_better() {
-                "↑"
-            } else {
-                "↓"
+            let arrow = match metric {
+                // Neither more nor less is better: it says what bound the route.
+                Metric::PipelinedMachineBusy { .. } => "",
+                m if m.higher_is_better() => " ↑",
+                _ => " ↓",
             };
-            let _ = write!(md, "| {} | {} {arrow} |", metric.label(), metric.unit());
+            let _ = write!(md, "| {} | {}{arrow} |", metric.label(), metric.unit());
             for &route in routes {
                 let _ = write!(md, " {} |", self.cell(metric, route));
             }
@@ -760,8 +782,32 @@ mod tests {
             RouteKind::Userspace,
             3.456,
         );
+        r.add(
+            Metric::PipelinedMachineCpu { response: 64 },
+            RouteKind::Direct,
+            0.987,
+        );
+        r.add(
+            Metric::PipelinedMachineBusy { response: 64 },
+            RouteKind::Userspace,
+            87.34,
+        );
         r.add(Metric::HttpRate, RouteKind::Direct, 45_678.9);
         let md = r.markdown();
+        assert!(
+            md.contains(
+                "| CPU per pipelined request, whole machine, 64 B responses | µs ↓ | 0.99 | — \
+                 | — |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| machine's CPUs busy during pipelined requests, 64 B responses | % | — | 87.3 \
+                 | — |"
+            ),
+            "{md}"
+        );
         assert!(
             md.contains(
                 "| pipelined requests per second, 64 B responses | req/s ↑ | 200,000 | 130,000 \
