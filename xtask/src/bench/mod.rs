@@ -872,7 +872,10 @@ fn take(
                 Metric::PipelinedMachineCpu { response },
                 figures.machine_cpu_per_request,
             ));
-            out.push((Metric::PipelinedMachineBusy { response }, figures.machine_busy));
+            out.push((
+                Metric::PipelinedMachineBusy { response },
+                figures.machine_busy,
+            ));
             out
         }
         Step::Http => {
