@@ -363,8 +363,8 @@ impl Agent {
         Ok(problems)
     }
 
-    /// Tries the busy Imports of [`Runtime::failed_imports`] again every [`BUSY_RETRY`] until none
-    /// is left: each listens once its port is free, or leaves the set when an apply or a
+    /// Tries the busy Imports of [`Runtime::failed_imports`] again every [`BUSY_RETRY`] until
+    /// none is left: each listens once its port is free, or leaves the set when an apply or a
     /// delete took it over (under the change lock, so never against a newer version).
     fn spawn_busy_retry(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);

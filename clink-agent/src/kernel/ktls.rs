@@ -1096,17 +1096,7 @@ mod tests {
             peer.read_exact(&mut answer).await.unwrap();
             let tunnel = in_kernel(ktls.handoff(server).await);
             let (mut app, app_local) = local_pair().await;
-            let pump = tokio::spawn(async move {
-                let outcome = super::super::splice::pump(
-                    &app_local,
-                    tunnel.tcp(),
-                    Some(&tunnel),
-                    &Default::default(),
-                )
-                .await;
-                drop((app_local, tunnel)); // closes both: with a reset after an error
-                outcome
-            });
+            let pump = pump_task(app_local, tunnel);
             // A little real data first: it must arrive before the failure.
             peer.write_all(b"hello").await.unwrap();
             peer.flush().await.unwrap();
@@ -1131,7 +1121,9 @@ mod tests {
                         .unwrap();
                 }
             }
-            let outcome = tokio::time::timeout(std::time::Duration::from_secs(30), pump)
+            // The task closed the local end; dropping the tunnel here closes the other (both
+            // with a reset after an error).
+            let (outcome, _) = tokio::time::timeout(std::time::Duration::from_secs(30), pump)
                 .await
                 .unwrap_or_else(|_| panic!("{case}: the pump hangs"))
                 .unwrap();

@@ -226,11 +226,15 @@ impl CpuTimes {
         })
     }
 
+    /// CPU seconds the machine had since `earlier`: the time passed times its CPUs.
+    fn machine_capacity_since(&self, earlier: &Self) -> f64 {
+        self.at.duration_since(earlier.at).as_secs_f64() * f64::from(self.machine.cpus)
+    }
+
     /// Seconds all CPUs together were busy since `earlier`: not idle, not waiting for I/O.
     fn machine_busy_since(&self, earlier: &Self, ticks_per_second: f64) -> f64 {
-        let elapsed = self.at.duration_since(earlier.at).as_secs_f64();
         let idle = self.machine.idle.saturating_sub(earlier.machine.idle) as f64;
-        (elapsed * f64::from(self.machine.cpus) - idle / ticks_per_second).max(0.0)
+        (self.machine_capacity_since(earlier) - idle / ticks_per_second).max(0.0)
     }
 
     /// The user and system ticks all processes spent since `earlier`.
@@ -400,13 +404,12 @@ pub fn pipelined(
     let (user, system) = after.processes_since(&before);
     let cpu_seconds = (user + system) as f64 / ticks;
     let machine_seconds = after.machine_busy_since(&before, ticks);
-    let window = after.at.duration_since(before.at).as_secs_f64();
     Ok(Pipelined {
         rate: report.requests / report.seconds,
         p99: report.p99,
         cpu_per_request: (!pids.is_empty()).then(|| cpu_seconds * 1e6 / report.total),
         machine_cpu_per_request: machine_seconds * 1e6 / report.total,
-        machine_busy: 100.0 * machine_seconds / (window * f64::from(after.machine.cpus)),
+        machine_busy: 100.0 * machine_seconds / after.machine_capacity_since(&before),
     })
 }
 
